@@ -1,0 +1,295 @@
+"""Model and lattice configuration.
+
+Axis letters (used in every einsum string, shape comment and docstring of this package):
+  B batch · W thread · T query position · S key position · D model width · N query heads
+  K kv heads · G query heads per kv head (N = K * G) · H head dim · F MLP hidden · V vocab
+  R lattice width · C lattice heads · E lattice head dim (R = C * E)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Literal
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_REMAT = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and numerics of a Qwen3 dense decoder.
+
+  `dtype` is the compute dtype of activations and matmuls, `param_dtype` the storage dtype of
+  the parameters; bf16 compute over fp32 parameters is `dtype="bfloat16", param_dtype="float32"`.
+  `remat` rematerialises each decoder layer in the backward pass: "none", "full" (save only
+  the layer input) or "dots" (save matmul outputs without batch dims).
+  """
+
+  vocab_size: int
+  d_model: int  # D
+  num_layers: int  # L
+  num_heads: int  # N
+  num_kv_heads: int  # K
+  head_dim: int  # H
+  mlp_dim: int  # F
+  rms_eps: float = 1e-6
+  rope_theta: float = 1_000_000.0
+  tie_embeddings: bool = True
+  max_position_embeddings: int = 40_960
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
+  init_std: float = 0.02
+  name: str = "custom"
+
+  def __post_init__(self):
+    for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "mlp_dim"):
+      if int(getattr(self, field)) <= 0:
+        raise ValueError(f"ModelConfig.{field} must be positive, got {getattr(self, field)!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+    for field in ("dtype", "param_dtype"):
+      if getattr(self, field) not in _DTYPES:
+        raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}; expected one of {_DTYPES}")
+    if self.remat not in _REMAT:
+      raise ValueError(f"ModelConfig.remat={self.remat!r}; expected one of {_REMAT}")
+
+  def replace(self, **kwargs) -> ModelConfig:
+    return dataclasses.replace(self, **kwargs)
+
+  @property
+  def num_groups(self) -> int:  # G
+    return self.num_heads // self.num_kv_heads
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> ModelConfig:
+    """A named preset: `tiny` (tests and demos) or a published Qwen3 shape."""
+    if name not in PRESETS:
+      raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+  @classmethod
+  def from_hf(cls, checkpoint_dir: str | os.PathLike, **overrides) -> ModelConfig:
+    """Reads a Hugging Face Qwen3 `config.json` (classic `rope_theta` or transformers-5
+    `rope_parameters` form)."""
+    return cls.from_hf_dict(read_hf_config(checkpoint_dir),
+                            source=os.path.join(checkpoint_dir, "config.json"), **overrides)
+
+  @classmethod
+  def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json",
+                   **overrides) -> ModelConfig:
+    archs = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    if model_type != "qwen3" or (archs and "Qwen3ForCausalLM" not in archs):
+      raise ValueError(
+          f"{source}: unsupported architecture (model_type={model_type!r}, architectures={archs});"
+          " expected model_type 'qwen3' / Qwen3ForCausalLM")
+    if hf.get("attention_bias", False):
+      raise ValueError(f"{source}: attention_bias=true is not part of Qwen3; not supported")
+    theta = hf.get("rope_theta")
+    rope_params = hf.get("rope_parameters")
+    if theta is None and isinstance(rope_params, dict):
+      if rope_params.get("rope_type", "default") != "default":
+        raise ValueError(f"{source}: rope_parameters.rope_type={rope_params.get('rope_type')!r};"
+                         " only 'default' RoPE is supported")
+      theta = rope_params.get("rope_theta")
+    if hf.get("rope_scaling"):
+      raise ValueError(f"{source}: rope_scaling={hf['rope_scaling']!r} is not supported")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size") if k not in hf]
+    if missing:
+      raise ValueError(f"{source}: missing required fields {missing}")
+    if theta is None:
+      raise ValueError(f"{source}: neither rope_theta nor rope_parameters.rope_theta is set")
+    d = int(hf["hidden_size"])
+    n = int(hf["num_attention_heads"])
+    dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    kwargs = dict(
+        vocab_size=int(hf["vocab_size"]),
+        d_model=d,
+        num_layers=int(hf["num_hidden_layers"]),
+        num_heads=n,
+        num_kv_heads=int(hf.get("num_key_value_heads", n)),
+        head_dim=int(hf.get("head_dim") or d // n),
+        mlp_dim=int(hf["intermediate_size"]),
+        rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 40_960)),
+        param_dtype=dtype if dtype in _DTYPES else "float32",
+        dtype=dtype if dtype in _DTYPES else "float32",
+        name=str(hf.get("_name_or_path") or "hf"),
+    )
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """`config.json` contents readable by transformers 4.5x and 5.x (both RoPE spellings)."""
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.d_model,
+        "intermediate_size": self.mlp_dim,
+        "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads,
+        "num_key_value_heads": self.num_kv_heads,
+        "head_dim": self.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": self.rms_eps,
+        "rope_theta": self.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": self.tie_embeddings,
+        "max_position_embeddings": self.max_position_embeddings,
+        "initializer_range": self.init_std,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": self.num_layers,
+        "use_cache": True,
+        "torch_dtype": self.param_dtype,
+        # Qwen3's <|endoftext|> and <|im_end|>, only where the vocabulary holds them.
+        "bos_token_id": 151643 if self.vocab_size > 151643 else None,
+        "eos_token_id": 151645 if self.vocab_size > 151645 else None,
+    }
+
+
+def read_hf_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
+  path = os.path.join(checkpoint_dir, "config.json")
+  if not os.path.isdir(checkpoint_dir):
+    raise FileNotFoundError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: a Hugging Face checkpoint directory needs a"
+                            " config.json")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+# Published shapes from the Hugging Face config.json of each Qwen3 release.
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(vocab_size=1024, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                        head_dim=32, mlp_dim=256, rope_theta=10_000.0, max_position_embeddings=4096,
+                        name="tiny"),
+    "qwen3-0.6b": ModelConfig(vocab_size=151936, d_model=1024, num_layers=28, num_heads=16,
+                              num_kv_heads=8, head_dim=128, mlp_dim=3072, tie_embeddings=True,
+                              name="qwen3-0.6b"),
+    "qwen3-1.7b": ModelConfig(vocab_size=151936, d_model=2048, num_layers=28, num_heads=16,
+                              num_kv_heads=8, head_dim=128, mlp_dim=6144, tie_embeddings=True,
+                              name="qwen3-1.7b"),
+    "qwen3-4b": ModelConfig(vocab_size=151936, d_model=2560, num_layers=36, num_heads=32,
+                            num_kv_heads=8, head_dim=128, mlp_dim=9728, tie_embeddings=True,
+                            name="qwen3-4b"),
+    "qwen3-8b": ModelConfig(vocab_size=151936, d_model=4096, num_layers=36, num_heads=32,
+                            num_kv_heads=8, head_dim=128, mlp_dim=12288, tie_embeddings=False,
+                            name="qwen3-8b"),
+}
+
+GateMode = Literal["elementwise", "head", "none"]
+MaskMode = Literal["causal", "other_threads", "same_position"]
+_GATES = ("elementwise", "head", "none")
+_SOURCES = ("attn_out", "hidden")
+_MASKS = ("causal", "other_threads", "same_position")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatticeConfig:
+  """The gated cross-thread side path (spec section 3) and its multi-axis RoPE (section 4).
+
+  `rope_axes` names the coordinate of each rotary section of a lattice head (E dims): "token"
+  (the token position), "thread" (the thread index) or any name passed as an extra coordinate
+  to the forward pass. `rope_fractions` gives each section's share of E (the first section takes
+  the remainder after the others are rounded to even sizes), `rope_thetas` each base; a theta of
+  0 means the backbone's `rope_theta`.
+  """
+
+  layers: tuple[int, ...]
+  width: int  # R
+  heads: int = 4  # C
+  gate: str = "elementwise"
+  source: str = "attn_out"
+  mask: str = "causal"
+  rope_axes: tuple[str, ...] = ("token", "thread")
+  rope_fractions: tuple[float, ...] = (0.75, 0.25)
+  rope_thetas: tuple[float, ...] = (0.0, 10_000.0)
+  implementation: str | None = None
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+    object.__setattr__(self, "rope_axes", tuple(self.rope_axes))
+    object.__setattr__(self, "rope_fractions", tuple(float(x) for x in self.rope_fractions))
+    object.__setattr__(self, "rope_thetas", tuple(float(x) for x in self.rope_thetas))
+    if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
+      raise ValueError(f"LatticeConfig.layers={self.layers} must be distinct non-negative ints")
+    if self.width <= 0 or self.heads <= 0 or self.width % self.heads:
+      raise ValueError(f"LatticeConfig.width={self.width} must be a positive multiple of "
+                       f"heads={self.heads}")
+    if self.gate not in _GATES:
+      raise ValueError(f"LatticeConfig.gate={self.gate!r}; expected one of {_GATES}")
+    if self.source not in _SOURCES:
+      raise ValueError(f"LatticeConfig.source={self.source!r}; expected one of {_SOURCES}")
+    if self.mask not in _MASKS:
+      raise ValueError(f"LatticeConfig.mask={self.mask!r}; expected one of {_MASKS}")
+    if not (len(self.rope_axes) == len(self.rope_fractions) == len(self.rope_thetas)):
+      raise ValueError(f"rope_axes={self.rope_axes}, rope_fractions={self.rope_fractions} and "
+                       f"rope_thetas={self.rope_thetas} must have the same length")
+    if len(set(self.rope_axes)) != len(self.rope_axes):
+      raise ValueError(f"rope_axes={self.rope_axes} must be distinct")
+    self.rope_sections  # validates the split of E
+
+  @property
+  def head_dim(self) -> int:  # E
+    return self.width // self.heads
+
+  @property
+  def rope_sections(self) -> tuple[int, ...]:
+    """Dims of each rotary section (each even, summing to E)."""
+    e = self.head_dim
+    rest = [2 * max(1, round(f * e / 2)) if f > 0 else 0 for f in self.rope_fractions[1:]]
+    first = e - sum(rest)
+    if first < 2 or first % 2:
+      raise ValueError(
+          f"lattice head dim E={e} (width {self.width} / heads {self.heads}) cannot hold rotary "
+          f"sections {self.rope_axes} with fractions {self.rope_fractions}: every section needs "
+          "an even number >= 2 of dims; raise lattice.width or lower lattice.heads")
+    return (first, *rest)
+
+  def replace(self, **kwargs) -> LatticeConfig:
+    return dataclasses.replace(self, **kwargs)
+
+  def validate_for(self, model: ModelConfig) -> None:
+    bad = [i for i in self.layers if i >= model.num_layers]
+    if bad:
+      raise ValueError(f"lattice layers {bad} out of range for a {model.num_layers}-layer model")
+
+  @classmethod
+  def default(cls, model: ModelConfig, **overrides) -> LatticeConfig:
+    """The spec's defaults: R = D/8, C = 4, every other layer from L/2 to L-1."""
+    kwargs = dict(layers=tuple(range(model.num_layers // 2, model.num_layers, 2)),
+                  width=model.d_model // 8, heads=4)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(self).items()}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any], *, source: str = "lattice config") -> LatticeConfig:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"{source}: unknown lattice fields {unknown}; expected a subset of "
+                       f"{sorted(names)}")
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})

@@ -1,0 +1,337 @@
+"""Qwen3 with a thread axis and gated cross-thread ("lattice") attention.
+
+Parameters are declared by Flax Linen modules (one module per parameter group, every parameter
+carrying logical axis names for sharding); the math is in pure functions (`lace_jax.ops`,
+`kernels.*`). `Model` bundles the configs with a plain pytree of parameters:
+
+  model = build_model(ModelConfig.preset("tiny"), LatticeConfig.default(cfg))
+  logits = model.apply(model.params, tokens)   # int32 [B, W, T] -> float32 [B, W, T, V]
+
+Letters: B batch · W thread · T/S positions · D model · N/K heads · G = N/K · H head dim
+F MLP hidden · V vocab · R lattice width · C lattice heads · E = R/C lattice head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels.attention import attention
+from kernels.lattice_attention import lattice_attention
+from lace_jax import ops
+from lace_jax.config import LatticeConfig, ModelConfig
+
+Params = Any  # a nested dict of arrays
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
+           init: Callable, dtype: str) -> jax.Array:
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(dtype))
+
+
+class RMSNorm(nn.Module):
+  dim: int
+  eps: float
+  param_dtype: str
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = _param(self, "scale", (self.dim,), (self.axis_name,), nn.initializers.ones,
+                   self.param_dtype)
+    return ops.rms_norm(x, scale, self.eps)
+
+
+class Attention(nn.Module):
+  """Per-thread causal GQA with q/k RMSNorm and RoPE; threads are folded into the batch."""
+
+  cfg: ModelConfig
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array):
+    """x [B, W, T, D] -> (o_proj output [B, W, T, D], pre-projection output a [B, W, T, N, H])."""
+    cfg = self.cfg
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    init = nn.initializers.normal(cfg.init_std)
+    dt = jnp.dtype(cfg.dtype)
+    wq = _param(self, "q_proj", (d, n, h), ("embed", "heads", "head_dim"), init, cfg.param_dtype)
+    wk = _param(self, "k_proj", (d, k, h), ("embed", "kv_heads", "head_dim"), init,
+                cfg.param_dtype)
+    wv = _param(self, "v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"), init,
+                cfg.param_dtype)
+    wo = _param(self, "o_proj", (n, h, d), ("heads", "head_dim", "embed"), init, cfg.param_dtype)
+    q = jnp.einsum("BWTD,DNH->BWTNH", x, wq.astype(dt))
+    kk = jnp.einsum("BWTD,DKH->BWTKH", x, wk.astype(dt))
+    v = jnp.einsum("BWTD,DKH->BWTKH", x, wv.astype(dt))
+    q = RMSNorm(h, cfg.rms_eps, cfg.param_dtype, "head_dim", name="q_norm")(q)
+    kk = RMSNorm(h, cfg.rms_eps, cfg.param_dtype, "head_dim", name="k_norm")(kk)
+    q = ops.rope(q, positions, cfg.rope_theta)
+    kk = ops.rope(kk, positions, cfg.rope_theta)
+
+    b, w, t = x.shape[:3]
+    cols = jnp.arange(t)
+    causal = cols[None, :] <= cols[:, None]  # [T, S]
+    mask = causal[None] & valid.reshape(b * w, 1, t)  # [B*W, T, S]
+    a = attention(q.reshape(b * w, t, n, h), kk.reshape(b * w, t, k, h),
+                  v.reshape(b * w, t, k, h), mask, implementation=self.implementation)
+    a = a.reshape(b, w, t, n, h)  # [B, W, T, N, H]
+    out = jnp.einsum("BWTNH,NHD->BWTD", a, wo.astype(dt))
+    return out, a
+
+
+class Lattice(nn.Module):
+  """The gated cross-thread side path of one lattice layer (spec section 3).
+
+  h = src W_down; q, k, v = h Wq, h Wk, h Wv; 3D RoPE on q, k; p = attend over the W*T grid;
+  p = p Wp; g = sigmoid([h; p] Wg + bg); out = (g * p) W_up, with W_up zero at init.
+  """
+
+  cfg: ModelConfig
+  lat: LatticeConfig
+
+  @nn.compact
+  def __call__(self, src: jax.Array, coords: tuple[jax.Array, ...],
+               valid: jax.Array) -> jax.Array:
+    """src: a [B, W, T, N, H] (source attn_out) or x [B, W, T, D] (source hidden);
+    coords: one [B, W, T] coordinate per rotary section; valid: [B, W, T] -> [B, W, T, D]."""
+    cfg, lat = self.cfg, self.lat
+    r, c, e = lat.width, lat.heads, lat.head_dim
+    init = nn.initializers.normal(lat.init_std)
+    pdt, dt = cfg.param_dtype, jnp.dtype(cfg.dtype)
+    if lat.source == "attn_out":
+      w_down = _param(self, "down", (cfg.num_heads, cfg.head_dim, r),
+                      ("heads", "head_dim", "lattice"), init, pdt)
+      h = jnp.einsum("BWTNH,NHR->BWTR", src, w_down.astype(dt))
+    else:
+      w_down = _param(self, "down", (cfg.d_model, r), ("embed", "lattice"), init, pdt)
+      h = jnp.einsum("BWTD,DR->BWTR", src, w_down.astype(dt))
+    wq = _param(self, "q", (r, c, e), ("lattice", "lattice_heads", "lattice_head_dim"), init, pdt)
+    wk = _param(self, "k", (r, c, e), ("lattice", "lattice_heads", "lattice_head_dim"), init, pdt)
+    wv = _param(self, "v", (r, c, e), ("lattice", "lattice_heads", "lattice_head_dim"), init, pdt)
+    wp = _param(self, "p", (c, e, r), ("lattice_heads", "lattice_head_dim", "lattice"), init, pdt)
+    q = jnp.einsum("BWTR,RCE->BWTCE", h, wq.astype(dt))
+    k = jnp.einsum("BWTR,RCE->BWTCE", h, wk.astype(dt))
+    v = jnp.einsum("BWTR,RCE->BWTCE", h, wv.astype(dt))
+    thetas = tuple(th if th > 0 else cfg.rope_theta for th in lat.rope_thetas)
+    q = ops.multi_axis_rope(q, coords, lat.rope_sections, thetas)
+    k = ops.multi_axis_rope(k, coords, lat.rope_sections, thetas)
+    p = lattice_attention(q, k, v, key_valid=valid, mask=lat.mask,
+                          implementation=lat.implementation)  # [B, W, T, C, E]
+    p = jnp.einsum("BWTCE,CER->BWTR", p, wp.astype(dt))
+    if lat.gate != "none":
+      gates = r if lat.gate == "elementwise" else c
+      wg = _param(self, "gate", (2 * r, gates), ("lattice_gate_in", "lattice_gate"), init, pdt)
+      bg = _param(self, "gate_bias", (gates,), ("lattice_gate",), nn.initializers.zeros, pdt)
+      hp = jnp.concatenate([h, p], axis=-1)  # [B, W, T, 2R]
+      g = jax.nn.sigmoid(jnp.einsum("BWTX,XY->BWTY", hp, wg.astype(dt)) + bg.astype(dt))
+      if lat.gate == "head":  # one gate per lattice head, shared by its E dims
+        g = jnp.repeat(g, e, axis=-1)
+      p = g * p  # [B, W, T, R]
+    w_up = _param(self, "up", (r, cfg.d_model), ("lattice", "embed"), nn.initializers.zeros, pdt)
+    return jnp.einsum("BWTR,RD->BWTD", p, w_up.astype(dt))
+
+
+class MLP(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    init = nn.initializers.normal(cfg.init_std)
+    dt = jnp.dtype(cfg.dtype)
+    wg = _param(self, "gate", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), init, cfg.param_dtype)
+    wu = _param(self, "up", (cfg.d_model, cfg.mlp_dim), ("embed", "mlp"), init, cfg.param_dtype)
+    wd = _param(self, "down", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), init, cfg.param_dtype)
+    gate = jnp.einsum("BWTD,DF->BWTF", x, wg.astype(dt))
+    up = jnp.einsum("BWTD,DF->BWTF", x, wu.astype(dt))
+    return jnp.einsum("BWTF,FD->BWTD", jax.nn.silu(gate) * up, wd.astype(dt))
+
+
+class DecoderLayer(nn.Module):
+  cfg: ModelConfig
+  lat: LatticeConfig | None  # None: no lattice side path in this layer
+  attn_implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array,
+               coords: tuple[jax.Array, ...]) -> jax.Array:
+    cfg = self.cfg
+    h = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.param_dtype, name="input_norm")(x)
+    out, a = Attention(cfg, self.attn_implementation, name="attn")(h, positions, valid)
+    if self.lat is not None:
+      src = a if self.lat.source == "attn_out" else h
+      out = out + Lattice(cfg, self.lat, name="lattice")(src, coords, valid)
+    x = x + out
+    h = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.param_dtype, name="post_norm")(x)
+    return x + MLP(cfg, name="mlp")(h)
+
+
+class Transformer(nn.Module):
+  """tokens [B, W, T] -> (logits float32 [B, W, T, V], final hidden [B, W, T, D])."""
+
+  cfg: ModelConfig
+  lat: LatticeConfig | None = None
+  attn_implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array,
+               extra_coords: Mapping[str, jax.Array] | None = None):
+    cfg, lat = self.cfg, self.lat
+    dt = jnp.dtype(cfg.dtype)
+    embed = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                   nn.initializers.normal(cfg.init_std), cfg.param_dtype)
+    x = jnp.take(embed, tokens, axis=0).astype(dt)  # [B, W, T, D]
+    coords = _lattice_coords(lat, positions, extra_coords) if lat else ()
+    layer_cls = DecoderLayer
+    if cfg.remat != "none":
+      layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat])
+    for i in range(cfg.num_layers):
+      layer_lat = lat if (lat is not None and i in lat.layers) else None
+      x = layer_cls(cfg, layer_lat, self.attn_implementation, name=f"layers_{i}")(
+          x, positions, valid, coords)
+    x = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.param_dtype, name="final_norm")(x)
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("BWTD,VD->BWTV", x, embed.astype(dt),
+                          preferred_element_type=jnp.float32)
+    else:
+      head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                    nn.initializers.normal(cfg.init_std), cfg.param_dtype)
+      logits = jnp.einsum("BWTD,DV->BWTV", x, head.astype(dt), preferred_element_type=jnp.float32)
+    return logits.astype(jnp.float32), x
+
+
+def _lattice_coords(lat: LatticeConfig, positions: jax.Array,
+                    extra: Mapping[str, jax.Array] | None) -> tuple[jax.Array, ...]:
+  """One [B, W, T] coordinate per rotary axis of the lattice heads."""
+  b, w, t = positions.shape
+  named = {"token": positions,
+           "thread": jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32)[None, :, None], (b, w, t))}
+  for name, value in (extra or {}).items():
+    if name in ("token", "thread"):
+      raise ValueError(f"extra coordinate {name!r} is built in; pick another name")
+    named[name] = jnp.broadcast_to(value, (b, w, t))
+  missing = [a for a in lat.rope_axes if a not in named]
+  if missing:
+    raise ValueError(f"lattice.rope_axes={lat.rope_axes} needs coordinates {missing}: pass them "
+                     "as extra_coords={name: [B, W, T] array}")
+  return tuple(named[a] for a in lat.rope_axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A configured LACE model: configs plus a plain pytree of parameters.
+
+  `apply` is a pure function of (params, inputs): jit it, differentiate it, shard it.
+  """
+
+  config: ModelConfig
+  lattice: LatticeConfig | None
+  params: Params
+  attn_implementation: str | None = None
+
+  @property
+  def module(self) -> Transformer:
+    return Transformer(self.config, self.lattice, self.attn_implementation)
+
+  def apply(self, params: Params, tokens: jax.Array, *, positions: jax.Array | None = None,
+            valid: jax.Array | None = None,
+            extra_coords: Mapping[str, jax.Array] | None = None,
+            return_hidden: bool = False):
+    """Forward pass.
+
+    tokens: int32 [B, W, T]; valid: bool [B, W, T] (False = padding, never attended to;
+    default all True); positions: int [B, W, T] (default: count of valid tokens before each,
+    which makes left padding transparent). Returns float32 logits [B, W, T, V], and the final
+    normalised hidden states [B, W, T, D] too if `return_hidden`.
+    """
+    tokens, positions, valid = _check_inputs(self.config, tokens, positions, valid)
+    logits, hidden = self.module.apply({"params": params}, tokens, positions, valid, extra_coords)
+    return (logits, hidden) if return_hidden else logits
+
+  def replace(self, **kwargs) -> Model:
+    return dataclasses.replace(self, **kwargs)
+
+  def num_params(self, params: Params | None = None) -> int:
+    return count_params(self.params if params is None else params)
+
+  def logical_axes(self) -> Params:
+    """Pytree (same structure as params) of logical axis-name tuples, for the sharding rules."""
+    return logical_axes(self.config, self.lattice)
+
+
+def _check_inputs(cfg: ModelConfig, tokens, positions, valid):
+  tokens = jnp.asarray(tokens)
+  if tokens.ndim != 3:
+    raise ValueError(f"tokens shape {tokens.shape}: expected [B, W, T] (batch, threads, tokens);"
+                     " use tokens[:, None] for a single thread")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens dtype {tokens.dtype}: expected an integer dtype")
+  if valid is None:
+    valid = jnp.ones(tokens.shape, bool)
+  valid = jnp.asarray(valid, bool)
+  if valid.shape != tokens.shape:
+    raise ValueError(f"valid shape {valid.shape} != tokens shape {tokens.shape}")
+  if positions is None:
+    positions = ops.default_positions(valid)
+  positions = jnp.asarray(positions, jnp.int32)
+  if positions.shape != tokens.shape:
+    raise ValueError(f"positions shape {positions.shape} != tokens shape {tokens.shape}")
+  return tokens.astype(jnp.int32), positions, valid
+
+
+def _init_variables(cfg: ModelConfig, lattice: LatticeConfig | None, seed: int):
+  module = Transformer(cfg, lattice)
+  tokens = jnp.zeros((1, 1, 1), jnp.int32)
+  return module.init(jax.random.key(seed), tokens, jnp.zeros_like(tokens),
+                     jnp.ones(tokens.shape, bool))
+
+
+def abstract_params(cfg: ModelConfig, lattice: LatticeConfig | None = None) -> Params:
+  """Parameter shapes and dtypes as `jax.ShapeDtypeStruct`s, allocating nothing."""
+  if lattice is not None:
+    lattice.validate_for(cfg)
+  variables = jax.eval_shape(functools.partial(_init_variables, cfg, lattice, 0))
+  return nn.meta.unbox(variables["params"])
+
+
+def logical_axes(cfg: ModelConfig, lattice: LatticeConfig | None = None) -> Params:
+  variables = jax.eval_shape(functools.partial(_init_variables, cfg, lattice, 0))
+  specs = nn.get_partition_spec(variables)["params"]
+  return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def build_model(config: ModelConfig, lattice: LatticeConfig | None = None, seed: int = 0, *,
+                attn_implementation: str | None = None) -> Model:
+  """A freshly initialised model. Lattice up-projections start at zero, so a fresh lattice
+  model computes exactly its base model."""
+  if lattice is not None:
+    lattice.validate_for(config)
+  variables = jax.jit(functools.partial(_init_variables, config, lattice, seed))()
+  return Model(config, lattice, nn.meta.unbox(variables["params"]), attn_implementation)
+
+
+def count_params(params: Params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def is_lattice_param(path: tuple[Any, ...]) -> bool:
+  """True for a parameter of a lattice side path (a key path from `jax.tree_util`)."""
+  return any(getattr(k, "key", None) == "lattice" for k in path)
+
+
+def lattice_param_mask(params: Params) -> Params:
+  """Pytree of bools, True where the parameter belongs to a lattice side path."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: is_lattice_param(p), params)
