@@ -11,3 +11,7 @@ __all__ = ["LatticeConfig", "Model", "ModelConfig", "abstract_params", "build_mo
 from lace_jax.checkpoint import CheckpointError, load_pretrained, save_pretrained  # noqa: E402
 
 __all__ += ["CheckpointError", "load_pretrained", "save_pretrained"]
+
+from lace_jax.tokenizer import Tokenizer, chat_prompt, thread_prompts  # noqa: E402
+
+__all__ += ["Tokenizer", "chat_prompt", "thread_prompts"]

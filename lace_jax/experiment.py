@@ -1,0 +1,79 @@
+"""Building blocks of experiment files (ml-collections) and their conversion to model configs.
+
+Every experiment file under `experiments/` returns a `ConfigDict` with at least:
+  mode     which job `lace_jax.main` runs (see `lace_jax.modes.MODES`)
+  seed
+  model    preset | checkpoint, dtype, param_dtype, remat
+  lattice  enabled, layers, width, heads, gate, source, mask, rope_*, implementation
+plus the sections its mode reads. `lattice.layers=()` (or `lattice.enabled=False`) is the
+Isolated Parallel ablation: the same model, data and format without the side path.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from lace_jax.config import LatticeConfig, ModelConfig
+
+
+def model_section(preset: str, *, dtype: str = "bfloat16", param_dtype: str = "float32",
+                  remat: str = "none") -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "preset": preset,  # a ModelConfig preset, used when `checkpoint` is empty
+      "checkpoint": "",  # a Hugging Face Qwen3 directory to start from
+      "dtype": dtype,  # compute dtype
+      "param_dtype": param_dtype,
+      "remat": remat,  # none | full | dots
+  })
+
+
+def lattice_section(preset: str, *, enabled: bool = True, **overrides) -> ml_collections.ConfigDict:
+  """The spec's default lattice for `preset`, spelled out so every field can be overridden."""
+  lat = LatticeConfig.default(ModelConfig.preset(preset), **overrides)
+  return ml_collections.ConfigDict({
+      "enabled": enabled,
+      "layers": lat.layers,
+      "width": lat.width,
+      "heads": lat.heads,
+      "gate": lat.gate,
+      "source": lat.source,
+      "mask": lat.mask,
+      "rope_axes": lat.rope_axes,
+      "rope_fractions": lat.rope_fractions,
+      "rope_thetas": lat.rope_thetas,
+      "implementation": config_dict.placeholder(str),
+  })
+
+
+def base_config(mode: str, preset: str, **model_kwargs) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict()
+  cfg.mode = mode
+  cfg.seed = 0
+  cfg.model = model_section(preset, **model_kwargs)
+  cfg.lattice = lattice_section(preset)
+  return cfg
+
+
+def model_configs(cfg: ml_collections.ConfigDict) -> tuple[ModelConfig, LatticeConfig | None]:
+  """(ModelConfig, LatticeConfig or None) described by an experiment config."""
+  m = cfg.model
+  if m.checkpoint:
+    model = ModelConfig.from_hf(m.checkpoint, dtype=m.dtype, param_dtype=m.param_dtype,
+                                remat=m.remat)
+  else:
+    model = ModelConfig.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+  return model, lattice_config(cfg.lattice, model)
+
+
+def lattice_config(section: ml_collections.ConfigDict,
+                   model: ModelConfig) -> LatticeConfig | None:
+  if not section.enabled or not tuple(section.layers):
+    return None
+  lat = LatticeConfig(
+      layers=tuple(section.layers), width=section.width, heads=section.heads, gate=section.gate,
+      source=section.source, mask=section.mask, rope_axes=tuple(section.rope_axes),
+      rope_fractions=tuple(section.rope_fractions), rope_thetas=tuple(section.rope_thetas),
+      implementation=section.implementation)
+  lat.validate_for(model)
+  return lat

@@ -1,0 +1,41 @@
+"""The lace_jax command line: one entry point for every mode.
+
+  python -m lace_jax.main --config=experiments/<file>.py[:arg] --workdir=DIR [--config.a.b=v]
+
+With no --config it runs the embedded quickstart (`lace_jax/quickstart_config.py`). TPU pod
+jobs run the same command on every host.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lace_jax import modes
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "quickstart_config.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _DEFAULT_CONFIG, "Experiment file, optionally with `:arg` (e.g. :runlocal).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, logs and checkpoints.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cfg = _CONFIG.value
+  workdir = _WORKDIR.value
+  try:
+    run = modes.get_mode(cfg.mode)
+  except (modes.ModeNotAvailable, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  logging.info("mode %s, workdir %s\n%s", cfg.mode, workdir, cfg)
+  run(cfg, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

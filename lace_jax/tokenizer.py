@@ -1,0 +1,101 @@
+"""Tokenizer (a Hugging Face `tokenizer.json` through the `tokenizers` library) and the Qwen3
+chat and multi-thread prompt formats of spec section 5, written out without jinja."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import tokenizers
+
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+TAGS = ("[[best]]", "[[success]]", "[[fail]]")
+
+THREAD_INSTRUCTION = (
+    "You are one of {num_threads} reasoning threads working on this problem at the same time; "
+    "the threads can see each other's progress. Take an approach of your own and use what the "
+    "other threads find. Put your final answer in \\boxed{{}}, then end with exactly one tag: "
+    "[[best]] if your answer is the one to submit (exactly one thread should say so), "
+    "[[success]] if your answer is correct but another thread's should be submitted, or "
+    "[[fail]] if you could not solve the problem.")
+
+
+class Tokenizer:
+  """Text <-> ids. Special tokens written in the text (e.g. `<|im_end|>`) map to their ids."""
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, *, source: str = "<tokenizer>"):
+    self._tok = tokenizer
+    self.source = source
+
+  @classmethod
+  def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"tokenizer file {path} does not exist")
+    try:
+      return cls(tokenizers.Tokenizer.from_file(path), source=path)
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+      raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from e
+
+  @classmethod
+  def from_dir(cls, checkpoint_dir: str | os.PathLike) -> Tokenizer:
+    return cls.from_file(os.path.join(checkpoint_dir, "tokenizer.json"))
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def token_id(self, token: str) -> int:
+    i = self._tok.token_to_id(token)
+    if i is None:
+      raise KeyError(f"token {token!r} is not in the vocabulary of {self.source}")
+    return i
+
+  @property
+  def im_end_id(self) -> int:
+    return self.token_id(IM_END)
+
+  @property
+  def pad_id(self) -> int:
+    return self.token_id(ENDOFTEXT)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+    return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+  def save(self, path: str | os.PathLike) -> None:
+    self._tok.save(os.fspath(path))
+
+
+def chat_prompt(user: str, *, system: str | None = None, thinking: bool = True) -> str:
+  """Qwen3's chat template for one user turn plus the assistant generation prompt.
+
+  Equals `apply_chat_template([...], add_generation_prompt=True, enable_thinking=thinking)`;
+  with thinking off, the empty think block Qwen3 expects is appended.
+  """
+  text = f"{IM_START}system\n{system}{IM_END}\n" if system is not None else ""
+  text += f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
+  if not thinking:
+    text += "<think>\n\n</think>\n\n"
+  return text
+
+
+def thread_prompts(problem: str | Sequence[str], num_threads: int, *, thinking: bool = True,
+                   instruction: str = THREAD_INSTRUCTION) -> list[str]:
+  """The W prompts of one multi-thread example (spec section 5).
+
+  `problem` is one string (every thread gets the same user turn: default) or W strings (one
+  per thread, for tasks that hand threads different material).
+  """
+  if num_threads <= 0:
+    raise ValueError(f"num_threads={num_threads} must be positive")
+  problems = [problem] * num_threads if isinstance(problem, str) else list(problem)
+  if len(problems) != num_threads:
+    raise ValueError(f"{num_threads=} threads but {len(problems)} per-thread problems")
+  note = instruction.format(num_threads=num_threads)
+  return [chat_prompt(f"{p}\n\n{note}", thinking=thinking) for p in problems]
