@@ -77,3 +77,39 @@ def lattice_config(section: ml_collections.ConfigDict,
       implementation=section.implementation)
   lat.validate_for(model)
   return lat
+
+
+def optim_section(*, lr: float, warmup_steps: int, weight_decay: float = 0.1,
+                  clip_norm: float = 1.0) -> ml_collections.ConfigDict:
+  """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr`."""
+  return ml_collections.ConfigDict({
+      "lr": lr, "warmup_steps": warmup_steps, "min_lr_ratio": 0.1, "weight_decay": weight_decay,
+      "b1": 0.9, "b2": 0.95, "eps": 1e-8, "clip_norm": clip_norm})
+
+
+def train_section(*, steps: int, batch_size: int, trainable: str = "all", grad_accum: int = 1,
+                  save_every: int = 500, log_every: int = 10) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "steps": steps, "batch_size": batch_size,  # examples (each W threads) per optimizer step
+      "grad_accum": grad_accum, "trainable": trainable,  # all | lattice
+      "save_every": save_every, "keep_checkpoints": 3, "log_every": log_every})
+
+
+def data_section(*, path: str, num_threads: int, max_len: int, loss_on: str,
+                 shuffle_threads: bool) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "path": path,  # JSONL of multi-thread records (see README: data format)
+      "tokenizer": "",  # tokenizer.json; default: the one in model.checkpoint
+      "num_threads": num_threads,  # W
+      "max_len": max_len,  # T: tokens per thread, prompt included
+      "loss_on": loss_on,  # generated (SFT) | all (continued pre-training)
+      "shuffle_threads": shuffle_threads,  # permute each example's threads on every draw
+      "bad_records": "skip",  # skip | fail
+      "thinking": True})
+
+
+def runlocal(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks an experiment to the tiny model in float32, for a CPU run in minutes."""
+  cfg.model = model_section("tiny", dtype="float32")
+  cfg.lattice = lattice_section("tiny")
+  return cfg

@@ -1,0 +1,18 @@
+"""Lattice parameter and FLOP overhead of the 1.7B and 4B presets (no weights allocated).
+
+  python -m lace_jax.main --config=experiments/overhead.py --workdir=runs/overhead
+  python -m lace_jax.main --config=experiments/overhead.py --config.overhead.num_threads=8
+"""
+
+import ml_collections
+
+from lace_jax import experiment
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  cfg = experiment.base_config("overhead", "qwen3-4b")
+  cfg.overhead = ml_collections.ConfigDict(
+      {"presets": ("qwen3-1.7b", "qwen3-4b"), "num_threads": 4, "context": 150})
+  if arg == "runlocal":
+    cfg.overhead.presets = ("tiny",)
+  return cfg
