@@ -226,7 +226,8 @@ def load_pretrained(checkpoint_dir: str | os.PathLike,
     shape = tuple(_get(expected, e.path).shape)
     if tuple(arr.shape) != e.hf_shape(shape):
       raise CheckpointError(f"{files[name]}: tensor {name!r} has shape {tuple(arr.shape)}, "
-                            f"expected {e.hf_shape(shape)} for {cfg.name} (from {config_path})")
+                            f"expected {e.hf_shape(shape)} (from the shapes in {config_path}"
+                            f"{' and its lattice' if lattice else ''})")
     _set(params, e.path, jnp.asarray(e.from_hf(arr, shape), dtype=pdt))
   if fresh:
     init = build_model(cfg, lattice, seed).params

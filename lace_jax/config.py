@@ -124,7 +124,7 @@ class ModelConfig:
         max_position_embeddings=int(hf.get("max_position_embeddings", 40_960)),
         param_dtype=dtype if dtype in _DTYPES else "float32",
         dtype=dtype if dtype in _DTYPES else "float32",
-        name=str(hf.get("_name_or_path") or "hf"),
+        name=str(hf.get("_name_or_path") or os.path.basename(os.path.dirname(os.path.abspath(source)))),
     )
     kwargs.update(overrides)
     return cls(**kwargs)
