@@ -14,5 +14,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   cfg.overhead = ml_collections.ConfigDict(
       {"presets": ("qwen3-1.7b", "qwen3-4b"), "num_threads": 4, "context": 150})
   if arg == "runlocal":
+    experiment.runlocal(cfg)
     cfg.overhead.presets = ("tiny",)
   return cfg

@@ -295,8 +295,9 @@ def _check_inputs(cfg: ModelConfig, tokens, positions, valid):
 def _init_variables(cfg: ModelConfig, lattice: LatticeConfig | None, seed: int):
   module = Transformer(cfg, lattice)
   tokens = jnp.zeros((1, 1, 1), jnp.int32)
+  extra = {a: tokens for a in (lattice.rope_axes if lattice else ()) if a not in ("token", "thread")}
   return module.init(jax.random.key(seed), tokens, jnp.zeros_like(tokens),
-                     jnp.ones(tokens.shape, bool))
+                     jnp.ones(tokens.shape, bool), extra)
 
 
 def abstract_params(cfg: ModelConfig, lattice: LatticeConfig | None = None) -> Params:
