@@ -1,4 +1,4 @@
-"""Stage 3, Lattice GRPO, Qwen3-1.7b (qwen3-1.7b; the paper used 1959 RL questions at this size).
+"""Stage 3, Lattice GRPO, Qwen3-1.7B (the paper: 1959 RL questions).
 
   python -m lace_jax.main --config=experiments/grpo_1p7b.py --workdir=runs/grpo_1p7b \
       --config.model.checkpoint=runs/sft_1p7b/export
@@ -8,32 +8,10 @@ One rollout = one W-thread lattice; G rollouts per question; reward = verified a
 [[best]] thread + lambda_div * thread diversity, shared by every token of the rollout.
 """
 
-import ml_collections
-
 from lace_jax import experiment
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  cfg = experiment.base_config("grpo", "qwen3-1.7b", remat="full")
-  cfg.data = experiment.data_section(path="data/rl/train.jsonl", num_threads=4, max_len=1024,
-                                     loss_on="generated", shuffle_threads=False)
-  cfg.train = experiment.train_section(steps=500, batch_size=16, trainable="all", save_every=50,
-                                       log_every=1)
-  cfg.optim = experiment.optim_section(lr=1e-6, warmup_steps=10, weight_decay=0.0)
-  cfg.grpo = ml_collections.ConfigDict({
-      "rollouts_per_question": 8,  # G
-      "max_new_tokens": 4096,
-      "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-      "eps_low": 0.2, "eps_high": 0.28,
-      "kl_beta": 0.0,  # k3 KL to the frozen reference
-      "lambda_div": 0.1,
-      "reward_mode": "thread_aggregated",  # thread_aggregated | per_thread
-      "loss_agg": "token_mean",  # token_mean | dr_grpo
-      "inner_updates": 1,  # mu
-  })
-  if arg == "runlocal":
-    experiment.runlocal(cfg)
-    cfg.train.update(steps=3, batch_size=2, save_every=3)
-    cfg.grpo.update(rollouts_per_question=2, max_new_tokens=32)
-    cfg.optim.update(lr=1e-4, warmup_steps=1)
-  return cfg
+def get_config(arg=None):
+  return experiment.grpo_config("qwen3-1.7b", lr=1e-6, steps=500, questions_per_step=16,
+                                rollouts_per_question=8, max_new_tokens=4096,
+                                runlocal_=arg == "runlocal")

@@ -1,27 +1,16 @@
-"""Stage 1, continued pre-training of the lattice on multi-thread traces, Qwen3-4b (qwen3-4b).
+"""Stage 1, continued pre-training of the lattice on multi-thread traces, Qwen3-4B.
 
   python -m lace_jax.main --config=experiments/pretrain_4b.py --workdir=runs/pretrain_4b \
-      --config.model.checkpoint=/path/to/qwen3-4b --config.data.path=data/cpt/train.jsonl
+      --config.model.checkpoint=/path/to/Qwen3-4B --config.data.path=data/cpt/train.jsonl
   python -m lace_jax.main --config=experiments/pretrain_4b.py:runlocal --workdir=/tmp/cpt
 
-Only the freshly inserted lattice parameters train by default (train.trainable=lattice), so
-the backbone is untouched and the lattice learns to communicate; trainable=all is the ablation.
+Only the freshly inserted lattice parameters train (train.trainable=lattice): the backbone is
+untouched while the lattice learns to communicate; --config.train.trainable=all is the ablation.
 """
-
-import ml_collections
 
 from lace_jax import experiment
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  cfg = experiment.base_config("pretrain", "qwen3-4b", remat="full")
-  cfg.data = experiment.data_section(path="data/cpt/train.jsonl", num_threads=4, max_len=4096,
-                                     loss_on="all", shuffle_threads=True)
-  cfg.train = experiment.train_section(steps=2000, batch_size=32, trainable="lattice")
-  cfg.optim = experiment.optim_section(lr=2e-4, warmup_steps=100, weight_decay=0.01)
-  if arg == "runlocal":
-    experiment.runlocal(cfg)
-    cfg.data.max_len = 128
-    cfg.train.update(steps=20, batch_size=4, save_every=10, log_every=1)
-    cfg.optim.update(lr=3e-3, warmup_steps=2)
-  return cfg
+def get_config(arg=None):
+  return experiment.pretrain_config("qwen3-4b", lr=2e-4, steps=2000, batch_size=32, max_len=4096,
+                                    runlocal_=arg == "runlocal")

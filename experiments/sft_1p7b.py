@@ -1,5 +1,4 @@
-"""Stage 2, full-parameter SFT on the multi-thread format with random thread shuffling,
-Qwen3-1.7b (qwen3-1.7b; the paper used 800 SFT questions at this size).
+"""Stage 2, full-parameter SFT on the multi-thread format, Qwen3-1.7B (the paper: 800 questions).
 
   python -m lace_jax.main --config=experiments/sft_1p7b.py --workdir=runs/sft_1p7b \
       --config.model.checkpoint=runs/pretrain_1p7b/export --config.data.path=data/sft/train.jsonl
@@ -8,20 +7,9 @@ Qwen3-1.7b (qwen3-1.7b; the paper used 800 SFT questions at this size).
 Loss on generated tokens only; the order of an example's threads is permuted on every draw.
 """
 
-import ml_collections
-
 from lace_jax import experiment
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  cfg = experiment.base_config("sft", "qwen3-1.7b", remat="full")
-  cfg.data = experiment.data_section(path="data/sft/train.jsonl", num_threads=4, max_len=4096,
-                                     loss_on="generated", shuffle_threads=True)
-  cfg.train = experiment.train_section(steps=300, batch_size=16, trainable="all")
-  cfg.optim = experiment.optim_section(lr=1e-5, warmup_steps=20, weight_decay=0.0)
-  if arg == "runlocal":
-    experiment.runlocal(cfg)
-    cfg.data.max_len = 128
-    cfg.train.update(steps=20, batch_size=4, save_every=10, log_every=1)
-    cfg.optim.update(lr=1e-3, warmup_steps=2)
-  return cfg
+def get_config(arg=None):
+  return experiment.sft_config("qwen3-1.7b", lr=1e-5, steps=300, batch_size=16, max_len=4096,
+                               runlocal_=arg == "runlocal")

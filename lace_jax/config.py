@@ -235,12 +235,10 @@ class LatticeConfig:
     if self.width <= 0 or self.heads <= 0 or self.width % self.heads:
       raise ValueError(f"LatticeConfig.width={self.width} must be a positive multiple of "
                        f"heads={self.heads}")
-    if self.gate not in _GATES:
-      raise ValueError(f"LatticeConfig.gate={self.gate!r}; expected one of {_GATES}")
-    if self.source not in _SOURCES:
-      raise ValueError(f"LatticeConfig.source={self.source!r}; expected one of {_SOURCES}")
-    if self.mask not in _MASKS:
-      raise ValueError(f"LatticeConfig.mask={self.mask!r}; expected one of {_MASKS}")
+    for field, allowed in (("gate", _GATES), ("source", _SOURCES), ("mask", _MASKS)):
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"LatticeConfig.{field}={getattr(self, field)!r}; expected one of "
+                         f"{allowed}")
     if not (len(self.rope_axes) == len(self.rope_fractions) == len(self.rope_thetas)):
       raise ValueError(f"rope_axes={self.rope_axes}, rope_fractions={self.rope_fractions} and "
                        f"rope_thetas={self.rope_thetas} must have the same length")

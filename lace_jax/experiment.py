@@ -113,3 +113,64 @@ def runlocal(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   cfg.model = model_section("tiny", dtype="float32")
   cfg.lattice = lattice_section("tiny")
   return cfg
+
+
+def pretrain_config(preset: str, *, lr: float, steps: int, batch_size: int, max_len: int,
+                    trainable: str = "lattice", runlocal_: bool = False) -> ml_collections.ConfigDict:
+  """Stage 1: continued pre-training on multi-thread traces (loss on every thread token)."""
+  cfg = base_config("pretrain", preset, remat="full")
+  cfg.data = data_section(path="data/cpt/train.jsonl", num_threads=4, max_len=max_len,
+                          loss_on="all", shuffle_threads=True)
+  cfg.train = train_section(steps=steps, batch_size=batch_size, trainable=trainable)
+  cfg.optim = optim_section(lr=lr, warmup_steps=max(1, steps // 20), weight_decay=0.01)
+  if runlocal_:
+    runlocal(cfg)
+    cfg.data.max_len = 128
+    cfg.train.update(steps=20, batch_size=4, save_every=10, log_every=1)
+    cfg.optim.update(lr=3e-3, warmup_steps=2)
+  return cfg
+
+
+def sft_config(preset: str, *, lr: float, steps: int, batch_size: int, max_len: int,
+               runlocal_: bool = False) -> ml_collections.ConfigDict:
+  """Stage 2: full-parameter SFT, loss on generated tokens, threads shuffled on every draw."""
+  cfg = base_config("sft", preset, remat="full")
+  cfg.data = data_section(path="data/sft/train.jsonl", num_threads=4, max_len=max_len,
+                          loss_on="generated", shuffle_threads=True)
+  cfg.train = train_section(steps=steps, batch_size=batch_size, trainable="all")
+  cfg.optim = optim_section(lr=lr, warmup_steps=max(1, steps // 15), weight_decay=0.0)
+  if runlocal_:
+    runlocal(cfg)
+    cfg.data.max_len = 128
+    cfg.train.update(steps=20, batch_size=4, save_every=10, log_every=1)
+    cfg.optim.update(lr=1e-3, warmup_steps=2)
+  return cfg
+
+
+def grpo_config(preset: str, *, lr: float, steps: int, questions_per_step: int,
+                rollouts_per_question: int, max_new_tokens: int,
+                runlocal_: bool = False) -> ml_collections.ConfigDict:
+  """Stage 3: Lattice GRPO (spec section 6)."""
+  cfg = base_config("grpo", preset, remat="full")
+  cfg.data = data_section(path="data/rl/train.jsonl", num_threads=4, max_len=1024,
+                          loss_on="generated", shuffle_threads=False)
+  cfg.train = train_section(steps=steps, batch_size=questions_per_step, trainable="all",
+                            save_every=50, log_every=1)
+  cfg.optim = optim_section(lr=lr, warmup_steps=10, weight_decay=0.0)
+  cfg.grpo = ml_collections.ConfigDict({
+      "rollouts_per_question": rollouts_per_question,  # G
+      "max_new_tokens": max_new_tokens,
+      "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+      "eps_low": 0.2, "eps_high": 0.28,
+      "kl_beta": 0.0,  # k3 KL to the frozen reference
+      "lambda_div": 0.1,
+      "reward_mode": "thread_aggregated",  # thread_aggregated | per_thread
+      "loss_agg": "token_mean",  # token_mean | dr_grpo
+      "inner_updates": 1,  # mu
+  })
+  if runlocal_:
+    runlocal(cfg)
+    cfg.train.update(steps=3, batch_size=2, save_every=3)
+    cfg.grpo.update(rollouts_per_question=2, max_new_tokens=32)
+    cfg.optim.update(lr=1e-4, warmup_steps=1)
+  return cfg
