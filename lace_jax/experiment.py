@@ -52,6 +52,15 @@ def base_config(mode: str, preset: str, **model_kwargs) -> ml_collections.Config
   cfg.seed = 0
   cfg.model = model_section(preset, **model_kwargs)
   cfg.lattice = lattice_section(preset)
+  cfg.sharding = ml_collections.ConfigDict({
+      "mesh": {"data": 1, "fsdp": -1, "tensor": 1},  # product = device count; one may be -1
+      "rules": (),  # overrides of lace_jax.sharding.DEFAULT_RULES, e.g. (("mlp", None),)
+  })
+  cfg.distributed = ml_collections.ConfigDict({
+      "initialize": "auto",  # auto | yes | no (see lace_jax.distributed)
+      "coordinator_address": "", "num_processes": -1, "process_id": -1,
+      "cpu_collectives": config_dict.placeholder(str),  # "gloo" for multi-process CPU runs
+  })
   return cfg
 
 
@@ -92,7 +101,8 @@ def train_section(*, steps: int, batch_size: int, trainable: str = "all", grad_a
   return ml_collections.ConfigDict({
       "steps": steps, "batch_size": batch_size,  # examples (each W threads) per optimizer step
       "grad_accum": grad_accum, "trainable": trainable,  # all | lattice
-      "save_every": save_every, "keep_checkpoints": 3, "log_every": log_every})
+      "save_every": save_every, "keep_checkpoints": 3, "async_checkpointing": True,
+      "log_every": log_every})
 
 
 def data_section(*, path: str, num_threads: int, max_len: int, loss_on: str,
@@ -104,14 +114,22 @@ def data_section(*, path: str, num_threads: int, max_len: int, loss_on: str,
       "max_len": max_len,  # T: tokens per thread, prompt included
       "loss_on": loss_on,  # generated (SFT) | all (continued pre-training)
       "shuffle_threads": shuffle_threads,  # permute each example's threads on every draw
+      "format": "threads",  # threads (multi-thread JSONL) | text ({"text": ...}, W = 1)
+      "instruction": "default",  # format note appended to each prompt; "" for none
+      "truncate": False,  # truncate over-long threads instead of counting them as bad records
       "bad_records": "skip",  # skip | fail
       "thinking": True})
 
 
 def runlocal(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks an experiment to the tiny model in float32, for a CPU run in minutes."""
+  """Shrinks an experiment to the tiny model in float32, for a CPU run in minutes; training
+  stages read the bundled toy multi-thread dataset with its tokenizer."""
+  from lace_jax import toydata
   cfg.model = model_section("tiny", dtype="float32")
   cfg.lattice = lattice_section("tiny")
+  if "data" in cfg:
+    cfg.data.update(path=toydata.TOY_DATA, tokenizer=toydata.TOY_TOKENIZER,
+                    instruction=toydata.TOY_INSTRUCTION, max_len=160)
   return cfg
 
 
@@ -125,7 +143,6 @@ def pretrain_config(preset: str, *, lr: float, steps: int, batch_size: int, max_
   cfg.optim = optim_section(lr=lr, warmup_steps=max(1, steps // 20), weight_decay=0.01)
   if runlocal_:
     runlocal(cfg)
-    cfg.data.max_len = 128
     cfg.train.update(steps=20, batch_size=4, save_every=10, log_every=1)
     cfg.optim.update(lr=3e-3, warmup_steps=2)
   return cfg
@@ -141,7 +158,6 @@ def sft_config(preset: str, *, lr: float, steps: int, batch_size: int, max_len: 
   cfg.optim = optim_section(lr=lr, warmup_steps=max(1, steps // 15), weight_decay=0.0)
   if runlocal_:
     runlocal(cfg)
-    cfg.data.max_len = 128
     cfg.train.update(steps=20, batch_size=4, save_every=10, log_every=1)
     cfg.optim.update(lr=1e-3, warmup_steps=2)
   return cfg

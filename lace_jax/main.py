@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lace_jax import modes
+from lace_jax import distributed, modes
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "quickstart_config.py")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,6 +26,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, logs and
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # library INFO chatter would break the progress bar
   cfg = _CONFIG.value
   workdir = _WORKDIR.value
   try:
@@ -33,7 +35,10 @@ def main(argv: list[str]) -> None:
   except (modes.ModeNotAvailable, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  logging.info("mode %s, workdir %s\n%s", cfg.mode, workdir, cfg)
+  if "distributed" in cfg:
+    distributed.maybe_initialize(cfg.distributed)
+  print(f"lace_jax: mode {cfg.mode}, workdir {workdir}", flush=True)
+  logging.info("config:\n%s", cfg)
   run(cfg, workdir)
 
 

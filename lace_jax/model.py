@@ -314,14 +314,21 @@ def logical_axes(cfg: ModelConfig, lattice: LatticeConfig | None = None) -> Para
   return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
+def init_params(config: ModelConfig, lattice: LatticeConfig | None = None,
+                seed: int = 0) -> Params:
+  """Fresh parameters (traceable: call it inside `jax.jit` with out_shardings to create them
+  already sharded)."""
+  return nn.meta.unbox(_init_variables(config, lattice, seed)["params"])
+
+
 def build_model(config: ModelConfig, lattice: LatticeConfig | None = None, seed: int = 0, *,
                 attn_implementation: str | None = None) -> Model:
   """A freshly initialised model. Lattice up-projections start at zero, so a fresh lattice
   model computes exactly its base model."""
   if lattice is not None:
     lattice.validate_for(config)
-  variables = jax.jit(functools.partial(_init_variables, config, lattice, seed))()
-  return Model(config, lattice, nn.meta.unbox(variables["params"]), attn_implementation)
+  params = jax.jit(functools.partial(init_params, config, lattice, seed))()
+  return Model(config, lattice, params, attn_implementation)
 
 
 def count_params(params: Params) -> int:

@@ -91,12 +91,19 @@ def run_quickstart(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   return result
 
 
+def run_train(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
+  from lace_jax import train
+  return train.run(cfg, workdir)
+
+
 MODES: dict[str, Callable[[ml_collections.ConfigDict, str | None], dict]] = {
     "quickstart": run_quickstart,
     "overhead": run_overhead,
     "forward": run_forward,
+    "pretrain": run_train,
+    "sft": run_train,
 }
-PLANNED_MODES = ("pretrain", "sft", "grpo", "eval", "datagen")
+PLANNED_MODES = ("grpo", "eval", "datagen")
 
 
 def get_mode(name: str) -> Callable[[ml_collections.ConfigDict, str | None], dict]:

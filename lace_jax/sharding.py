@@ -1,0 +1,147 @@
+"""Device mesh and the one table of logical-to-mesh sharding rules.
+
+Model code names logical axes only (each parameter carries them, see `Model.logical_axes`);
+this module maps them onto a mesh with axes
+
+  data    pure data parallelism (parameters replicated)
+  fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style)
+  tensor  tensor parallelism over heads, MLP hidden and vocabulary
+
+An experiment overrides single rules with `sharding.rules = (("mlp", None), ...)`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
+
+# logical axis -> mesh axis (or None: replicated). Parameters and activations alike.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("thread", None),
+    ("seq", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("lattice", None),
+    ("lattice_heads", None),
+    ("lattice_head_dim", None),
+    ("lattice_gate_in", None),
+    ("lattice_gate", None),
+)
+
+
+def rules_with_overrides(overrides: Sequence[Sequence[Any]] = ()) -> tuple[tuple[str, Any], ...]:
+  """DEFAULT_RULES with some logical axes remapped; an unknown logical name is an error."""
+  table = dict(DEFAULT_RULES)
+  for item in overrides:
+    if len(item) != 2:
+      raise ValueError(f"sharding rule {item!r}: expected (logical_axis, mesh_axis_or_None)")
+    name, target = item
+    if name not in table:
+      raise ValueError(f"sharding rule for unknown logical axis {name!r}; known: {sorted(table)}")
+    targets = target if isinstance(target, (tuple, list)) else (target,)
+    bad = [t for t in targets if t is not None and t not in MESH_AXES]
+    if bad:
+      raise ValueError(f"sharding rule {name!r} -> {target!r}: mesh axes must be in {MESH_AXES}")
+    table[name] = tuple(target) if isinstance(target, list) else target
+  return tuple(table.items())
+
+
+def mesh_shape(spec: Mapping[str, int], num_devices: int | None = None) -> dict[str, int]:
+  """Resolves one -1 entry so the product equals the device count."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  unknown = [a for a in spec if a not in MESH_AXES]
+  if unknown:
+    raise ValueError(f"mesh axes {unknown} unknown; expected {MESH_AXES}")
+  shape = {a: int(spec.get(a, 1)) for a in MESH_AXES}
+  free = [a for a, n in shape.items() if n == -1]
+  if len(free) > 1:
+    raise ValueError(f"mesh {dict(spec)}: at most one axis may be -1")
+  fixed = math.prod(n for n in shape.values() if n != -1)
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f"mesh {dict(spec)}: {num_devices} devices are not divisible by {fixed}")
+    shape[free[0]] = num_devices // fixed
+  if math.prod(shape.values()) != num_devices:
+    raise ValueError(f"mesh {shape} has {math.prod(shape.values())} devices but "
+                     f"{num_devices} are available")
+  return shape
+
+
+def make_mesh(spec: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(spec, len(devices))
+  return jax.make_mesh(tuple(shape.values()), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def logical_to_sharding(logical: Any, mesh: Mesh, rules) -> Any:
+  """Pytree of logical-axis tuples -> pytree of NamedSharding."""
+  return jax.tree.map(lambda axes: NamedSharding(mesh, nn.logical_to_mesh_axes(axes, rules)),
+                      logical, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, *, leading: int = 0) -> NamedSharding:
+  """Sharding of a [..leading dims.., B, ...] array: B over the batch axes, the rest replicated."""
+  return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES, *([None] * (ndim - leading - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def like_params(tree_shapes: Any, params_sharding: Any, mesh: Mesh) -> Any:
+  """Shardings for a tree (e.g. optimizer state) whose leaves mirror parameters: a leaf whose
+  key path ends with a parameter's path and has its shape gets that parameter's sharding; any
+  other leaf (step counters, scalars) is replicated."""
+  by_path = {}
+  for path, sh in jax.tree_util.tree_leaves_with_path(params_sharding):
+    by_path[tuple(_key(k) for k in path)] = sh
+  rep = replicated(mesh)
+
+  def pick(path, leaf):
+    keys = tuple(_key(k) for k in path)
+    for start in range(len(keys)):
+      sh = by_path.get(keys[start:])
+      if sh is not None and len(sh.spec) <= len(leaf.shape):
+        return sh
+    return rep
+
+  return jax.tree_util.tree_map_with_path(pick, tree_shapes)
+
+
+def _key(k) -> Any:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return getattr(k, attr)
+  return str(k)
+
+
+def describe(mesh: Mesh) -> str:
+  return " x ".join(f"{a}={n}" for a, n in zip(mesh.axis_names, mesh.devices.shape))
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, *, leading: int = 0) -> dict:
+  """Assembles each process's slice of the batch into global jax.Arrays sharded on the batch
+  axis (dimension `leading`); on one process this is a sharded device_put."""
+  out = {}
+  for name, x in local.items():
+    sharding = batch_sharding(mesh, x.ndim, leading=leading)
+    global_shape = list(x.shape)
+    global_shape[leading] *= jax.process_count()
+    out[name] = jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
+  return out
