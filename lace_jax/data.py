@@ -190,7 +190,8 @@ def layout(ex: Example, perm: Sequence[int], max_len: int, pad_id: int,
     valid[row, start:p + len(completion)] = True
     generated[row, p:p + len(completion)] = True
   targets = np.concatenate([tokens[:, 1:], np.full((w, 1), pad_id, np.int32)], axis=1)
-  target_valid = np.concatenate([valid[:, 1:], np.zeros((w, 1), bool)], axis=1)
+  # a target exists where this token and the next are both real (not from padding to text)
+  target_valid = valid & np.concatenate([valid[:, 1:], np.zeros((w, 1), bool)], axis=1)
   if loss_on == "generated":
     target_valid &= np.concatenate([generated[:, 1:], np.zeros((w, 1), bool)], axis=1)
   elif loss_on != "all":

@@ -95,6 +95,22 @@ def logical_to_sharding(logical: Any, mesh: Mesh, rules) -> Any:
                       logical, is_leaf=lambda x: isinstance(x, tuple))
 
 
+def check_divisible(shapes: Any, shardings: Any, what: str = "parameter") -> None:
+  """Raises a ValueError naming the first array whose dimensions the mesh cannot split."""
+  for (path, shape), sh in zip(jax.tree_util.tree_leaves_with_path(shapes),
+                               jax.tree.leaves(shardings)):
+    for dim, axes in enumerate(sh.spec):
+      if axes is None:
+        continue
+      ways = math.prod(sh.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+      if shape.shape[dim] % ways:
+        raise ValueError(
+            f"{what} {jax.tree_util.keystr(path)} of shape {tuple(shape.shape)}: dimension {dim} "
+            f"({shape.shape[dim]}) cannot be split {ways} ways over mesh axes {axes} "
+            f"(mesh {dict(sh.mesh.shape)}); change sharding.mesh or override its rule in "
+            "sharding.rules")
+
+
 def batch_sharding(mesh: Mesh, ndim: int, *, leading: int = 0) -> NamedSharding:
   """Sharding of a [..leading dims.., B, ...] array: B over the batch axes, the rest replicated."""
   return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES, *([None] * (ndim - leading - 1))))

@@ -93,6 +93,7 @@ class Trainer:
     labels = trainable_labels(shapes, trainable)
     tx, schedule = make_optimizer(optim, total_steps, labels)
     params_sh = sharding.logical_to_sharding(model.logical_axes(), mesh, rules)
+    sharding.check_divisible(shapes, params_sh)
     opt_shapes = jax.eval_shape(tx.init, shapes)
     state_sh = {"step": sharding.replicated(mesh), "params": params_sh,
                 "opt_state": sharding.like_params(opt_shapes, params_sh, mesh)}
@@ -153,8 +154,8 @@ class Trainer:
       updates, opt_state = tx.update(grads, state["opt_state"], params)
       new_params = optax.apply_updates(params, updates)
       trained = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
-      metrics = {"loss": l_sum / denom, "tokens": n_sum, "valid_tokens": jnp.sum(batch["valid"]), "grad_norm": optax.global_norm(trained),
-                 "lr": schedule(state["step"]), "param_norm": optax.global_norm(new_params)}
+      metrics = {"loss": l_sum / denom, "tokens": n_sum, "valid_tokens": jnp.sum(batch["valid"]), "grad_norm": optax.tree.norm(trained),
+                 "lr": schedule(state["step"]), "param_norm": optax.tree.norm(new_params)}
       return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}, metrics
 
     return train_step

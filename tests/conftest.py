@@ -3,7 +3,12 @@
 import importlib.util
 import os
 
-import jax
+# 8 fake CPU devices for the sharding tests (must be set before jax is imported); computations
+# that do not ask for a mesh still run on device 0 alone.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
