@@ -1,0 +1,127 @@
+"""Training as users run it: `python -m lace_jax.main` in subprocesses. Interrupt + resume is
+exact, NaN stops with the last good checkpoint kept, two processes (gloo) match one."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import lace_jax as lj
+from lace_jax import modes
+from lace_jax.metrics import read_metrics
+from tests.test_experiments import ROOT, _load
+
+SFT = "--config=experiments/sft_1p7b.py:runlocal"
+
+
+def _env(devices: int = 1) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = ""  # not the 8 fake devices of the in-process tests
+  env["JAX_NUM_CPU_DEVICES"] = str(devices)
+  return env
+
+
+def _cmd(*args, workdir):
+  return [sys.executable, "-m", "lace_jax.main", *args, f"--workdir={workdir}"]
+
+
+def _losses(workdir):
+  return {m["step"]: m["loss"] for m in read_metrics(str(workdir))}
+
+
+def test_interrupt_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+  args = (SFT, "--config.train.steps=40", "--config.train.save_every=1000")
+  full = subprocess.run(_cmd(*args, workdir=tmp_path / "full"), env=_env(), cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  assert full.returncode == 0, full.stderr[-3000:]
+
+  part = tmp_path / "part"
+  proc = subprocess.Popen(_cmd(*args, workdir=part), env=_env(), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    if (part / "metrics.jsonl").exists() and len(_losses(part)) >= 4:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-3000:]
+  saved = sorted(int(s) for s in os.listdir(part / "checkpoints") if s.isdigit())
+  assert len(saved) == 1 and 4 <= saved[0] < 40, saved
+  assert "Run the same command to resume" in out
+
+  resumed = subprocess.run(_cmd(*args, workdir=part), env=_env(), cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from step {saved[0]}" in resumed.stdout
+  assert _losses(part) == _losses(tmp_path / "full")  # every step, bit for bit
+
+
+def _sft_config(**train):
+  cfg = _load(os.path.join(ROOT, "experiments", "sft_1p7b.py:runlocal"))
+  cfg.train.update(batch_size=8, **train)  # 8 fake devices in-process: fsdp = 8
+  return cfg
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  cfg = _sft_config(steps=4, save_every=2)
+  summary = modes.get_mode("sft")(cfg, str(tmp_path))
+  assert np.isfinite(summary["final_loss"])
+  cfg.train.steps = 10
+  cfg.optim.lr = 1e30  # diverges on the next update
+  with pytest.raises(FloatingPointError) as err:
+    modes.get_mode("sft")(cfg, str(tmp_path))
+  msg = str(err.value)
+  m = re.match(r"loss is (nan|inf) at step (\d+): stopping. The last good checkpoint is step "
+               r"(\d+) in (\S+);", msg)
+  assert m, msg
+  bad, good = int(m.group(2)), int(m.group(3))
+  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+  assert 4 <= good < bad and saved[-1] == good  # nothing saved at or after the bad step
+  assert all(np.isfinite(v) for s, v in _losses(tmp_path).items() if s <= good)
+
+
+def test_export_is_a_loadable_checkpoint_of_the_trained_model(tmp_path):
+  cfg = _sft_config(steps=2, save_every=2)
+  summary = modes.get_mode("sft")(cfg, str(tmp_path))
+  model = lj.load_pretrained(summary["export"])
+  assert model.lattice == lj.LatticeConfig.default(lj.ModelConfig.preset("tiny"))
+  tok = lj.Tokenizer.from_dir(summary["export"])
+  assert tok.vocab_size <= model.config.vocab_size
+  fresh = lj.build_model(model.config, model.lattice, seed=0)
+  assert not np.array_equal(model.params["embed"], fresh.params["embed"])  # trained
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+  args = (SFT, "--config.train.steps=3", "--config.train.save_every=3")
+  single = subprocess.run(_cmd(*args, workdir=tmp_path / "one"), env=_env(4), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+  assert single.returncode == 0, single.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _cmd(*args, "--config.distributed.coordinator_address=127.0.0.1:%d" % port,
+           "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+           "--config.distributed.cpu_collectives=gloo", workdir=tmp_path / "two"),
+      env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "mesh data=1 x fsdp=4 x tensor=1" in outs[0][0]  # 2 processes x 2 devices
+  one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+  assert sorted(one) == sorted(two) == [1, 2, 3]
+  np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], atol=1e-5)
+  assert json.load(open(tmp_path / "two" / "export" / "config.json"))["lace_lattice"]
