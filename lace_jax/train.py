@@ -299,13 +299,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   bar = tqdm(total=tr.steps, initial=start, disable=jax.process_index() != 0,
              dynamic_ncols=True, desc=cfg.mode)
   base_rng = jax.random.key(cfg.seed)
-  pending = None  # (step, device metrics, dispatch time) of the step in flight
+  pending = None  # (step, device metrics) of the step in flight
   last_time = time.perf_counter()
   history = []
 
-  def finish(pending, now):
-    step, m, _ = pending
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
+  def finish(pending):
+    step, m = pending
+    m = {k: float(v) for k, v in jax.device_get(m).items()}  # blocks until the step is done
+    now = time.perf_counter()
     if not np.isfinite(m["loss"]):
       raise FloatingPointError(
           f"loss is {m['loss']} at step {step}: stopping. The last good checkpoint is step "
@@ -329,16 +330,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
       state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step))
       step += 1
       if pending is not None:
-        finish(pending, time.perf_counter())
-      pending = (step, metrics, time.perf_counter())
+        finish(pending)  # step - 1, fetched while step runs
+      pending = (step, metrics)
       if step % tr.save_every == 0 or step == tr.steps or preempted["flag"]:
-        finish(pending, time.perf_counter())  # never save a state whose loss was not checked
+        finish(pending)  # never save a state whose loss was not checked
         pending = None
         ckpt.save(step, state, iterator)
         if preempted["flag"]:
           raise _Preempted(step)
     if pending is not None:
-      finish(pending, time.perf_counter())
+      finish(pending)
   except _Preempted as e:
     ckpt.close()
     bar.close()
