@@ -97,6 +97,9 @@ def test_export_is_a_loadable_checkpoint_of_the_trained_model(tmp_path):
   assert tok.vocab_size <= model.config.vocab_size
   fresh = lj.build_model(model.config, model.lattice, seed=0)
   assert not np.array_equal(model.params["embed"], fresh.params["embed"])  # trained
+  events = os.listdir(tmp_path / "tensorboard")
+  assert any(e.startswith("events.out.tfevents") for e in events), events
+  assert sorted(_losses(tmp_path)) == [1, 2] and (tmp_path / "config.yaml").exists()
 
 
 def _free_port() -> int:
