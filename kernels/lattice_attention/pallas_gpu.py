@@ -1,0 +1,330 @@
+"""Fused lattice attention in Pallas (Triton backend for GPUs), forward and backward.
+
+One program handles a block of BQ flattened queries (row = w * T + t) of one (batch, lattice
+head); it walks the keys thread by thread and, for the causal modes, only up to the largest
+column of its queries (half the work of a dense pass). The mask is computed in-kernel from the
+rows' and keys' column indices, thread ids and key validity: no mask tensor exists in memory.
+Inputs may be bf16; scores, softmax statistics and accumulators are float32.
+
+Backward (`jax.custom_vjp`): delta = rowsum(dO * O) in XLA, then a dq kernel (grid over query
+blocks, loop over keys) and a dk/dv kernel (grid over key blocks, loop over queries), both
+recomputing probabilities from the saved log-sum-exp.
+
+Requirements of this path (the reference has none): q_cols and k_cols ascending (the model's
+grid columns are). Runs on CPU with `interpret=True` (tests); lowers for CUDA on any machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+NEG_INF = -1e30
+MODES = {"causal": 0, "other_threads": 1, "same_position": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  block_q: int = 64
+  block_k: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def _mask(mode, q_thr, q_col, k_thr, k_col, k_ok):
+  """[BQ, BK] bool from row ids [BQ] and key ids [BK]."""
+  if mode == 2:
+    allowed = k_col[None, :] == q_col[:, None]
+  else:
+    allowed = k_col[None, :] <= q_col[:, None]
+    if mode == 1:
+      allowed = allowed & (k_thr[None, :] != q_thr[:, None])
+  return allowed & k_ok[None, :]
+
+
+def _dot(a, b, precise):
+  return jnp.dot(a, b, preferred_element_type=jnp.float32,
+                 precision=jax.lax.Precision.HIGHEST if precise else None)
+
+
+def _load_keys(ref, start, n, rows_ok, ep):
+  return pltriton.load(ref.at[pl.ds(start, n), pl.ds(0, ep)], mask=rows_ok[:, None], other=0.0)
+
+
+# ---------------------------------------------------------------- forward
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, qcol_ref, kcol_ref, kvalid_ref, o_ref, lse_ref, *, mode,
+                scale, w, t, s, e, bq, bk, precise):
+  iq = pl.program_id(0)
+  rows = iq * bq + jnp.arange(bq, dtype=jnp.int32)
+  row_ok = rows < w * t
+  ep = q_ref.shape[-1]
+  q = pltriton.load(q_ref.at[pl.ds(iq * bq, bq), pl.ds(0, ep)], mask=row_ok[:, None], other=0.0)
+  q_thr = rows // t
+  q_col = pltriton.load(qcol_ref.at[pl.ds(iq * bq, bq)], mask=row_ok, other=-1)
+  col_max = jnp.max(q_col)
+
+  def thread_body(wk, carry):
+    nblocks = pl.cdiv(jnp.clip(col_max + 1, 0, s), bk) if mode != 2 else pl.cdiv(s, bk)
+
+    def block_body(j, carry):
+      acc, m, l = carry
+      pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
+      ok = pos < s
+      start = wk * s + j * bk
+      k = _load_keys(k_ref, start, bk, ok, ep)
+      v = _load_keys(v_ref, start, bk, ok, ep)
+      k_col = pltriton.load(kcol_ref.at[pl.ds(j * bk, bk)], mask=ok, other=2**30)
+      k_ok = pltriton.load(kvalid_ref.at[pl.ds(start, bk)], mask=ok, other=0) > 0
+      allowed = _mask(mode, q_thr, q_col, jnp.full((bk,), wk, jnp.int32), k_col, k_ok & ok)
+      sc = _dot(q, k.T, precise) * scale
+      sc = jnp.where(allowed, sc, NEG_INF)
+      m_new = jnp.maximum(m, jnp.max(sc, axis=1))
+      alpha = jnp.exp(m - m_new)
+      p = jnp.exp(sc - m_new[:, None]) * allowed.astype(jnp.float32)
+      l = alpha * l + jnp.sum(p, axis=1)
+      acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precise)
+      return acc, m_new, l
+
+    return jax.lax.fori_loop(0, nblocks, block_body, carry)
+
+  init = (jnp.zeros((bq, ep), jnp.float32), jnp.full((bq,), NEG_INF, jnp.float32),
+          jnp.zeros((bq,), jnp.float32))
+  acc, m, l = jax.lax.fori_loop(0, w, thread_body, init)
+  empty = l == 0.0
+  out = acc / jnp.where(empty, 1.0, l)[:, None]
+  lse = jnp.where(empty, 0.0, m + jnp.log(jnp.where(empty, 1.0, l)))
+  pltriton.store(o_ref.at[pl.ds(iq * bq, bq), pl.ds(0, ep)], out.astype(o_ref.dtype),
+                 mask=row_ok[:, None])
+  pltriton.store(lse_ref.at[pl.ds(iq * bq, bq)], lse, mask=row_ok)
+
+
+def _call_fwd(qf, kf, vf, q_cols, k_cols, kvalid, *, mode, scale, w, t, s, e, blocks, interpret,
+              out=None):
+  b, c, nq, ep = qf.shape
+  bq, bk = blocks.block_q, blocks.block_k
+  kernel = functools.partial(_fwd_kernel, mode=mode, scale=scale, w=w, t=t, s=s, e=e, bq=bq,
+                             bk=bk, precise=qf.dtype == jnp.float32)
+  full_q = pl.BlockSpec((None, None, nq, ep), lambda i, bb, cc: (bb, cc, 0, 0))
+  full_k = pl.BlockSpec((None, None, kf.shape[2], ep), lambda i, bb, cc: (bb, cc, 0, 0))
+  in_specs = [full_q, full_k, full_k,
+              pl.BlockSpec((q_cols.shape[0],), lambda i, bb, cc: (0,)),
+              pl.BlockSpec((k_cols.shape[0],), lambda i, bb, cc: (0,)),
+              pl.BlockSpec((None, kvalid.shape[1]), lambda i, bb, cc: (bb, 0))]
+  out_shape = [jax.ShapeDtypeStruct(qf.shape, qf.dtype),
+               jax.ShapeDtypeStruct((b, c, nq), jnp.float32)]
+  out_specs = [full_q, pl.BlockSpec((None, None, nq), lambda i, bb, cc: (bb, cc, 0))]
+  args = [qf, kf, vf, q_cols, k_cols, kvalid]
+  aliases = {}
+  if out is not None:  # tests pass poisoned output buffers to prove every element is written
+    in_specs += [full_q, pl.BlockSpec((None, None, nq), lambda i, bb, cc: (bb, cc, 0))]
+    args += list(out)
+    aliases = {6: 0, 7: 1}
+    kernel = _ignore_extra(kernel, 2)
+  return pl.pallas_call(
+      kernel, grid=(pl.cdiv(nq, bq), b, c), in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, input_output_aliases=aliases, interpret=interpret,
+      compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps,
+                                              num_stages=blocks.num_stages),
+      name=f"lattice_fwd_{mode}")(*args)
+
+
+def _ignore_extra(kernel, n):
+  """Wraps a kernel so n aliased input refs (placed before the outputs) are skipped."""
+
+  def wrapped(*refs):
+    ins, outs = refs[:-2 - n], refs[-2:]
+    return kernel(*ins, *outs)
+
+  return wrapped
+
+
+# ---------------------------------------------------------------- backward
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qcol_ref, kcol_ref, kvalid_ref,
+               dq_ref, *, mode, scale, w, t, s, bq, bk, precise):
+  iq = pl.program_id(0)
+  rows = iq * bq + jnp.arange(bq, dtype=jnp.int32)
+  row_ok = rows < w * t
+  ep = q_ref.shape[-1]
+  sl = (pl.ds(iq * bq, bq), pl.ds(0, ep))
+  q = pltriton.load(q_ref.at[sl], mask=row_ok[:, None], other=0.0)
+  do = pltriton.load(do_ref.at[sl], mask=row_ok[:, None], other=0.0)
+  lse = pltriton.load(lse_ref.at[pl.ds(iq * bq, bq)], mask=row_ok, other=0.0)
+  delta = pltriton.load(delta_ref.at[pl.ds(iq * bq, bq)], mask=row_ok, other=0.0)
+  q_thr = rows // t
+  q_col = pltriton.load(qcol_ref.at[pl.ds(iq * bq, bq)], mask=row_ok, other=-1)
+  col_max = jnp.max(q_col)
+
+  def thread_body(wk, dq):
+    nblocks = pl.cdiv(jnp.clip(col_max + 1, 0, s), bk) if mode != 2 else pl.cdiv(s, bk)
+
+    def block_body(j, dq):
+      pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
+      ok = pos < s
+      start = wk * s + j * bk
+      k = _load_keys(k_ref, start, bk, ok, ep)
+      v = _load_keys(v_ref, start, bk, ok, ep)
+      k_col = pltriton.load(kcol_ref.at[pl.ds(j * bk, bk)], mask=ok, other=2**30)
+      k_ok = pltriton.load(kvalid_ref.at[pl.ds(start, bk)], mask=ok, other=0) > 0
+      allowed = _mask(mode, q_thr, q_col, jnp.full((bk,), wk, jnp.int32), k_col, k_ok & ok)
+      sc = jnp.where(allowed, _dot(q, k.T, precise) * scale, NEG_INF)
+      p = jnp.exp(sc - lse[:, None]) * allowed.astype(jnp.float32)
+      dp = _dot(do, v.T, precise)
+      ds = p * (dp - delta[:, None]) * scale
+      return dq + _dot(ds.astype(k.dtype), k, precise)
+
+    return jax.lax.fori_loop(0, nblocks, block_body, dq)
+
+  dq = jax.lax.fori_loop(0, w, thread_body, jnp.zeros((bq, ep), jnp.float32))
+  pltriton.store(dq_ref.at[sl], dq.astype(dq_ref.dtype), mask=row_ok[:, None])
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qcol_ref, kcol_ref, kvalid_ref,
+                dk_ref, dv_ref, *, mode, scale, w, t, s, bq, bk, precise):
+  ik = pl.program_id(0)
+  keys = ik * bk + jnp.arange(bk, dtype=jnp.int32)
+  key_ok = keys < w * s
+  ep = k_ref.shape[-1]
+  sl = (pl.ds(ik * bk, bk), pl.ds(0, ep))
+  k = pltriton.load(k_ref.at[sl], mask=key_ok[:, None], other=0.0)
+  v = pltriton.load(v_ref.at[sl], mask=key_ok[:, None], other=0.0)
+  k_thr = keys // s
+  k_col = pltriton.load(kcol_ref.at[pl.ds(ik * bk, bk)], mask=key_ok, other=2**30)
+  k_ok = (pltriton.load(kvalid_ref.at[pl.ds(ik * bk, bk)], mask=key_ok, other=0) > 0) & key_ok
+  col_min = jnp.min(jnp.where(key_ok, k_col, 2**30))
+
+  def thread_body(wq, carry):
+    # queries of thread wq at rows [wq*t, wq*t + t); only columns >= col_min can see these keys
+    first = jnp.clip(col_min, 0, t) // bq if mode != 2 else 0
+
+    def block_body(j, carry):
+      dk, dv = carry
+      pos = j * bq + jnp.arange(bq, dtype=jnp.int32)
+      ok = pos < t
+      start = wq * t + j * bq
+      qs = (pl.ds(start, bq), pl.ds(0, ep))
+      q = pltriton.load(q_ref.at[qs], mask=ok[:, None], other=0.0)
+      do = pltriton.load(do_ref.at[qs], mask=ok[:, None], other=0.0)
+      lse = pltriton.load(lse_ref.at[pl.ds(start, bq)], mask=ok, other=0.0)
+      delta = pltriton.load(delta_ref.at[pl.ds(start, bq)], mask=ok, other=0.0)
+      q_col = pltriton.load(qcol_ref.at[pl.ds(j * bq, bq)], mask=ok, other=-1)
+      allowed = _mask(mode, jnp.full((bq,), wq, jnp.int32), q_col, k_thr, k_col, k_ok)
+      allowed = allowed & ok[:, None]
+      sc = jnp.where(allowed, _dot(q, k.T, precise) * scale, NEG_INF)
+      p = jnp.exp(sc - lse[:, None]) * allowed.astype(jnp.float32)  # [BQ, BK]
+      dv = dv + _dot(p.T.astype(do.dtype), do, precise)
+      dp = _dot(do, v.T, precise)
+      ds = p * (dp - delta[:, None]) * scale
+      dk = dk + _dot(ds.T.astype(q.dtype), q, precise)
+      return dk, dv
+
+    return jax.lax.fori_loop(first, pl.cdiv(t, bq), block_body, carry)
+
+  zeros = jnp.zeros((bk, ep), jnp.float32)
+  dk, dv = jax.lax.fori_loop(0, w, thread_body, (zeros, zeros))
+  pltriton.store(dk_ref.at[sl], dk.astype(dk_ref.dtype), mask=key_ok[:, None])
+  pltriton.store(dv_ref.at[sl], dv.astype(dv_ref.dtype), mask=key_ok[:, None])
+
+
+def _call_bwd(qf, kf, vf, do, lse, delta, q_cols, k_cols, kvalid, *, mode, scale, w, t, s,
+              blocks, interpret):
+  b, c, nq, ep = qf.shape
+  nk = kf.shape[2]
+  bq, bk = blocks.block_q, blocks.block_k
+  precise = qf.dtype == jnp.float32
+  full = lambda n: pl.BlockSpec((None, None, n, ep), lambda i, bb, cc: (bb, cc, 0, 0))
+  rowvec = pl.BlockSpec((None, None, nq), lambda i, bb, cc: (bb, cc, 0))
+  in_specs = [full(nq), full(nk), full(nk), full(nq), rowvec, rowvec,
+              pl.BlockSpec((q_cols.shape[0],), lambda i, bb, cc: (0,)),
+              pl.BlockSpec((k_cols.shape[0],), lambda i, bb, cc: (0,)),
+              pl.BlockSpec((None, kvalid.shape[1]), lambda i, bb, cc: (bb, 0))]
+  args = (qf, kf, vf, do, lse, delta, q_cols, k_cols, kvalid)
+  params = pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+  common = dict(mode=mode, scale=scale, w=w, t=t, s=s, bq=bq, bk=bk, precise=precise)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, **common), grid=(pl.cdiv(nq, bq), b, c), in_specs=in_specs,
+      out_specs=full(nq), out_shape=jax.ShapeDtypeStruct(qf.shape, qf.dtype),
+      interpret=interpret, compiler_params=params, name=f"lattice_dq_{mode}")(*args)
+  kcol_full = jnp.tile(k_cols, w)  # the dk/dv kernel indexes keys by flattened position
+  in_specs[7] = pl.BlockSpec((kcol_full.shape[0],), lambda i, bb, cc: (0,))
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, **common), grid=(pl.cdiv(nk, bk), b, c),
+      in_specs=in_specs, out_specs=[full(nk), full(nk)],
+      out_shape=[jax.ShapeDtypeStruct(kf.shape, kf.dtype)] * 2, interpret=interpret,
+      compiler_params=params, name=f"lattice_dkv_{mode}")(*args[:7], kcol_full, args[8])
+  return dq, dk, dv
+
+
+# ---------------------------------------------------------------- wrapper
+
+
+def _flatten(q, k, v, key_valid, ep):
+  b, w, t, c, e = q.shape
+  s = k.shape[2]
+  pad = [(0, 0)] * 3 + [(0, ep - e)]
+  qf = jnp.pad(q.reshape(b, w * t, c, e).transpose(0, 2, 1, 3), pad)  # [B, C, Q, Ep]
+  kf = jnp.pad(k.reshape(b, w * s, c, e).transpose(0, 2, 1, 3), pad)
+  vf = jnp.pad(v.reshape(b, w * s, c, e).transpose(0, 2, 1, 3), pad)
+  return qf, kf, vf, key_valid.reshape(b, w * s).astype(jnp.int32)
+
+
+def _unflatten(x, b, w, n, c, e):
+  return x[..., :e].transpose(0, 2, 1, 3).reshape(b, w, n, c, e)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _attn(q, k, v, key_valid, q_cols, k_cols, mode, scale, blocks, interpret):
+  return _attn_fwd(q, k, v, key_valid, q_cols, k_cols, mode, scale, blocks, interpret)[0]
+
+
+def _attn_fwd(q, k, v, key_valid, q_cols, k_cols, mode, scale, blocks, interpret):
+  b, w, t, c, e = q.shape
+  s = k.shape[2]
+  ep = max(16, _pow2(e))
+  qf, kf, vf, kvalid = _flatten(q, k, v, key_valid, ep)
+  qcol_rows = jnp.tile(q_cols, w)
+  out, lse = _call_fwd(qf, kf, vf, qcol_rows, k_cols, kvalid, mode=MODES[mode], scale=scale,
+                       w=w, t=t, s=s, e=e, blocks=blocks, interpret=interpret)
+  return _unflatten(out, b, w, t, c, e), (q, k, v, key_valid, q_cols, k_cols, out, lse)
+
+
+def _attn_bwd(mode, scale, blocks, interpret, res, g):
+  q, k, v, key_valid, q_cols, k_cols, out, lse = res
+  b, w, t, c, e = q.shape
+  s = k.shape[2]
+  ep = out.shape[-1]
+  qf, kf, vf, kvalid = _flatten(q, k, v, key_valid, ep)
+  do = jnp.pad(g.reshape(b, w * t, c, e).transpose(0, 2, 1, 3), [(0, 0)] * 3 + [(0, ep - e)])
+  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, C, Q]
+  dq, dk, dv = _call_bwd(qf, kf, vf, do.astype(qf.dtype), lse, delta, jnp.tile(q_cols, w),
+                         k_cols, kvalid, mode=MODES[mode], scale=scale, w=w, t=t, s=s,
+                         blocks=blocks, interpret=interpret)
+  return (_unflatten(dq, b, w, t, c, e), _unflatten(dk, b, w, s, c, e),
+          _unflatten(dv, b, w, s, c, e), None, None, None)
+
+
+_attn.defvjp(_attn_fwd, _attn_bwd)
+
+
+def lattice_attention_pallas(q, k, v, *, key_valid, mask="causal", q_cols=None, k_cols=None,
+                             scale=None, block_sizes: BlockSizes = BlockSizes(),
+                             interpret: bool = False):
+  """Same contract as `reference.lattice_attention_reference` (q_cols, k_cols ascending)."""
+  b, w, t, c, e = q.shape
+  s = k.shape[2]
+  q_cols = jnp.arange(t, dtype=jnp.int32) if q_cols is None else q_cols.astype(jnp.int32)
+  k_cols = jnp.arange(s, dtype=jnp.int32) if k_cols is None else k_cols.astype(jnp.int32)
+  scale = e**-0.5 if scale is None else float(scale)
+  return _attn(q, k, v, key_valid, q_cols, k_cols, mask, scale, block_sizes, interpret)
