@@ -82,11 +82,9 @@ class Attention(nn.Module):
     kk = ops.rope(kk, positions, cfg.rope_theta)
 
     b, w, t = x.shape[:3]
-    cols = jnp.arange(t)
-    causal = cols[None, :] <= cols[:, None]  # [T, S]
-    mask = causal[None] & valid.reshape(b * w, 1, t)  # [B*W, T, S]
     a = attention(q.reshape(b * w, t, n, h), kk.reshape(b * w, t, k, h),
-                  v.reshape(b * w, t, k, h), mask, implementation=self.implementation)
+                  v.reshape(b * w, t, k, h), key_valid=valid.reshape(b * w, t), causal=True,
+                  implementation=self.implementation)
     a = a.reshape(b, w, t, n, h)  # [B, W, T, N, H]
     out = jnp.einsum("BWTNH,NHD->BWTD", a, wo.astype(dt))
     return out, a

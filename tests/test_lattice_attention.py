@@ -91,8 +91,6 @@ def test_unknown_implementation_and_mask_are_rejected():
   valid = jnp.ones((1, 1, 2), bool)
   with pytest.raises(ValueError, match="available"):
     lattice_attention(q, q, q, key_valid=valid, implementation="cuda_magic")
-  with pytest.raises(NotImplementedError, match="not available yet"):
-    lattice_attention(q, q, q, key_valid=valid, implementation="pallas")
   with pytest.raises(ValueError, match="mask mode"):
     lattice_attention(q, q, q, key_valid=valid, mask="everything")
   with pytest.raises(ValueError, match=r"key_valid \(1, 1, 3\)"):

@@ -1,37 +1,78 @@
 """Lattice (cross-thread) attention behind one `implementation=` switch.
 
-`implementation`: None (auto: the best available on the current backend) or "reference".
-Memory-linear chunked XLA and fused Pallas implementations join this switch, tested against
-`reference.py`; until they land, asking for them raises an error naming what is available.
+  "reference"    plain jnp, materialises [B, C, W*T, W*S] scores (the specification)
+  "xla_chunked"  blockwise online softmax with a flash-style backward: memory linear in W*T
+  "pallas"       fused Pallas kernels (Triton backend, GPUs): in-kernel mask, bf16 in / fp32
+                 accumulation, forward + backward
+  None           auto: "pallas" on GPU, "xla_chunked" elsewhere (CPU, TPU)
+
+Decoding (one new query per thread against the lattice cache) has the same switch in
+`lattice_decode_attention`. Every implementation is tested against `reference.py`.
 """
 
 from __future__ import annotations
 
 import jax
 
-from kernels.lattice_attention.reference import MASK_MODES, lattice_attention_reference, lattice_mask
+from kernels.lattice_attention import decode as _decode
+from kernels.lattice_attention.pallas_gpu import BlockSizes as PallasBlockSizes
+from kernels.lattice_attention.pallas_gpu import lattice_attention_pallas
+from kernels.lattice_attention.reference import (MASK_MODES, lattice_attention_reference,
+                                                 lattice_mask, validate)
+from kernels.lattice_attention.xla_chunked import BlockSizes as ChunkedBlockSizes
+from kernels.lattice_attention.xla_chunked import lattice_attention_chunked
 
-IMPLEMENTATIONS = ("reference",)
-PLANNED = ("xla_chunked", "pallas")
+IMPLEMENTATIONS = ("reference", "xla_chunked", "pallas")
+
+
+def default_implementation(backend: str | None = None) -> str:
+  backend = backend or jax.default_backend()
+  return "pallas" if backend in ("gpu", "cuda", "rocm") else "xla_chunked"
+
+
+def _check(impl: str | None) -> str:
+  impl = impl or default_implementation()
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"lattice attention implementation={impl!r}; available: {IMPLEMENTATIONS}")
+  return impl
 
 
 def lattice_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array,
                       mask: str = "causal", q_cols: jax.Array | None = None,
                       k_cols: jax.Array | None = None, scale: float | None = None,
-                      implementation: str | None = None) -> jax.Array:
+                      implementation: str | None = None, interpret: bool = False) -> jax.Array:
   """Cross-thread attention over the flattened W*T grid; see `reference.py` for the spec.
 
   q: [B, W, T, C, E], k/v: [B, W, S, C, E], key_valid: [B, W, S] -> [B, W, T, C, E].
+  `interpret` runs the Pallas kernels in the Pallas interpreter (CPU tests).
   """
-  impl = implementation or "reference"
-  if impl in PLANNED:
-    raise NotImplementedError(f"lattice attention implementation {impl!r} is not available yet;"
-                              f" available: {IMPLEMENTATIONS}")
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"lattice attention implementation={impl!r}; available: {IMPLEMENTATIONS}")
-  return lattice_attention_reference(q, k, v, key_valid=key_valid, mask=mask, q_cols=q_cols,
-                                     k_cols=k_cols, scale=scale)
+  impl = _check(implementation)
+  if mask not in MASK_MODES:
+    raise ValueError(f"lattice mask mode {mask!r}; expected one of {MASK_MODES}")
+  validate(q, k, v, key_valid)
+  kw = dict(key_valid=key_valid, mask=mask, q_cols=q_cols, k_cols=k_cols, scale=scale)
+  if impl == "reference":
+    return lattice_attention_reference(q, k, v, **kw)
+  if impl == "xla_chunked":
+    return lattice_attention_chunked(q, k, v, **kw)
+  return lattice_attention_pallas(q, k, v, interpret=interpret, **kw)
 
 
-__all__ = ["IMPLEMENTATIONS", "MASK_MODES", "lattice_attention", "lattice_attention_reference",
+def lattice_decode_attention(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid,
+                             *, mask: str = "causal", scale: float | None = None,
+                             implementation: str | None = None, interpret: bool = False):
+  """One decoding step; shapes and mask in `decode.py`. "xla_chunked" selects the direct XLA
+  form (a single query row per thread needs no blocking)."""
+  impl = _check(implementation)
+  args = (q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid)
+  if impl == "reference":
+    return _decode.decode_reference(*args, mask=mask, scale=scale)
+  if impl == "xla_chunked":
+    return _decode.decode_xla(*args, mask=mask, scale=scale)
+  return _decode.decode_pallas(*args, mask=mask, scale=scale, interpret=interpret)
+
+
+__all__ = ["ChunkedBlockSizes", "IMPLEMENTATIONS", "MASK_MODES", "PallasBlockSizes",
+           "default_implementation", "lattice_attention", "lattice_attention_chunked",
+           "lattice_attention_pallas", "lattice_attention_reference", "lattice_decode_attention",
            "lattice_mask"]

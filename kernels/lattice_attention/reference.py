@@ -48,18 +48,27 @@ def lattice_mask(num_threads: int, q_cols: jax.Array, k_cols: jax.Array, key_val
   return allowed[None] & key_valid.reshape(b, 1, w * s)
 
 
-def lattice_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                                key_valid: jax.Array, mask: str = "causal",
-                                q_cols: jax.Array | None = None,
-                                k_cols: jax.Array | None = None,
-                                scale: float | None = None) -> jax.Array:
+def validate(q, k, v, key_valid) -> None:
+  """Shape checks shared by every implementation, with messages naming the shapes."""
+  if q.ndim != 5:
+    raise ValueError(f"q {q.shape}: expected [B, W, T, C, E]")
   b, w, t, c, e = q.shape
-  s = k.shape[2]
+  s = k.shape[2] if k.ndim == 5 else -1
   if k.shape != (b, w, s, c, e) or v.shape != k.shape:
     raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: expected q = [B, W, T, C, E] and "
                      "k = v = [B, W, S, C, E]")
   if key_valid.shape != (b, w, s):
     raise ValueError(f"key_valid {key_valid.shape}: expected [B, W, S] = {(b, w, s)}")
+
+
+def lattice_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                                key_valid: jax.Array, mask: str = "causal",
+                                q_cols: jax.Array | None = None,
+                                k_cols: jax.Array | None = None,
+                                scale: float | None = None) -> jax.Array:
+  validate(q, k, v, key_valid)
+  b, w, t, c, e = q.shape
+  s = k.shape[2]
   q_cols = jnp.arange(t, dtype=jnp.int32) if q_cols is None else q_cols
   k_cols = jnp.arange(s, dtype=jnp.int32) if k_cols is None else k_cols
   scale = e**-0.5 if scale is None else scale
