@@ -5,6 +5,7 @@
   "pallas"       fused Pallas kernels (Triton backend, GPUs): in-kernel mask, bf16 in / fp32
                  accumulation, forward + backward
   None           auto: "pallas" on GPU, "xla_chunked" elsewhere (CPU, TPU)
+  "pallas_interpret"  the Pallas kernels run by the Pallas interpreter (CPU tests)
 
 Decoding (one new query per thread against the lattice cache) has the same switch in
 `lattice_decode_attention`. Every implementation is tested against `reference.py`.
@@ -22,7 +23,7 @@ from kernels.lattice_attention.reference import (MASK_MODES, lattice_attention_r
 from kernels.lattice_attention.xla_chunked import BlockSizes as ChunkedBlockSizes
 from kernels.lattice_attention.xla_chunked import lattice_attention_chunked
 
-IMPLEMENTATIONS = ("reference", "xla_chunked", "pallas")
+IMPLEMENTATIONS = ("reference", "xla_chunked", "pallas", "pallas_interpret")
 
 
 def default_implementation(backend: str | None = None) -> str:
@@ -47,6 +48,8 @@ def lattice_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: ja
   `interpret` runs the Pallas kernels in the Pallas interpreter (CPU tests).
   """
   impl = _check(implementation)
+  if impl == "pallas_interpret":
+    impl, interpret = "pallas", True
   if mask not in MASK_MODES:
     raise ValueError(f"lattice mask mode {mask!r}; expected one of {MASK_MODES}")
   validate(q, k, v, key_valid)
@@ -64,6 +67,8 @@ def lattice_decode_attention(q, k_cache, v_cache, cache_valid, length, k_new, v_
   """One decoding step; shapes and mask in `decode.py`. "xla_chunked" selects the direct XLA
   form (a single query row per thread needs no blocking)."""
   impl = _check(implementation)
+  if impl == "pallas_interpret":
+    impl, interpret = "pallas", True
   args = (q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid)
   if impl == "reference":
     return _decode.decode_reference(*args, mask=mask, scale=scale)
