@@ -24,7 +24,8 @@ class ModelConfig:
   `dtype` is the compute dtype of activations and matmuls, `param_dtype` the storage dtype of
   the parameters; bf16 compute over fp32 parameters is `dtype="bfloat16", param_dtype="float32"`.
   `remat` rematerialises each decoder layer in the backward pass: "none", "full" (save only
-  the layer input) or "dots" (save matmul outputs without batch dims).
+  the layer input) or "dots" (save matmul outputs without batch dims). `attention` selects the
+  backbone attention implementation (see `kernels.attention`; None = auto per backend).
   """
 
   vocab_size: int
@@ -41,6 +42,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  attention: str | None = None
   init_std: float = 0.02
   name: str = "custom"
 

@@ -25,6 +25,7 @@ def model_section(preset: str, *, dtype: str = "bfloat16", param_dtype: str = "f
       "dtype": dtype,  # compute dtype
       "param_dtype": param_dtype,
       "remat": remat,  # none | full | dots
+      "attention": config_dict.placeholder(str),  # backbone: reference|xla|cudnn|pallas_tpu
   })
 
 
@@ -69,9 +70,10 @@ def model_configs(cfg: ml_collections.ConfigDict) -> tuple[ModelConfig, LatticeC
   m = cfg.model
   if m.checkpoint:
     model = ModelConfig.from_hf(m.checkpoint, dtype=m.dtype, param_dtype=m.param_dtype,
-                                remat=m.remat)
+                                remat=m.remat, attention=m.attention)
   else:
-    model = ModelConfig.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    model = ModelConfig.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+                               attention=m.attention)
   return model, lattice_config(cfg.lattice, model)
 
 

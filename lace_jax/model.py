@@ -58,7 +58,6 @@ class Attention(nn.Module):
   """Per-thread causal GQA with q/k RMSNorm and RoPE; threads are folded into the batch."""
 
   cfg: ModelConfig
-  implementation: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array):
@@ -84,7 +83,7 @@ class Attention(nn.Module):
     b, w, t = x.shape[:3]
     a = attention(q.reshape(b * w, t, n, h), kk.reshape(b * w, t, k, h),
                   v.reshape(b * w, t, k, h), key_valid=valid.reshape(b * w, t), causal=True,
-                  implementation=self.implementation)
+                  implementation=cfg.attention)
     a = a.reshape(b, w, t, n, h)  # [B, W, T, N, H]
     out = jnp.einsum("BWTNH,NHD->BWTD", a, wo.astype(dt))
     return out, a
@@ -161,14 +160,13 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
   cfg: ModelConfig
   lat: LatticeConfig | None  # None: no lattice side path in this layer
-  attn_implementation: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array,
                coords: tuple[jax.Array, ...]) -> jax.Array:
     cfg = self.cfg
     h = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.param_dtype, name="input_norm")(x)
-    out, a = Attention(cfg, self.attn_implementation, name="attn")(h, positions, valid)
+    out, a = Attention(cfg, name="attn")(h, positions, valid)
     if self.lat is not None:
       src = a if self.lat.source == "attn_out" else h
       out = out + Lattice(cfg, self.lat, name="lattice")(src, coords, valid)
@@ -182,7 +180,6 @@ class Transformer(nn.Module):
 
   cfg: ModelConfig
   lat: LatticeConfig | None = None
-  attn_implementation: str | None = None
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array,
@@ -198,7 +195,7 @@ class Transformer(nn.Module):
       layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat])
     for i in range(cfg.num_layers):
       layer_lat = lat if (lat is not None and i in lat.layers) else None
-      x = layer_cls(cfg, layer_lat, self.attn_implementation, name=f"layers_{i}")(
+      x = layer_cls(cfg, layer_lat, name=f"layers_{i}")(
           x, positions, valid, coords)
     x = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.param_dtype, name="final_norm")(x)
     if cfg.tie_embeddings:
@@ -238,11 +235,10 @@ class Model:
   config: ModelConfig
   lattice: LatticeConfig | None
   params: Params
-  attn_implementation: str | None = None
 
   @property
   def module(self) -> Transformer:
-    return Transformer(self.config, self.lattice, self.attn_implementation)
+    return Transformer(self.config, self.lattice)
 
   def apply(self, params: Params, tokens: jax.Array, *, positions: jax.Array | None = None,
             valid: jax.Array | None = None,
@@ -319,14 +315,14 @@ def init_params(config: ModelConfig, lattice: LatticeConfig | None = None,
   return nn.meta.unbox(_init_variables(config, lattice, seed)["params"])
 
 
-def build_model(config: ModelConfig, lattice: LatticeConfig | None = None, seed: int = 0, *,
-                attn_implementation: str | None = None) -> Model:
+def build_model(config: ModelConfig, lattice: LatticeConfig | None = None,
+                seed: int = 0) -> Model:
   """A freshly initialised model. Lattice up-projections start at zero, so a fresh lattice
   model computes exactly its base model."""
   if lattice is not None:
     lattice.validate_for(config)
   params = jax.jit(functools.partial(init_params, config, lattice, seed))()
-  return Model(config, lattice, params, attn_implementation)
+  return Model(config, lattice, params)
 
 
 def count_params(params: Params) -> int:

@@ -245,3 +245,17 @@ def test_bad_inputs_are_named():
     lj.build_model(CFG, lj.LatticeConfig(layers=(7,), width=16))
   with pytest.raises(ValueError, match="cannot hold rotary"):
     lj.LatticeConfig(layers=(1,), width=16, heads=8)
+
+
+@pytest.mark.parametrize("attention,lattice_impl", [("xla", "xla_chunked"),
+                                                    ("reference", "reference")])
+def test_implementation_switches_do_not_change_the_model(attention, lattice_impl):
+  model = _model("causal")
+  tokens = _tokens((2, 3, 9))
+  valid = jnp.ones((2, 3, 9), bool).at[1, 0, :3].set(False)
+  ref = model.replace(config=CFG.replace(attention="reference"),
+                      lattice=model.lattice.replace(implementation="reference"))
+  other = model.replace(config=CFG.replace(attention=attention),
+                        lattice=model.lattice.replace(implementation=lattice_impl))
+  a, b = _apply(ref, tokens, valid=valid), _apply(other, tokens, valid=valid)
+  np.testing.assert_allclose(a[np.asarray(valid)], b[np.asarray(valid)], atol=2e-5)
