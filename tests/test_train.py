@@ -73,13 +73,23 @@ def test_sharded_step_equals_single_device(examples, tokenizer):
 
 
 def test_grad_accumulation_equals_full_batch(examples, tokenizer):
-  full, s1, _, _ = _train(_batches(examples, tokenizer, 2, accum=1), {"fsdp": 1},
-                          devices=jax.devices()[:1])
-  acc, s2, _, _ = _train(_batches(examples, tokenizer, 2, accum=4), {"fsdp": 1},
-                         devices=jax.devices()[:1])
-  np.testing.assert_allclose(acc, full, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), s1["params"],
-               s2["params"])
+  """Same loss and gradient norm per step. (Parameters are not compared: Adam's normalisation
+  turns summation-order noise in near-zero gradients into visible update differences.)"""
+  def run(accum):
+    mesh = sharding.make_mesh({"fsdp": 1}, jax.devices()[:1])
+    tr = train.Trainer.create(CFG, LAT, experiment.optim_section(lr=3e-3, warmup_steps=1),
+                              total_steps=10, trainable="all", mesh=mesh,
+                              rules=sharding.DEFAULT_RULES)
+    batches = _batches(examples, tokenizer, 2, accum=accum)
+    step, _ = tr.compile({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches[0].items()})
+    state, out = tr.init_state(0), []
+    for i, b in enumerate(batches):
+      state, m = step(state, sharding.global_batch(b, mesh, leading=1), jax.random.key(i))
+      out.append((float(m["loss"]), float(m["grad_norm"]), float(m["tokens"])))
+    return np.array(out)
+
+  full, acc = run(1), run(4)
+  np.testing.assert_allclose(acc, full, rtol=1e-5)
 
 
 def test_trainable_lattice_leaves_backbone_bit_identical(examples, tokenizer):
