@@ -118,6 +118,18 @@ def test_dispatch_picks_per_backend_and_rejects_unknown():
   q, k, v, valid, _ = _inputs(2, 5, seed=0)
   with pytest.raises(ValueError, match="available"):
     lattice_attention(q, k, v, key_valid=valid, implementation="triton2")
+  with pytest.raises(ValueError, match="grid columns = positions"):
+    lattice_attention(q, k, v, key_valid=valid, implementation="pallas_interpret",
+                      q_cols=jnp.arange(5) + 3)
+
+
+def test_chunked_honours_custom_columns():
+  """Queries at later grid columns than their positions (e.g. a prefix already decoded)."""
+  q, k, v, valid, _ = _inputs(3, 9, seed=4)
+  q_cols = jnp.arange(9, dtype=jnp.int32) * 2
+  ref = lattice_attention_reference(q, k, v, key_valid=valid, q_cols=q_cols)
+  got = lattice_attention(q, k, v, key_valid=valid, q_cols=q_cols, implementation="xla_chunked")
+  assert rel_err(got, ref) <= 1e-5
 
 
 @pytest.mark.parametrize("impl", ["xla_chunked", "pallas"])

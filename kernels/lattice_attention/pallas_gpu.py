@@ -10,8 +10,10 @@ Backward (`jax.custom_vjp`): delta = rowsum(dO * O) in XLA, then a dq kernel (gr
 blocks, loop over keys) and a dk/dv kernel (grid over key blocks, loop over queries), both
 recomputing probabilities from the saved log-sum-exp.
 
-Requirements of this path (the reference has none): q_cols and k_cols ascending (the model's
-grid columns are). Runs on CPU with `interpret=True` (tests); lowers for CUDA on any machine.
+Contract (narrower than the reference's): grid columns are positions, q_cols = arange(T) and
+k_cols = arange(S), as in training and prefill; the kernels skip key and query blocks by
+position. Decoding has its own kernel (`decode.py`). Runs on CPU with `interpret=True` (tests);
+lowers for CUDA on any machine.
 """
 
 from __future__ import annotations
@@ -60,35 +62,47 @@ def _load_keys(ref, start, n, rows_ok, ep):
   return pltriton.load(ref.at[pl.ds(start, n), pl.ds(0, ep)], mask=rows_ok[:, None], other=0.0)
 
 
+def _query_rows(q_ref, qcol_ref, iq, bq, w, t, ep):
+  """Query block iq: (q [BQ, Ep], row ok, row thread ids, row columns, largest column)."""
+  rows = iq * bq + jnp.arange(bq, dtype=jnp.int32)
+  row_ok = rows < w * t
+  q = pltriton.load(q_ref.at[pl.ds(iq * bq, bq), pl.ds(0, ep)], mask=row_ok[:, None], other=0.0)
+  q_col = pltriton.load(qcol_ref.at[pl.ds(iq * bq, bq)], mask=row_ok, other=-1)
+  return q, row_ok, rows // t, q_col, jnp.max(q_col)
+
+
+def _key_block(k_ref, v_ref, kcol_ref, kvalid_ref, wk, j, *, s, bk, ep, mode, q_thr, q_col):
+  """Key block j of thread wk: (k, v [BK, Ep], allowed [BQ, BK]) with the mask built from ids."""
+  ok = j * bk + jnp.arange(bk, dtype=jnp.int32) < s
+  start = wk * s + j * bk
+  k = _load_keys(k_ref, start, bk, ok, ep)
+  v = _load_keys(v_ref, start, bk, ok, ep)
+  k_col = pltriton.load(kcol_ref.at[pl.ds(j * bk, bk)], mask=ok, other=2**30)
+  k_ok = pltriton.load(kvalid_ref.at[pl.ds(start, bk)], mask=ok, other=0) > 0
+  return k, v, _mask(mode, q_thr, q_col, jnp.full((bk,), wk, jnp.int32), k_col, k_ok & ok)
+
+
+def _num_key_blocks(mode, col_max, s, bk):
+  """Blocks of one thread's keys that queries up to column col_max can see."""
+  return pl.cdiv(s, bk) if mode == 2 else pl.cdiv(jnp.clip(col_max + 1, 0, s), bk)
+
+
 # ---------------------------------------------------------------- forward
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qcol_ref, kcol_ref, kvalid_ref, o_ref, lse_ref, *, mode,
                 scale, w, t, s, e, bq, bk, precise):
   iq = pl.program_id(0)
-  rows = iq * bq + jnp.arange(bq, dtype=jnp.int32)
-  row_ok = rows < w * t
   ep = q_ref.shape[-1]
-  q = pltriton.load(q_ref.at[pl.ds(iq * bq, bq), pl.ds(0, ep)], mask=row_ok[:, None], other=0.0)
-  q_thr = rows // t
-  q_col = pltriton.load(qcol_ref.at[pl.ds(iq * bq, bq)], mask=row_ok, other=-1)
-  col_max = jnp.max(q_col)
+  q, row_ok, q_thr, q_col, col_max = _query_rows(q_ref, qcol_ref, iq, bq, w, t, ep)
+  keys = functools.partial(_key_block, k_ref, v_ref, kcol_ref, kvalid_ref, s=s, bk=bk, ep=ep,
+                           mode=mode, q_thr=q_thr, q_col=q_col)
 
   def thread_body(wk, carry):
-    nblocks = pl.cdiv(jnp.clip(col_max + 1, 0, s), bk) if mode != 2 else pl.cdiv(s, bk)
-
     def block_body(j, carry):
       acc, m, l = carry
-      pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
-      ok = pos < s
-      start = wk * s + j * bk
-      k = _load_keys(k_ref, start, bk, ok, ep)
-      v = _load_keys(v_ref, start, bk, ok, ep)
-      k_col = pltriton.load(kcol_ref.at[pl.ds(j * bk, bk)], mask=ok, other=2**30)
-      k_ok = pltriton.load(kvalid_ref.at[pl.ds(start, bk)], mask=ok, other=0) > 0
-      allowed = _mask(mode, q_thr, q_col, jnp.full((bk,), wk, jnp.int32), k_col, k_ok & ok)
-      sc = _dot(q, k.T, precise) * scale
-      sc = jnp.where(allowed, sc, NEG_INF)
+      k, v, allowed = keys(wk, j)
+      sc = jnp.where(allowed, _dot(q, k.T, precise) * scale, NEG_INF)
       m_new = jnp.maximum(m, jnp.max(sc, axis=1))
       alpha = jnp.exp(m - m_new)
       p = jnp.exp(sc - m_new[:, None]) * allowed.astype(jnp.float32)
@@ -96,7 +110,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qcol_ref, kcol_ref, kvalid_ref, o_ref, lse_
       acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precise)
       return acc, m_new, l
 
-    return jax.lax.fori_loop(0, nblocks, block_body, carry)
+    return jax.lax.fori_loop(0, _num_key_blocks(mode, col_max, s, bk), block_body, carry)
 
   init = (jnp.zeros((bq, ep), jnp.float32), jnp.full((bq,), NEG_INF, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
@@ -155,37 +169,24 @@ def _ignore_extra(kernel, n):
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qcol_ref, kcol_ref, kvalid_ref,
                dq_ref, *, mode, scale, w, t, s, bq, bk, precise):
   iq = pl.program_id(0)
-  rows = iq * bq + jnp.arange(bq, dtype=jnp.int32)
-  row_ok = rows < w * t
   ep = q_ref.shape[-1]
+  q, row_ok, q_thr, q_col, col_max = _query_rows(q_ref, qcol_ref, iq, bq, w, t, ep)
   sl = (pl.ds(iq * bq, bq), pl.ds(0, ep))
-  q = pltriton.load(q_ref.at[sl], mask=row_ok[:, None], other=0.0)
   do = pltriton.load(do_ref.at[sl], mask=row_ok[:, None], other=0.0)
   lse = pltriton.load(lse_ref.at[pl.ds(iq * bq, bq)], mask=row_ok, other=0.0)
   delta = pltriton.load(delta_ref.at[pl.ds(iq * bq, bq)], mask=row_ok, other=0.0)
-  q_thr = rows // t
-  q_col = pltriton.load(qcol_ref.at[pl.ds(iq * bq, bq)], mask=row_ok, other=-1)
-  col_max = jnp.max(q_col)
+  keys = functools.partial(_key_block, k_ref, v_ref, kcol_ref, kvalid_ref, s=s, bk=bk, ep=ep,
+                           mode=mode, q_thr=q_thr, q_col=q_col)
 
   def thread_body(wk, dq):
-    nblocks = pl.cdiv(jnp.clip(col_max + 1, 0, s), bk) if mode != 2 else pl.cdiv(s, bk)
-
     def block_body(j, dq):
-      pos = j * bk + jnp.arange(bk, dtype=jnp.int32)
-      ok = pos < s
-      start = wk * s + j * bk
-      k = _load_keys(k_ref, start, bk, ok, ep)
-      v = _load_keys(v_ref, start, bk, ok, ep)
-      k_col = pltriton.load(kcol_ref.at[pl.ds(j * bk, bk)], mask=ok, other=2**30)
-      k_ok = pltriton.load(kvalid_ref.at[pl.ds(start, bk)], mask=ok, other=0) > 0
-      allowed = _mask(mode, q_thr, q_col, jnp.full((bk,), wk, jnp.int32), k_col, k_ok & ok)
+      k, v, allowed = keys(wk, j)
       sc = jnp.where(allowed, _dot(q, k.T, precise) * scale, NEG_INF)
       p = jnp.exp(sc - lse[:, None]) * allowed.astype(jnp.float32)
-      dp = _dot(do, v.T, precise)
-      ds = p * (dp - delta[:, None]) * scale
+      ds = p * (_dot(do, v.T, precise) - delta[:, None]) * scale
       return dq + _dot(ds.astype(k.dtype), k, precise)
 
-    return jax.lax.fori_loop(0, nblocks, block_body, dq)
+    return jax.lax.fori_loop(0, _num_key_blocks(mode, col_max, s, bk), block_body, dq)
 
   dq = jax.lax.fori_loop(0, w, thread_body, jnp.zeros((bq, ep), jnp.float32))
   pltriton.store(dq_ref.at[sl], dq.astype(dq_ref.dtype), mask=row_ok[:, None])
@@ -321,11 +322,14 @@ _attn.defvjp(_attn_fwd, _attn_bwd)
 def lattice_attention_pallas(q, k, v, *, key_valid, mask="causal", q_cols=None, k_cols=None,
                              scale=None, block_sizes: BlockSizes = BlockSizes(),
                              interpret: bool = False):
-  """Same contract as `reference.lattice_attention_reference` (q_cols, k_cols ascending)."""
+  """`reference.lattice_attention_reference` with grid columns = positions (see module doc)."""
+  if q_cols is not None or k_cols is not None:
+    raise ValueError("the Pallas lattice kernel takes grid columns = positions (q_cols and "
+                     "k_cols None); use implementation='xla_chunked' or 'reference' for others")
   b, w, t, c, e = q.shape
   s = k.shape[2]
-  q_cols = jnp.arange(t, dtype=jnp.int32) if q_cols is None else q_cols.astype(jnp.int32)
-  k_cols = jnp.arange(s, dtype=jnp.int32) if k_cols is None else k_cols.astype(jnp.int32)
+  q_cols = jnp.arange(t, dtype=jnp.int32)
+  k_cols = jnp.arange(s, dtype=jnp.int32)
   scale = e**-0.5 if scale is None else float(scale)
   return _attn(q, k, v, key_valid, q_cols, k_cols, mask, scale, block_sizes, interpret)
 
