@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.attention import attention
-from kernels.lattice_attention import lattice_attention
+from kernels.lattice_attention import lattice_attention, lattice_decode_attention
 from lace_jax import ops
 from lace_jax.config import LatticeConfig, ModelConfig
 
@@ -60,8 +60,16 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array):
-    """x [B, W, T, D] -> (o_proj output [B, W, T, D], pre-projection output a [B, W, T, N, H])."""
+  def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array,
+               cache: dict | None = None, cur: jax.Array | None = None,
+               valid_cache: jax.Array | None = None):
+    """x [B, W, T, D] -> (o_proj output [B, W, T, D], pre-projection output a [B, W, T, N, H],
+    this layer's new cache {k, v: [B, W, S, K, H]} or None).
+
+    cache None: training (causal over the T columns). cache given and cur None: prefill, the
+    T columns are written at 0..T-1. cur given: one decoding column (T = 1) written at `cur`,
+    attending to every valid cached column <= cur (valid_cache [B, W, S] already updated).
+    """
     cfg = self.cfg
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     init = nn.initializers.normal(cfg.init_std)
@@ -81,12 +89,29 @@ class Attention(nn.Module):
     kk = ops.rope(kk, positions, cfg.rope_theta)
 
     b, w, t = x.shape[:3]
-    a = attention(q.reshape(b * w, t, n, h), kk.reshape(b * w, t, k, h),
-                  v.reshape(b * w, t, k, h), key_valid=valid.reshape(b * w, t), causal=True,
-                  implementation=cfg.attention)
+    new_cache = None
+    if cur is None:  # training or prefill: attention over these T columns
+      a = attention(q.reshape(b * w, t, n, h), kk.reshape(b * w, t, k, h),
+                    v.reshape(b * w, t, k, h), key_valid=valid.reshape(b * w, t), causal=True,
+                    implementation=cfg.attention)
+      if cache is not None:
+        new_cache = {"k": _write(cache["k"], kk, 0), "v": _write(cache["v"], v, 0)}
+    else:  # one decoding column against the cache
+      ck, cv = _write(cache["k"], kk, cur), _write(cache["v"], v, cur)  # [B, W, S, K, H]
+      s = ck.shape[2]
+      a = attention(q.reshape(b * w, 1, n, h), ck.reshape(b * w, s, k, h),
+                    cv.reshape(b * w, s, k, h), key_valid=valid_cache.reshape(b * w, s),
+                    causal=True, q_offset=cur, implementation=cfg.attention)
+      new_cache = {"k": ck, "v": cv}
     a = a.reshape(b, w, t, n, h)  # [B, W, T, N, H]
     out = jnp.einsum("BWTNH,NHD->BWTD", a, wo.astype(dt))
-    return out, a
+    return out, a, new_cache
+
+
+def _write(buf: jax.Array, new: jax.Array, col) -> jax.Array:
+  """Writes new [B, W, T, ...] into buf [B, W, S, ...] at columns col..col+T-1."""
+  start = (0, 0, col) + (0,) * (buf.ndim - 3)
+  return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), start)
 
 
 class Lattice(nn.Module):
@@ -100,10 +125,13 @@ class Lattice(nn.Module):
   lat: LatticeConfig
 
   @nn.compact
-  def __call__(self, src: jax.Array, coords: tuple[jax.Array, ...],
-               valid: jax.Array) -> jax.Array:
+  def __call__(self, src: jax.Array, coords: tuple[jax.Array, ...], valid: jax.Array,
+               cache: dict | None = None, cur: jax.Array | None = None,
+               valid_cache: jax.Array | None = None):
     """src: a [B, W, T, N, H] (source attn_out) or x [B, W, T, D] (source hidden);
-    coords: one [B, W, T] coordinate per rotary section; valid: [B, W, T] -> [B, W, T, D]."""
+    coords: one [B, W, T] coordinate per rotary section; valid: [B, W, T].
+    Returns ([B, W, T, D], new lattice cache {k, v: [B, W, S, C, E]} or None); cache modes as
+    in `Attention`. The cache holds keys after RoPE, read as [B, W*S, C, E]."""
     cfg, lat = self.cfg, self.lat
     r, c, e = lat.width, lat.heads, lat.head_dim
     init = nn.initializers.normal(lat.init_std)
@@ -125,8 +153,21 @@ class Lattice(nn.Module):
     thetas = tuple(th if th > 0 else cfg.rope_theta for th in lat.rope_thetas)
     q = ops.multi_axis_rope(q, coords, lat.rope_sections, thetas)
     k = ops.multi_axis_rope(k, coords, lat.rope_sections, thetas)
-    p = lattice_attention(q, k, v, key_valid=valid, mask=lat.mask,
-                          implementation=lat.implementation)  # [B, W, T, C, E]
+    new_cache = None
+    if cur is None:
+      p = lattice_attention(q, k, v, key_valid=valid, mask=lat.mask,
+                            implementation=lat.implementation)  # [B, W, T, C, E]
+      if cache is not None:
+        new_cache = {"k": _write(cache["k"], k, 0), "v": _write(cache["v"], v, 0)}
+    else:
+      b, w = q.shape[:2]
+      s = cache["k"].shape[2]
+      flat = lambda x: x.reshape(b, w * s, c, e)
+      p = lattice_decode_attention(
+          q[:, :, 0], flat(cache["k"]), flat(cache["v"]), valid_cache.reshape(b, w * s),
+          jnp.broadcast_to(cur, (b,)).astype(jnp.int32), k[:, :, 0], v[:, :, 0], valid[:, :, 0],
+          mask=lat.mask, implementation=lat.implementation)[:, :, None]  # [B, W, 1, C, E]
+      new_cache = {"k": _write(cache["k"], k, cur), "v": _write(cache["v"], v, cur)}
     p = jnp.einsum("BWTCE,CER->BWTR", p, wp.astype(dt))
     if lat.gate != "none":
       gates = r if lat.gate == "elementwise" else c
@@ -138,7 +179,7 @@ class Lattice(nn.Module):
         g = jnp.repeat(g, e, axis=-1)
       p = g * p  # [B, W, T, R]
     w_up = _param(self, "up", (r, cfg.d_model), ("lattice", "embed"), nn.initializers.zeros, pdt)
-    return jnp.einsum("BWTR,RD->BWTD", p, w_up.astype(dt))
+    return jnp.einsum("BWTR,RD->BWTD", p, w_up.astype(dt)), new_cache
 
 
 class MLP(nn.Module):
@@ -163,16 +204,26 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array,
-               coords: tuple[jax.Array, ...]) -> jax.Array:
+               coords: tuple[jax.Array, ...], cache: dict | None = None,
+               cur: jax.Array | None = None, valid_cache: jax.Array | None = None):
+    """-> (x [B, W, T, D], this layer's new cache or None)."""
     cfg = self.cfg
     h = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.param_dtype, name="input_norm")(x)
-    out, a = Attention(cfg, name="attn")(h, positions, valid)
+    attn_cache = None if cache is None else cache["attn"]
+    out, a, new_attn = Attention(cfg, name="attn")(h, positions, valid, attn_cache, cur,
+                                                   valid_cache)
+    new_cache = None if cache is None else {"attn": new_attn}
     if self.lat is not None:
       src = a if self.lat.source == "attn_out" else h
-      out = out + Lattice(cfg, self.lat, name="lattice")(src, coords, valid)
+      lat_cache = None if cache is None else cache["lattice"]
+      side, new_lat = Lattice(cfg, self.lat, name="lattice")(src, coords, valid, lat_cache, cur,
+                                                             valid_cache)
+      out = out + side
+      if cache is not None:
+        new_cache["lattice"] = new_lat
     x = x + out
     h = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.param_dtype, name="post_norm")(x)
-    return x + MLP(cfg, name="mlp")(h)
+    return x + MLP(cfg, name="mlp")(h), new_cache
 
 
 class Transformer(nn.Module):
@@ -183,20 +234,31 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array,
-               extra_coords: Mapping[str, jax.Array] | None = None):
+               extra_coords: Mapping[str, jax.Array] | None = None, cache: dict | None = None,
+               cur: jax.Array | None = None):
+    """cache None: training forward. Otherwise prefill (cur None: these T columns are written
+    at 0..T-1) or one decoding column at `cur`; the updated cache is returned third."""
     cfg, lat = self.cfg, self.lat
     dt = jnp.dtype(cfg.dtype)
     embed = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                    nn.initializers.normal(cfg.init_std), cfg.param_dtype)
     x = jnp.take(embed, tokens, axis=0).astype(dt)  # [B, W, T, D]
     coords = _lattice_coords(lat, positions, extra_coords) if lat else ()
+    valid_cache = None
+    new_cache = None
+    if cache is not None:
+      valid_cache = _write(cache["valid"], valid, 0 if cur is None else cur)  # [B, W, S]
+      new_cache = {"valid": valid_cache, "layers": {}}
     layer_cls = DecoderLayer
     if cfg.remat != "none":
       layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat])
     for i in range(cfg.num_layers):
       layer_lat = lat if (lat is not None and i in lat.layers) else None
-      x = layer_cls(cfg, layer_lat, name=f"layers_{i}")(
-          x, positions, valid, coords)
+      layer_cache = None if cache is None else cache["layers"][i]
+      x, new_layer = layer_cls(cfg, layer_lat, name=f"layers_{i}")(
+          x, positions, valid, coords, layer_cache, cur, valid_cache)
+      if cache is not None:
+        new_cache["layers"][i] = new_layer
     x = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.param_dtype, name="final_norm")(x)
     if cfg.tie_embeddings:
       logits = jnp.einsum("BWTD,VD->BWTV", x, embed.astype(dt),
@@ -205,7 +267,7 @@ class Transformer(nn.Module):
       head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                     nn.initializers.normal(cfg.init_std), cfg.param_dtype)
       logits = jnp.einsum("BWTD,DV->BWTV", x, head.astype(dt), preferred_element_type=jnp.float32)
-    return logits.astype(jnp.float32), x
+    return logits.astype(jnp.float32), x, new_cache
 
 
 def _lattice_coords(lat: LatticeConfig, positions: jax.Array,
@@ -252,8 +314,30 @@ class Model:
     normalised hidden states [B, W, T, D] too if `return_hidden`.
     """
     tokens, positions, valid = _check_inputs(self.config, tokens, positions, valid)
-    logits, hidden = self.module.apply({"params": params}, tokens, positions, valid, extra_coords)
+    logits, hidden, _ = self.module.apply({"params": params}, tokens, positions, valid,
+                                          extra_coords)
     return (logits, hidden) if return_hidden else logits
+
+  def init_cache(self, batch: int, num_threads: int, max_len: int) -> dict:
+    """Empty decoding caches for [batch, num_threads] threads of up to max_len columns:
+    backbone k/v [B, W, S, K, H] per layer, lattice k/v [B, W, S, C, E] per lattice layer,
+    and validity [B, W, S] (False until written)."""
+    return init_cache(self.config, self.lattice, batch, num_threads, max_len)
+
+  def prefill(self, params: Params, cache: dict, tokens: jax.Array, positions: jax.Array,
+              valid: jax.Array):
+    """Runs the prompt grid [B, W, P] (columns 0..P-1) and fills the caches.
+    Returns (logits [B, W, P, V], hidden [B, W, P, D], cache)."""
+    return self.module.apply({"params": params}, tokens, positions, valid, None, cache)
+
+  def decode_step(self, params: Params, cache: dict, tokens: jax.Array, positions: jax.Array,
+                  valid: jax.Array, cur: jax.Array):
+    """One lockstep column: tokens/positions/valid [B, W] at grid column `cur`.
+    Returns (logits [B, W, V], hidden [B, W, D], cache)."""
+    logits, hidden, cache = self.module.apply(
+        {"params": params}, tokens[:, :, None], positions[:, :, None], valid[:, :, None], None,
+        cache, cur)
+    return logits[:, :, 0], hidden[:, :, 0], cache
 
   def replace(self, **kwargs) -> Model:
     return dataclasses.replace(self, **kwargs)
@@ -284,6 +368,20 @@ def _check_inputs(cfg: ModelConfig, tokens, positions, valid):
   if positions.shape != tokens.shape:
     raise ValueError(f"positions shape {positions.shape} != tokens shape {tokens.shape}")
   return tokens.astype(jnp.int32), positions, valid
+
+
+def init_cache(cfg: ModelConfig, lattice: LatticeConfig | None, batch: int, num_threads: int,
+               max_len: int) -> dict:
+  dt = jnp.dtype(cfg.dtype)
+  shape = (batch, num_threads, max_len)
+  layers = {}
+  for i in range(cfg.num_layers):
+    kv = shape + (cfg.num_kv_heads, cfg.head_dim)
+    layers[i] = {"attn": {"k": jnp.zeros(kv, dt), "v": jnp.zeros(kv, dt)}}
+    if lattice is not None and i in lattice.layers:
+      lkv = shape + (lattice.heads, lattice.head_dim)
+      layers[i]["lattice"] = {"k": jnp.zeros(lkv, dt), "v": jnp.zeros(lkv, dt)}
+  return {"valid": jnp.zeros(shape, bool), "layers": layers}
 
 
 def _init_variables(cfg: ModelConfig, lattice: LatticeConfig | None, seed: int):

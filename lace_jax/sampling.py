@@ -1,0 +1,224 @@
+"""Lockstep generation of W threads per example (spec section 9).
+
+Every step each live thread emits one token; all threads of a batch sit in one grid, so the
+lattice layers of each step see every thread's tokens up to that column. Prompts are
+left-padded to a common length (per-thread prompts may differ), so generated column j is the
+same grid column in every thread. A thread stops after emitting a stop token (by default
+`<|im_end|>`) or at `max_new_tokens`; from then on its positions are invalid: it adds no keys,
+to its own attention or to the lattice, while the other threads go on.
+
+One jitted prefill, then one jitted `lax.while_loop` over columns with the caches donated; the
+loop exits early once every thread has stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lace_jax import ops
+from lace_jax.model import Model, Params
+
+
+@dataclasses.dataclass
+class SampleOutput:
+  """tokens [B, W, N] (pad after a thread stopped); logprobs [B, W, N] of each emitted token
+  under the model's unmodified distribution (temperature 1, no top-p/top-k); lengths [B, W]
+  (tokens emitted, the stop token included); finish_reasons [B][W] in {"stop", "length"};
+  prompt_tokens / prompt_valid [B, W, P] (left-padded); hidden [B, W, D] the mean final hidden
+  state over each thread's emitted tokens (for diversity rewards)."""
+
+  tokens: np.ndarray
+  logprobs: np.ndarray
+  lengths: np.ndarray
+  finish_reasons: list[list[str]]
+  prompt_tokens: np.ndarray
+  prompt_valid: np.ndarray
+  mean_hidden: np.ndarray
+
+  def texts(self, tokenizer) -> list[list[str]]:
+    """Decoded text of every thread, without the stop token."""
+    out = []
+    for b in range(self.tokens.shape[0]):
+      row = []
+      for w in range(self.tokens.shape[1]):
+        n = int(self.lengths[b, w])
+        ids = self.tokens[b, w, :n].tolist()
+        if self.finish_reasons[b][w] == "stop":
+          ids = ids[:-1]
+        row.append(tokenizer.decode(ids))
+      out.append(row)
+    return out
+
+
+def left_pad(prompts: Sequence[Sequence[Sequence[int]] | Sequence[int]], num_threads: int,
+             pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+  """prompts: per example, one id list (shared by all threads) or W id lists.
+  Returns tokens, valid [B, W, P] with P rounded up to `multiple` (bounds recompilation)."""
+  rows = []
+  for i, p in enumerate(prompts):
+    if len(p) and isinstance(p[0], (list, tuple, np.ndarray)):
+      if len(p) != num_threads:
+        raise ValueError(f"prompt {i}: {len(p)} per-thread prompts for {num_threads} threads")
+      rows.append([list(map(int, x)) for x in p])
+    else:
+      rows.append([list(map(int, p))] * num_threads)
+  longest = max(len(x) for r in rows for x in r)
+  if longest == 0:
+    raise ValueError("every prompt is empty; a prompt needs at least one token")
+  width = -(-longest // multiple) * multiple
+  tokens = np.full((len(rows), num_threads, width), pad_id, np.int32)
+  valid = np.zeros(tokens.shape, bool)
+  for b, r in enumerate(rows):
+    for w, x in enumerate(r):
+      if not x:
+        raise ValueError(f"prompt {b}, thread {w} is empty")
+      tokens[b, w, width - len(x):] = x
+      valid[b, w, width - len(x):] = True
+  return tokens, valid
+
+
+def _filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+  """logits [..., V] -> sampling logits with temperature, top-k and nucleus filtering."""
+  logits = logits / temperature
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    cum = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+    cutoff = jnp.min(jnp.where(cum < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def _choose(rng, logits, temperature, top_k, top_p):
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, _filter_logits(logits, temperature, top_k, top_p)).astype(
+      jnp.int32)
+
+
+_STATIC = ("model", "max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "pad_id")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _prefill(model: Model, params: Params, prompt: jax.Array, prompt_valid: jax.Array,
+             rng: jax.Array, *, max_new_tokens: int, temperature: float, top_k: int,
+             top_p: float, stop_ids: tuple[int, ...], pad_id: int):
+  """Prompt grid -> (filled caches, first emitted token and its logprob, next positions)."""
+  b, w, p = prompt.shape
+  cache = model.init_cache(b, w, p + max_new_tokens)
+  positions = ops.default_positions(prompt_valid)
+  logits, _, cache = model.prefill(params, cache, prompt, positions, prompt_valid)
+  last = logits[:, :, -1]  # [B, W, V]: left padding puts every prompt's end in column P-1
+  first = _choose(rng, last, temperature, top_k, top_p)
+  first_lp = jnp.take_along_axis(jax.nn.log_softmax(last), first[..., None], -1)[..., 0]
+  next_pos = jnp.max(jnp.where(prompt_valid, positions + 1, 0), axis=-1)  # [B, W]
+  return cache, first, first_lp, next_pos
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("prompt_len",), donate_argnames=("cache",))
+def _decode(model: Model, params: Params, cache: dict, first: jax.Array, first_lp: jax.Array,
+            next_pos: jax.Array, rng: jax.Array, *, prompt_len: int, max_new_tokens: int,
+            temperature: float, top_k: int, top_p: float, stop_ids: tuple[int, ...],
+            pad_id: int):
+  """The lockstep loop: column P + i feeds token i of every live thread and emits token i+1."""
+  b, w = first.shape
+  n, p = max_new_tokens, prompt_len
+  stop = jnp.asarray(stop_ids, jnp.int32)
+  out = jnp.full((b, w, n), pad_id, jnp.int32).at[:, :, 0].set(first)
+  lps = jnp.zeros((b, w, n), jnp.float32).at[:, :, 0].set(first_lp)
+  hidden_sum = jnp.zeros((b, w, model.config.d_model), jnp.float32)
+  lengths = jnp.ones((b, w), jnp.int32)
+  done = jnp.isin(first, stop)  # a thread is done once it has emitted a stop token
+
+  def step(i, cache, out, pos, lengths, hidden_sum):
+    token = jax.lax.dynamic_index_in_dim(out, i, axis=2, keepdims=False)
+    live = lengths > i  # token i was emitted while the thread was live: a valid key
+    logits, hidden, cache = model.decode_step(params, cache, token, pos, live, p + i)
+    hidden_sum = hidden_sum + jnp.where(live[..., None], hidden.astype(jnp.float32), 0.0)
+    return logits, cache, hidden_sum
+
+  def cond(state):
+    i, _, _, _, _, _, done, _, _ = state
+    return (i < n - 1) & ~jnp.all(done)
+
+  def body(state):
+    i, cache, out, lps, lengths, hidden_sum, done, pos, rng = state
+    logits, cache, hidden_sum = step(i, cache, out, pos, lengths, hidden_sum)
+    rng, sub = jax.random.split(rng)
+    nxt = _choose(sub, logits, temperature, top_k, top_p)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits), nxt[..., None], -1)[..., 0]
+    emit = ~done
+    out = out.at[:, :, i + 1].set(jnp.where(emit, nxt, pad_id))
+    lps = lps.at[:, :, i + 1].set(jnp.where(emit, lp, 0.0))
+    lengths = lengths + emit.astype(jnp.int32)
+    done = done | (emit & jnp.isin(nxt, stop))
+    return i + 1, cache, out, lps, lengths, hidden_sum, done, pos + 1, rng
+
+  state = (jnp.int32(0), cache, out, lps, lengths, hidden_sum, done, next_pos, rng)
+  i, cache, out, lps, lengths, hidden_sum, done, pos, _ = jax.lax.while_loop(cond, body, state)
+  # tokens emitted at the last column have not been fed: one more step for their hidden state
+  _, _, hidden_sum = step(i, cache, out, pos, lengths, hidden_sum)
+  mean_hidden = hidden_sum / jnp.maximum(lengths, 1)[..., None]
+  # the caches are returned (and dropped by the caller) so the donated buffers are updated in
+  # place instead of copied
+  return out, lps, lengths, done, mean_hidden, cache
+
+
+def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_tokens: int,
+           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+           stop_ids: Sequence[int] = (), pad_id: int = 0) -> SampleOutput:
+  """Generates W threads per prompt in lockstep.
+
+  prompts: B entries, each a list of token ids (the same prompt for every thread) or W lists
+    (per-thread prompts).
+  temperature 0 is greedy. stop_ids: tokens that end a thread (e.g. the tokenizer's
+    `<|im_end|>` id); the stop token is kept in the output.
+  """
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], "
+                     f"top_k={top_k} >= 0")
+  tokens, valid = left_pad(prompts, num_threads, pad_id)
+  static = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+                top_p=float(top_p), stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id))
+  bare = model.replace(params=None)  # hashable: a static argument of the jitted functions
+  rng_prefill, rng_decode = jax.random.split(jax.random.key(seed))
+  cache, first, first_lp, next_pos = _prefill(bare, params, jnp.asarray(tokens),
+                                              jnp.asarray(valid), rng_prefill, **static)
+  out, lps, lengths, done, mean_hidden, _ = _decode(
+      bare, params, cache, first, first_lp, next_pos, rng_decode, prompt_len=tokens.shape[-1],
+      **static)
+  out, lps, lengths, done, mean_hidden = jax.device_get((out, lps, lengths, done, mean_hidden))
+  reasons = [["stop" if d else "length" for d in row] for row in np.asarray(done)]
+  return SampleOutput(np.asarray(out), np.asarray(lps), np.asarray(lengths), reasons, tokens,
+                      valid, np.asarray(mean_hidden))
+
+
+def teacher_forced_logprobs(model: Model, params: Params, out: SampleOutput) -> np.ndarray:
+  """Log-probabilities [B, W, N] of the sampled tokens under one forward pass over
+  prompt + generated grid (masked after each thread's end): what a training step sees."""
+  tokens, valid = full_grid(out)
+  logits = jax.jit(model.apply)(params, tokens, valid=valid)
+  p = out.prompt_tokens.shape[-1]
+  lp = jax.nn.log_softmax(logits[:, :, p - 1:-1])  # predicts generated columns
+  got = jnp.take_along_axis(lp, jnp.asarray(out.tokens)[..., None], -1)[..., 0]
+  return np.asarray(jnp.where(valid[:, :, p:], got, 0.0))
+
+
+def full_grid(out: SampleOutput) -> tuple[np.ndarray, np.ndarray]:
+  """Prompt + generated tokens [B, W, P + N] and their validity."""
+  n = out.tokens.shape[-1]
+  gen_valid = np.arange(n)[None, None, :] < out.lengths[..., None]
+  tokens = np.concatenate([out.prompt_tokens, out.tokens], axis=-1)
+  valid = np.concatenate([out.prompt_valid, gen_valid], axis=-1)
+  return tokens, valid
