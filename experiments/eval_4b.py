@@ -1,29 +1,17 @@
-"""Evaluation of a LACE Qwen3-4B checkpoint on AIME 2024/2025, AMC 2023, MATH-500 and GSM8K.
+"""Evaluation of a LACE Qwen3-4B checkpoint on AIME 2024/2025, AMC 2023, MATH-500 and GSM8K,
+side by side with the same weights without the lattice (the Isolated Parallel ablation).
 
   python -m lace_jax.main --config=experiments/eval_4b.py --workdir=runs/eval_4b \
       --config.model.checkpoint=runs/grpo_4b/export
   python -m lace_jax.main --config=experiments/eval_4b.py:runlocal --workdir=/tmp/eval
 
 Reports LACE accuracy (the [[best]] thread), Independent + Voting (maj@W), mean@W, pass@k,
-format adherence, exploration diversity, tokens per query and latency.
+format adherence, exploration diversity, tokens per query and latency (results.md / .json).
 """
-
-import ml_collections
 
 from lace_jax import experiment
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  cfg = experiment.base_config("eval", "qwen3-4b")
-  cfg.eval = ml_collections.ConfigDict({
-      "datasets": ("aime24", "aime25", "amc2023", "math500", "gsm8k_test"),
-      "num_threads": 4,  # W
-      "max_new_tokens": 8192,
-      "temperature": 0.6, "top_p": 0.95, "top_k": 20,  # Qwen3's recommended thinking-mode sampling
-      "batch_size": 8,
-      "limit": 0,  # problems per dataset; 0 = all
-  })
-  if arg == "runlocal":
-    experiment.runlocal(cfg)
-    cfg.eval.update(max_new_tokens=32, limit=4, batch_size=4)
-  return cfg
+def get_config(arg=None):
+  return experiment.eval_config("qwen3-4b", num_threads=4, max_new_tokens=8192,
+                                runlocal_=arg == "runlocal")

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from lace_jax.tokenizer import THREAD_INSTRUCTION, Tokenizer, chat_prompt
+from lace_jax.tokenizer import THREAD_INSTRUCTION, Tokenizer, thread_prompts
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,7 @@ def load_examples(path: str, tokenizer: Tokenizer, *, num_threads: int, max_len:
   if fmt == "text" and num_threads != 1:
     raise ValueError(f"data.format='text' is single-thread: num_threads must be 1, got "
                      f"{num_threads}")
-  note = ("" if not instruction else
-          (THREAD_INSTRUCTION if instruction == "default" else instruction).format(
-              num_threads=num_threads))
+  template = THREAD_INSTRUCTION if instruction == "default" else instruction
   report = DataReport(path)
   examples = []
   end = tokenizer.im_end_id
@@ -142,10 +140,8 @@ def load_examples(path: str, tokenizer: Tokenizer, *, num_threads: int, max_len:
           prompts = [[]]
           completions = [tokenizer.encode(rec["text"]) + [end]]
         else:
-          problems = rec["problem"] if isinstance(rec["problem"], list) else \
-              [rec["problem"]] * num_threads
-          texts = [chat_prompt(f"{p}\n\n{note}" if note else p, thinking=thinking)
-                   for p in problems]
+          texts = thread_prompts(rec["problem"], num_threads, thinking=thinking,
+                                 instruction=template)
           prompts = tokenizer.encode_batch(texts)
           completions = [c + [end] for c in tokenizer.encode_batch(rec["threads"])]
         length = max(map(len, prompts)) + max(map(len, completions))

@@ -170,7 +170,7 @@ def grpo_config(preset: str, *, lr: float, steps: int, questions_per_step: int,
                 runlocal_: bool = False) -> ml_collections.ConfigDict:
   """Stage 3: Lattice GRPO (spec section 6)."""
   cfg = base_config("grpo", preset, remat="full")
-  cfg.data = data_section(path="data/rl/train.jsonl", num_threads=4, max_len=1024,
+  cfg.data = data_section(path="gsm8k_train", num_threads=4, max_len=512,  # max_len: prompt width
                           loss_on="generated", shuffle_threads=False)
   cfg.train = train_section(steps=steps, batch_size=questions_per_step, trainable="all",
                             save_every=50, log_every=1)
@@ -184,11 +184,37 @@ def grpo_config(preset: str, *, lr: float, steps: int, questions_per_step: int,
       "lambda_div": 0.1,
       "reward_mode": "thread_aggregated",  # thread_aggregated | per_thread
       "loss_agg": "token_mean",  # token_mean | dr_grpo
+      "advantage": "grpo",  # grpo (mean/std over the group) | dr_grpo (mean only)
       "inner_updates": 1,  # mu
+      "grader_workers": 4, "grader_timeout_s": 10.0,
   })
   if runlocal_:
     runlocal(cfg)
+    cfg.data.max_len = 96  # prompt width
     cfg.train.update(steps=3, batch_size=2, save_every=3)
-    cfg.grpo.update(rollouts_per_question=2, max_new_tokens=32)
+    cfg.grpo.update(rollouts_per_question=2, max_new_tokens=32, grader_workers=2)
     cfg.optim.update(lr=1e-4, warmup_steps=1)
+  return cfg
+
+
+def eval_config(preset: str, *, num_threads: int, max_new_tokens: int,
+                runlocal_: bool = False) -> ml_collections.ConfigDict:
+  """Evaluation on the bundled benchmarks; variants are compared side by side."""
+  cfg = base_config("eval", preset)
+  cfg.data = data_section(path="", num_threads=num_threads, max_len=0, loss_on="generated",
+                          shuffle_threads=False)
+  cfg.eval = ml_collections.ConfigDict({
+      "datasets": ("aime24", "aime25", "amc2023", "math500", "gsm8k_test"),
+      "num_threads": num_threads,  # W
+      "max_new_tokens": max_new_tokens,
+      "temperature": 0.6, "top_p": 0.95, "top_k": 20,  # Qwen3's thinking-mode sampling
+      "batch_size": 8,  # problems per lockstep batch (each W threads)
+      "limit": 0,  # problems per dataset; 0 = all
+      "variants": ("model", "lattice_off"),  # lattice_off: same weights, no side path
+      "checkpoints": (),  # more HF directories to compare side by side
+      "grader_workers": 4, "grader_timeout_s": 10.0,
+  })
+  if runlocal_:
+    runlocal(cfg)
+    cfg.eval.update(max_new_tokens=32, limit=4, batch_size=4, grader_workers=2)
   return cfg

@@ -91,6 +91,16 @@ def run_quickstart(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   return result
 
 
+def run_eval(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
+  from lace_jax import evaluate
+  return evaluate.run(cfg, workdir)
+
+
+def run_grpo(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
+  from lace_jax import grpo
+  return grpo.run(cfg, workdir)
+
+
 def run_train(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   from lace_jax import train
   return train.run(cfg, workdir)
@@ -102,8 +112,10 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict, str | None], dict]] = {
     "forward": run_forward,
     "pretrain": run_train,
     "sft": run_train,
+    "grpo": run_grpo,
+    "eval": run_eval,
 }
-PLANNED_MODES = ("grpo", "eval", "datagen")
+PLANNED_MODES = ("datagen",)
 
 
 def get_mode(name: str) -> Callable[[ml_collections.ConfigDict, str | None], dict]:

@@ -57,9 +57,11 @@ class SampleOutput:
 
 
 def left_pad(prompts: Sequence[Sequence[Sequence[int]] | Sequence[int]], num_threads: int,
-             pad_id: int, multiple: int = 16) -> tuple[np.ndarray, np.ndarray]:
+             pad_id: int, multiple: int = 16, width: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
   """prompts: per example, one id list (shared by all threads) or W id lists.
-  Returns tokens, valid [B, W, P] with P rounded up to `multiple` (bounds recompilation)."""
+  Returns tokens, valid [B, W, P]: P = `width` if given, else the longest prompt rounded up to
+  `multiple` (bounds recompilation)."""
   rows = []
   for i, p in enumerate(prompts):
     if len(p) and isinstance(p[0], (list, tuple, np.ndarray)):
@@ -71,7 +73,10 @@ def left_pad(prompts: Sequence[Sequence[Sequence[int]] | Sequence[int]], num_thr
   longest = max(len(x) for r in rows for x in r)
   if longest == 0:
     raise ValueError("every prompt is empty; a prompt needs at least one token")
-  width = -(-longest // multiple) * multiple
+  if width is None:
+    width = -(-longest // multiple) * multiple
+  elif longest > width:
+    raise ValueError(f"a prompt has {longest} tokens, more than the prompt width {width}")
   tokens = np.full((len(rows), num_threads, width), pad_id, np.int32)
   valid = np.zeros(tokens.shape, bool)
   for b, r in enumerate(rows):
@@ -175,20 +180,22 @@ def _decode(model: Model, params: Params, cache: dict, first: jax.Array, first_l
 
 def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-           stop_ids: Sequence[int] = (), pad_id: int = 0) -> SampleOutput:
+           stop_ids: Sequence[int] = (), pad_id: int = 0,
+           prompt_width: int | None = None) -> SampleOutput:
   """Generates W threads per prompt in lockstep.
 
   prompts: B entries, each a list of token ids (the same prompt for every thread) or W lists
     (per-thread prompts).
   temperature 0 is greedy. stop_ids: tokens that end a thread (e.g. the tokenizer's
     `<|im_end|>` id); the stop token is kept in the output.
+  prompt_width: pad every prompt to exactly this many tokens (one compilation for many calls).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
     raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], "
                      f"top_k={top_k} >= 0")
-  tokens, valid = left_pad(prompts, num_threads, pad_id)
+  tokens, valid = left_pad(prompts, num_threads, pad_id, width=prompt_width)
   static = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                 top_p=float(top_p), stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id))
   bare = model.replace(params=None)  # hashable: a static argument of the jitted functions

@@ -90,12 +90,13 @@ def thread_prompts(problem: str | Sequence[str], num_threads: int, *, thinking: 
   """The W prompts of one multi-thread example (spec section 5).
 
   `problem` is one string (every thread gets the same user turn: default) or W strings (one
-  per thread, for tasks that hand threads different material).
+  per thread, for tasks that hand threads different material). `instruction` is a template
+  with `{num_threads}`, appended after a blank line; "" appends nothing.
   """
   if num_threads <= 0:
     raise ValueError(f"num_threads={num_threads} must be positive")
   problems = [problem] * num_threads if isinstance(problem, str) else list(problem)
   if len(problems) != num_threads:
     raise ValueError(f"{num_threads=} threads but {len(problems)} per-thread problems")
-  note = instruction.format(num_threads=num_threads)
-  return [chat_prompt(f"{p}\n\n{note}", thinking=thinking) for p in problems]
+  note = instruction.format(num_threads=num_threads) if instruction else ""
+  return [chat_prompt(f"{p}\n\n{note}" if note else p, thinking=thinking) for p in problems]

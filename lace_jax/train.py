@@ -72,6 +72,18 @@ def token_loss(model: Model, params: Params, batch: dict[str, jax.Array]
   return jnp.sum((logz - target_logit) * mask), jnp.sum(mask)
 
 
+def sft_loss(model: Model, params: Params, batch: dict[str, jax.Array]):
+  """The LossFn of pretrain / sft: (loss sum, normaliser, {} extra metric sums)."""
+  total, count = token_loss(model, params, batch)
+  return total, count, {}
+
+
+# A LossFn maps (model, params, microbatch) to (loss sum, normaliser, {name: metric sum}); the
+# step divides the sums over all microbatches by the summed normaliser, so accumulation is
+# exact. Metrics are reported as sum / normaliser as well.
+LossFn = Callable[[Model, Params, dict], tuple[jax.Array, jax.Array, dict]]
+
+
 @dataclasses.dataclass(frozen=True)
 class Trainer:
   """The model, optimizer and shardings of one run; builds the jitted step and state."""
@@ -122,12 +134,7 @@ class Trainer:
     return {"step": jax.device_put(jnp.zeros((), jnp.int32), self.state_sharding["step"]),
             "params": params, "opt_state": opt_state}
 
-  def batch_sharding(self) -> Any:
-    """[A, B, W, T] batch arrays: B split over the batch axes."""
-    s = sharding.batch_sharding(self.mesh, 4, leading=1)
-    return {k: s for k in ("tokens", "valid", "targets", "loss_mask")}
-
-  def step_fn(self) -> Callable:
+  def step_fn(self, loss: LossFn = sft_loss) -> Callable:
     model, tx, labels, schedule = self.model, self.tx, self.labels, self.schedule
 
     def train_step(state, batch, rng):
@@ -138,35 +145,44 @@ class Trainer:
       def loss_fn(p, micro):
         # frozen parameters get no gradient computation at all
         p = jax.tree.map(lambda x, f: jax.lax.stop_gradient(x) if f else x, p, frozen)
-        return token_loss(model, p, micro)
+        total, count, aux = loss(model, p, micro)
+        return total, (count, aux)
 
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+      _, (_, aux_shape) = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], batch))
 
       def accumulate(carry, micro):
-        g_sum, l_sum, n_sum = carry
-        (l, n), g = grad_fn(params, micro)
-        return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, n_sum + n), None
+        g_sum, l_sum, n_sum, a_sum = carry
+        (l, (n, aux)), g = grad_fn(params, micro)
+        return (jax.tree.map(jnp.add, g_sum, g), l_sum + l, n_sum + n,
+                jax.tree.map(jnp.add, a_sum, aux)), None
 
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
-      (g_sum, l_sum, n_sum), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), batch)
-      denom = jnp.maximum(n_sum, 1.0)
+      a_zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), aux_shape)
+      (g_sum, l_sum, n_sum, a_sum), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, a_zeros),
+                                                     batch)
+      denom = jnp.maximum(n_sum, 1e-9)
       grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, params)
       updates, opt_state = tx.update(grads, state["opt_state"], params)
       new_params = optax.apply_updates(params, updates)
       trained = jax.tree.map(lambda g, f: jnp.zeros_like(g) if f else g, grads, frozen)
-      metrics = {"loss": l_sum / denom, "tokens": n_sum, "valid_tokens": jnp.sum(batch["valid"]), "grad_norm": optax.tree.norm(trained),
-                 "lr": schedule(state["step"]), "param_norm": optax.tree.norm(new_params)}
+      metrics = {"loss": l_sum / denom, "tokens": n_sum, "valid_tokens": jnp.sum(batch["valid"]),
+                 "grad_norm": optax.tree.norm(trained), "lr": schedule(state["step"]),
+                 "param_norm": optax.tree.norm(new_params),
+                 **{k: v / denom for k, v in a_sum.items()}}
       return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}, metrics
 
     return train_step
 
-  def compile(self, batch_shapes: dict[str, jax.ShapeDtypeStruct]):
-    """AOT-compiles the step for these batch shapes; returns (compiled, memory stats dict)."""
+  def compile(self, batch_shapes: dict[str, jax.ShapeDtypeStruct], loss: LossFn = sft_loss):
+    """AOT-compiles the step for these [A, B, ...] batch shapes (batch axis 1 sharded);
+    returns (compiled, memory stats dict)."""
     rep = sharding.replicated(self.mesh)
-    jitted = jax.jit(self.step_fn(),
-                     in_shardings=(self.state_sharding, self.batch_sharding(), rep),
+    batch_sh = {k: sharding.batch_sharding(self.mesh, len(v.shape), leading=1)
+                for k, v in batch_shapes.items()}
+    jitted = jax.jit(self.step_fn(loss), in_shardings=(self.state_sharding, batch_sh, rep),
                      out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding()[k])
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k])
              for k, v in batch_shapes.items()}
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
     compiled = jitted.trace(self.abstract_state(), batch, rng).lower().compile()

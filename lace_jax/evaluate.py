@@ -1,0 +1,149 @@
+"""Evaluation: LACE accuracy and the baselines' metrics on the bundled benchmarks.
+
+For every problem, W threads are generated together and graded:
+  lace_acc      the [[best]] thread's answer is correct (a format failure counts as wrong)
+  maj_acc       majority vote over the W threads' answers (Independent + Voting, maj@W)
+  mean_acc      mean over threads of per-thread correctness (mean@W)
+  pass@1, pass@W  unbiased pass@k from the W threads (Chen et al. 2021)
+  format_rate   exactly one valid [[best]] thread (spec section 5)
+  diversity     mean over thread pairs of (1 - cosine) of mean final hidden states
+  tokens_per_query, seconds_per_query
+Variants compare configurations side by side on the same problems: "model" (as configured),
+"lattice_off" (the same weights without the side path: the Isolated Parallel ablation), and
+any extra checkpoints in `eval.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from lace_jax import grading, grpo
+from lace_jax.model import Model
+from lace_jax.sampling import sample
+from lace_jax.tokenizer import THREAD_INSTRUCTION, Tokenizer, thread_prompts
+
+METRICS = ("lace_acc", "maj_acc", "mean_acc", "pass@1", "pass@W", "format_rate", "diversity",
+           "tokens_per_query", "seconds_per_query")
+
+
+def _norm(a: str | None) -> str | None:
+  return None if a is None else "".join(a.split())
+
+
+def evaluate(model: Model, tokenizer: Tokenizer, problems: list[grading.Problem], grader, *,
+             num_threads: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
+             batch_size: int, seed: int = 0, instruction: str = THREAD_INSTRUCTION,
+             thinking: bool = True, desc: str = "eval") -> tuple[dict, list[dict]]:
+  """Returns (metrics averaged over problems, one record per problem)."""
+  w = num_threads
+  records = []
+  for start in tqdm(range(0, len(problems), batch_size), desc=desc, dynamic_ncols=True,
+                    disable=jax.process_index() != 0):
+    chunk = problems[start:start + batch_size]
+    prompts = [tokenizer.encode_batch(thread_prompts(p.problem, w, thinking=thinking,
+                                                     instruction=instruction)) for p in chunk]
+    t0 = time.perf_counter()
+    out = sample(model, model.params, prompts, num_threads=w, max_new_tokens=max_new_tokens,
+                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + start,
+                 stop_ids=(tokenizer.im_end_id,), pad_id=tokenizer.pad_id)
+    seconds = time.perf_counter() - t0
+    texts = out.texts(tokenizer)
+    parsed = [grading.parse_lattice(t) for t in texts]
+    votes = [grading.majority_vote([_norm(a) for a in p.answers]) for p in parsed]
+    pairs = []
+    for p, vote, prob in zip(parsed, votes, chunk):
+      pairs += [(p.answer if p.format_ok else None, prob.answer), (vote, prob.answer)]
+      pairs += [(a, prob.answer) for a in p.answers]
+    verdicts = grader.grade_many(pairs)
+    div = grpo.diversity(out.mean_hidden)
+    for i, (p, prob) in enumerate(zip(parsed, chunk)):
+      v = verdicts[i * (2 + w):(i + 1) * (2 + w)]
+      correct = int(sum(v[2:]))
+      records.append({
+          "id": prob.id, "gold": prob.answer, "best": p.best, "answer": p.answer,
+          "answers": p.answers, "tags": p.tags, "format_error": p.format_error,
+          "lace_acc": float(v[0]), "maj_acc": float(v[1]), "mean_acc": correct / w,
+          "pass@1": grading.pass_at_k(w, correct, 1), "pass@W": grading.pass_at_k(w, correct, w),
+          "format_rate": float(p.format_ok), "diversity": float(div[i]),
+          "tokens_per_query": int(out.lengths[i].sum()), "seconds_per_query": seconds / len(chunk),
+          "threads": texts[i]})
+  metrics = {k: float(np.mean([r[k] for r in records])) for k in METRICS}
+  metrics["problems"] = len(records)
+  return metrics, records
+
+
+def markdown_table(results: dict[str, dict[str, dict]]) -> str:
+  """results[variant][dataset] = metrics -> one row per (variant, dataset)."""
+  head = "| variant | dataset | n | " + " | ".join(METRICS) + " |"
+  lines = [head, "|" + "---|" * (len(METRICS) + 3)]
+  for variant, per in results.items():
+    for ds, m in per.items():
+      cells = [f"{100 * m[k]:.1f}" if k.endswith(("acc", "rate")) or k.startswith("pass")
+               else f"{m[k]:.3f}" if k in ("diversity", "seconds_per_query")
+               else f"{m[k]:.1f}" for k in METRICS]
+      lines.append(f"| {variant} | {ds} | {m['problems']} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def run(cfg, workdir: str | None) -> dict:
+  """The `eval` mode: every variant on every dataset; JSON + markdown in the workdir."""
+  from lace_jax import experiment, train
+  from lace_jax.checkpoint import load_pretrained
+  from lace_jax.model import build_model
+
+  e, d = cfg.eval, cfg.data
+  model_cfg, lattice = experiment.model_configs(cfg)
+  tokenizer, _ = train._resolve_tokenizer(cfg)
+  if cfg.model.checkpoint:
+    model = load_pretrained(cfg.model.checkpoint, lattice=lattice or None,
+                            dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype)
+  else:
+    print("note: no model.checkpoint given: evaluating a randomly initialised model",
+          flush=True)
+    model = build_model(model_cfg, lattice, seed=cfg.seed)
+  variants = {}
+  for name in e.variants:
+    if name == "model":
+      variants[name] = model
+    elif name == "lattice_off":
+      strip = lambda layer: {k: v for k, v in layer.items() if k != "lattice"}
+      variants[name] = Model(model.config, None, {k: strip(v) if k.startswith("layers_") else v
+                                                  for k, v in model.params.items()})
+    else:
+      raise ValueError(f"eval.variants entry {name!r}; expected 'model' or 'lattice_off'")
+  for path in e.checkpoints:
+    variants[os.path.basename(os.path.normpath(path))] = load_pretrained(
+        path, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype)
+  template = THREAD_INSTRUCTION if d.instruction == "default" else d.instruction
+  results: dict[str, dict[str, dict]] = {}
+  os.makedirs(workdir or ".", exist_ok=True)
+  with grading.Grader(num_workers=e.grader_workers, timeout_s=e.grader_timeout_s) as grader:
+    for vname, vmodel in variants.items():
+      results[vname] = {}
+      for ds in e.datasets:
+        problems = grading.load_benchmark(ds)
+        if e.limit:
+          problems = problems[:e.limit]
+        metrics, records = evaluate(
+            vmodel, tokenizer, problems, grader, num_threads=e.num_threads,
+            max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+            top_k=e.top_k, batch_size=e.batch_size, seed=cfg.seed, instruction=template,
+            thinking=d.thinking, desc=f"{vname}/{ds}")
+        results[vname][ds] = metrics
+        if workdir and jax.process_index() == 0:
+          with open(os.path.join(workdir, f"predictions_{vname}_{ds}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+  table = markdown_table(results)
+  print(table, flush=True)
+  if workdir and jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(table + "\n")
+  return {"results": results, "table": table}
