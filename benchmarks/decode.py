@@ -1,0 +1,81 @@
+"""Decoding: tokens/s of the lattice model vs the same model without lattice (one run, same
+shapes), and the compiled memory of one decode step of a large preset at many threads.
+
+  python benchmarks/decode.py                                   # CPU-sized throughput + 4B W=128
+  python benchmarks/decode.py --memory_preset=qwen3-1.7b --memory_threads=128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+import lace_jax as lj
+from lace_jax import sampling
+from lace_jax.model import Model, abstract_params
+
+
+def throughput(cfg, lattice, *, threads, prompt_len, new_tokens, batch):
+  model = lj.build_model(cfg, lattice, seed=0)
+  prompts = [[(7 * i + j) % cfg.vocab_size + 1 for j in range(prompt_len)] for i in range(batch)]
+  kw = dict(num_threads=threads, max_new_tokens=new_tokens, temperature=0.0)
+  sampling.sample(model, model.params, prompts, **kw)  # compile
+  t0 = time.perf_counter()
+  out = sampling.sample(model, model.params, prompts, **kw)
+  seconds = time.perf_counter() - t0
+  tokens = int(out.lengths.sum())
+  return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+          "ms_per_step": 1000 * seconds / new_tokens}
+
+
+def decode_step_memory(preset, lattice_on, *, threads, context, dtype="bfloat16"):
+  cfg = lj.ModelConfig.preset(preset, dtype=dtype, param_dtype=dtype)
+  lattice = lj.LatticeConfig.default(cfg) if lattice_on else None
+  model = Model(cfg, lattice, None)
+  params = abstract_params(cfg, lattice)
+  cache = jax.eval_shape(lambda: model.init_cache(1, threads, context))
+  tok = jax.ShapeDtypeStruct((1, threads), jnp.int32)
+  valid = jax.ShapeDtypeStruct((1, threads), jnp.bool_)
+  step = jax.jit(model.decode_step, donate_argnums=(1,))
+  compiled = step.trace(params, cache, tok, tok, valid, jnp.int32(context - 1)).lower().compile()
+  m = compiled.memory_analysis()
+  peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes \
+      - m.alias_size_in_bytes
+  params_b = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  cache_b = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+  return {"preset": preset, "lattice": lattice_on, "threads": threads, "context": context,
+          "params_GB": params_b / 1e9, "cache_GB": cache_b / 1e9, "temp_GB": m.temp_size_in_bytes / 1e9,
+          "peak_GB": peak / 1e9}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--threads", type=int, default=4)
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--prompt_len", type=int, default=50)
+  p.add_argument("--new_tokens", type=int, default=100)
+  p.add_argument("--memory_preset", default="qwen3-4b")
+  p.add_argument("--memory_threads", type=int, default=128)
+  a = p.parse_args()
+  cfg = lj.ModelConfig.preset("tiny", d_model=256, num_layers=8, mlp_dim=768, num_heads=8,
+                              num_kv_heads=4, head_dim=32)
+  shape = dict(threads=a.threads, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
+               batch=a.batch)
+  base = throughput(cfg, None, **shape)
+  lat = throughput(cfg, lj.LatticeConfig.default(cfg), **shape)
+  print(json.dumps({"throughput": {"model": "D=256 L=8 fp32", **shape, "base": base,
+                                   "lattice": lat,
+                                   "step_time_ratio": lat["seconds"] / base["seconds"]}},
+                   indent=2), flush=True)
+  context = a.prompt_len + a.new_tokens
+  rows = [decode_step_memory(a.memory_preset, on, threads=a.memory_threads, context=context)
+          for on in (False, True)]
+  print(json.dumps({"decode_step_memory": rows}, indent=2))
+
+
+if __name__ == "__main__":
+  main()

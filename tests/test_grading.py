@@ -1,0 +1,391 @@
+"""lace_jax.grading: extraction, lattice format accounting, maj/pass@k, answer equivalence (in
+process and through the Grader's worker processes, with timeouts and crashes), and the
+bundled benchmark readers. conftest imports jax first, so the pool is exercised with JAX's
+threads running in the parent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from lace_jax.grading import (BENCHMARKS, Grader, LatticeAnswer, Problem, extract_boxed,
+                              extract_tag, is_equivalent, load_benchmark, majority_vote,
+                              parse_lattice, pass_at_k, read_problems)
+from lace_jax.tokenizer import TAGS
+
+# Sympy never finishes this one (it expands the 10^10-digit integer): > 45 s in process.
+SLOW = "10^{10^{10}}"
+
+# (pred, gold, expected). Notes on math-verify's semantics, which these cases pin down:
+# `x\%` equals both x and x/100; `\text{}` units and `^\circ` are dropped (so 30^\circ is 30,
+# not pi/6); a bare comma list is a set ("1, 2" == "2, 1").
+EQUIVALENCE = [
+    # fractions and decimals
+    (r"\frac{1}{2}", "0.5", True),
+    ("1/2", r"\frac{1}{2}", True),
+    (r"\frac12", r"\frac{1}{2}", True),
+    (r"\dfrac{3}{4}", "0.75", True),
+    ("3/4", "0.75", True),
+    (r"\frac{1}{3}", "0.3333333", True),
+    ("12", "12.0", True),
+    ("0.50", ".5", True),
+    (r"\frac{1}{2}.", "0.5", True),  # trailing sentence period
+    # percentages
+    (r"75\%", "0.75", True),
+    (r"50\%", "50", True),
+    (r"50\%", "0.5", True),
+    ("50%", "50", True),
+    # intervals
+    ("(1,2]", "(1, 2]", True),
+    (r"\left(1, 2\right]", "(1,2]", True),
+    (r"(-\infty, 3)", r"(-\infty,3)", True),
+    (r"[0, \infty)", r"[0,\infty)", True),
+    # sets, tuples, matrices, vectors
+    (r"\{1,2\}", r"\{2,1\}", True),
+    ("1, 2", "2, 1", True),
+    (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\pi/2)", True),
+    (r"(3, \frac{\pi}{2})", r"\left( 3, \frac{\pi}{2} \right)", True),
+    (r"\begin{pmatrix}1\\2\end{pmatrix}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", True),
+    (r"\begin{pmatrix} 1 & 0 \\ 0 & 1 \end{pmatrix}", r"\begin{pmatrix}1&0\\0&1\end{pmatrix}",
+     True),
+    (r"\begin{pmatrix}\frac12\\-1\end{pmatrix}", r"\begin{pmatrix}0.5\\-1\end{pmatrix}", True),
+    # units, currency
+    (r"5\text{ cm}", "5", True),
+    (r"5 \text{cm}^2", "5", True),
+    (r"\$18", "18", True),
+    (r"\$18.00", "18", True),
+    ("$18", "18", True),
+    # negatives, roots, pi, degrees, powers, functions
+    ("-3", "-3", True),
+    (r"-\frac{1}{2}", "-0.5", True),
+    (r"2\sqrt{2}", r"\sqrt{8}", True),
+    (r"\frac{\sqrt{2}}{2}", r"\frac{1}{\sqrt{2}}", True),
+    (r"\sqrt{2}", "1.41421356", True),
+    (r"\sqrt[3]{27}", "3", True),
+    (r"\pi", "3.14159265358979", True),
+    (r"\frac{\pi}{2}", r"\pi/2", True),
+    (r"30^\circ", "30", True),
+    (r"30^{\circ}", "30", True),
+    ("30°", "30", True),
+    ("2^{10}", "1024", True),
+    ("10!", "3628800", True),
+    (r"\binom{5}{2}", "10", True),
+    # thousands separators, scientific notation
+    ("1,000", "1000", True),
+    ("1,000,000", "1000000", True),
+    (r"1{,}000", "1000", True),
+    ("1.5e3", "1500", True),  # our normalisation: math-verify reads `e` as Euler's number
+    ("1.5e-3", "0.0015", True),
+    (r"1.5\times 10^{3}", "1500", True),
+    (r"3\times10^{8}", "300000000", True),
+    # expressions, equations, text and choices
+    ("x^2+2x+1", "(x+1)^2", True),
+    ("x = 5", "5", True),
+    ("3 + 4i", "4i+3", True),
+    (r"\text{Evelyn}", "Evelyn", True),
+    (r"\text{(C)}", "C", True),
+    # wrong answers
+    ("0.333", r"\frac{1}{3}", False),
+    ("80", "80.0000001", False),
+    (r"50\%", "0.25", False),
+    ("(1,2)", "(1, 2]", False),
+    ("[1,2]", "(1,2]", False),
+    (r"\{1,2\}", r"\{1,3\}", False),
+    (r"\begin{pmatrix}1\\2\end{pmatrix}", r"\begin{pmatrix}2\\1\end{pmatrix}", False),
+    (r"\left( 3, \frac{\pi}{2} \right)", r"\left( 3, \frac{\pi}{4} \right)", False),
+    ("-3", "3", False),
+    (r"\sqrt{3}", r"\sqrt{2}", False),
+    (r"2\pi", r"\pi", False),
+    (r"30^\circ", "45", False),
+    ("10,000", "1000", False),
+    ("1000000000000000000001", "1000000000000000000000", False),
+    ("x+1", "x+2", False),
+    ("18", "17", False),
+    (r"\text{Evelyn}", r"\text{Bob}", False),
+    ("C", "D", False),
+    ("", "5", False),
+]
+
+
+@pytest.fixture(scope="module")
+def pool_results() -> dict[tuple[str, str], bool]:
+  """Every EQUIVALENCE pair graded once, in one batch, through the worker pool."""
+  pairs = [(p, g) for p, g, _ in EQUIVALENCE]
+  with Grader(num_workers=2, timeout_s=20.0) as grader:
+    results = grader.grade_many(pairs)
+    assert grader.stats["timeouts"] == 0 and grader.stats["crashes"] == 0, grader.stats
+  return dict(zip(pairs, results))
+
+
+def test_equivalence_table_size():
+  assert len(EQUIVALENCE) >= 40
+  assert sum(not e for _, _, e in EQUIVALENCE) >= 10
+  assert len({(p, g) for p, g, _ in EQUIVALENCE}) == len(EQUIVALENCE)
+
+
+@pytest.mark.parametrize("pred,gold,expected", EQUIVALENCE)
+def test_equivalence(pred, gold, expected, pool_results):
+  assert pool_results[(pred, gold)] is expected, "through the Grader pool"
+  assert is_equivalent(pred, gold) is expected, "in process"
+
+
+def test_is_equivalent_rejects_non_strings():
+  with pytest.raises(TypeError, match="gold NoneType"):
+    is_equivalent("1", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction and lattice format
+
+
+@pytest.mark.parametrize("text,expected", [
+    (r"so \boxed{\frac{1}{2}} [[best]]", r"\frac{1}{2}"),
+    (r"\boxed{\sqrt{\frac{a}{b^{2}}}}", r"\sqrt{\frac{a}{b^{2}}}"),
+    (r"first \boxed{3}, then \boxed{4}.", "4"),
+    (r"\boxed{1} and finally \fbox{2}", "2"),
+    (r"\boxed {  7 }", "7"),
+    (r"\boxed{\{1,2\}}", r"\{1,2\}"),  # escaped braces do not count
+    (r"\boxed{\begin{pmatrix}1\\2\end{pmatrix}}", r"\begin{pmatrix}1\\2\end{pmatrix}"),
+    ("no answer here", None),
+    (r"\boxed{\frac{1}{2}", None),  # unbalanced (truncated)
+    (r"\boxed{3} then truncated \boxed{\frac{1", None),  # the last box decides
+    (r"put it in \boxed{}", None),  # the placeholder is not an answer
+    (r"\boxed 5", None),
+    (r"\boxedfoo{5}", None),
+])
+def test_extract_boxed(text, expected):
+  assert extract_boxed(text) == expected
+
+
+def test_extract_tag():
+  assert extract_tag(r"\boxed{3} [[best]]") == "[[best]]"
+  assert extract_tag("I will say [[best]] only if sure... \\boxed{3}\n[[fail]]") == "[[fail]]"
+  assert extract_tag("[[success]]") == "[[success]]"
+  assert extract_tag("no tag [best]") is None
+  assert all(extract_tag(f"x {t}") == t for t in TAGS)
+
+
+def test_parse_lattice_one_best():
+  out = parse_lattice([r"\boxed{4} [[success]]", r"\boxed{\frac{1}{2}} [[best]]",
+                       "gave up [[fail]]"])
+  assert out == LatticeAnswer(answers=["4", r"\frac{1}{2}", None],
+                              tags=["[[success]]", "[[best]]", "[[fail]]"], best=1,
+                              answer=r"\frac{1}{2}", format_ok=True, format_error=None)
+
+
+@pytest.mark.parametrize("threads,error", [
+    ([r"\boxed{4} [[success]]", r"\boxed{5} [[fail]]"], "no [[best]] thread"),
+    ([r"\boxed{4} [[best]]", r"\boxed{5}"], None),
+    ([r"\boxed{4} [[best]]", r"\boxed{5} [[best]]"], "2 threads tagged [[best]]"),
+    (["I think [[best]]", r"\boxed{5} [[success]]"], "[[best]] thread 0 has no \\boxed{}"),
+    ([r"\boxed{4} [[best]] wait, no [[fail]]", r"\boxed{5} [[success]]"], "no [[best]] thread"),
+])
+def test_parse_lattice_format(threads, error):
+  out = parse_lattice(threads)
+  assert out.format_ok is (error is None)
+  if error is None:
+    assert (out.best, out.answer, out.format_error) == (0, "4", None)
+  else:
+    assert out.best is None and out.answer is None
+    assert error in out.format_error
+
+
+def test_parse_lattice_bad_input():
+  with pytest.raises(ValueError, match="no threads"):
+    parse_lattice([])
+  with pytest.raises(TypeError, match="thread 1 is a NoneType"):
+    parse_lattice(["a", None])
+  with pytest.raises(TypeError, match="one str"):
+    parse_lattice("a thread")
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation
+
+
+def test_majority_vote():
+  assert majority_vote(["3", "4", "4", None, "3", "4"]) == "4"
+  assert majority_vote(["3", "4", "4", "3"]) == "3"  # tie: first occurrence
+  assert majority_vote([None, "5", None]) == "5"
+  assert majority_vote([None, None]) is None
+  assert majority_vote([]) is None
+  answers = [r"\frac{1}{2}", "2", "0.5", "1/2", "2", None, "2.0"]
+  assert majority_vote(answers) == "2"  # strings: "2" x2 beats the rest
+  # symbolically, 1/2 has 3 votes (\frac{1}{2}, 0.5, 1/2) and 2 has 3 (2, 2, 2.0): tie, first
+  assert majority_vote(answers, equal=is_equivalent) == r"\frac{1}{2}"
+  assert majority_vote(answers[:-2] + ["0.50"], equal=is_equivalent) == r"\frac{1}{2}"
+  assert majority_vote(["2", "2.0", "0.5", "1/2", "2"], equal=is_equivalent) == "2"
+
+
+def test_pass_at_k():
+  assert pass_at_k(10, 3, 1) == 0.3
+  assert pass_at_k(5, 0, 2) == 0.0
+  assert pass_at_k(4, 4, 2) == 1.0
+  assert pass_at_k(5, 4, 2) == 1.0  # every 2-subset holds a correct sample
+  assert pass_at_k(4, 1, 2) == 0.5  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+  assert pass_at_k(5, 2, 2) == pytest.approx(0.7)  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+  assert pass_at_k(10, 10, 10) == 1.0
+  big = pass_at_k(10_000, 1, 100)  # 1 - C(9999,100)/C(10000,100) = 100/10000
+  assert big == pytest.approx(0.01, rel=1e-12)
+  for args in [(3, 4, 1), (3, -1, 1), (3, 1, 0), (3, 1, 4)]:
+    with pytest.raises(ValueError, match="pass_at_k"):
+      pass_at_k(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grader: timeouts, crashes, recycling
+
+
+def _wait_ready(grader: Grader) -> None:
+  assert grader.grade("1/2", "0.5") is True  # one call: at least the first worker is up
+
+
+def test_grader_timeout_does_not_stall_others():
+  normal = [(r"\frac{1}{2}", "0.5", True), ("3", "4", False), (r"\{1,2\}", r"\{2,1\}", True),
+            ("1,000", "1000", True), (r"\sqrt{8}", r"2\sqrt{2}", True), (None, "7", False),
+            ("(1,2)", "(1,2]", False)]
+  pairs = [(SLOW, "5")] + [(p, g) for p, g, _ in normal]
+  with Grader(num_workers=2, timeout_s=1.0) as grader:
+    _wait_ready(grader)
+    pids = grader.worker_pids()
+    start = time.monotonic()
+    results = grader.grade_many(pairs)
+    elapsed = time.monotonic() - start
+    assert results == [False] + [e for _, _, e in normal]
+    assert 1.0 <= elapsed < 5.0
+    assert grader.stats["timeouts"] == 1 and grader.stats["restarts"] == 1, grader.stats
+    assert grader.stats["crashes"] == 0
+    assert grader.stats["calls"] == 1 + len(pairs) - 1  # warm-up + all but the None pred
+    assert len(set(grader.worker_pids()) & set(pids)) == 1  # one replaced, one kept
+    # still works, on both workers
+    assert grader.grade_many([("2", "2.0"), ("x", "y"), ("1/4", "0.25"), ("5", "5")]) == \
+        [True, False, True, True]
+    assert grader.stats["timeouts"] == 1
+
+
+def test_grader_survives_killed_worker():
+  with Grader(num_workers=1, timeout_s=60.0) as grader:
+    _wait_ready(grader)
+    (pid,) = grader.worker_pids()
+    killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
+    killer.start()
+    start = time.monotonic()
+    assert grader.grade(SLOW, "5") is False  # killed mid-task
+    assert time.monotonic() - start < 5.0
+    killer.join()
+    assert grader.stats["crashes"] == 1 and grader.stats["restarts"] == 1
+    assert grader.stats["timeouts"] == 0
+    assert grader.worker_pids() != [pid]
+    assert grader.grade(r"\frac{3}{4}", "0.75") is True
+    # a worker killed while idle is replaced before it is given a call
+    os.kill(grader.worker_pids()[0], signal.SIGKILL)
+    time.sleep(0.2)
+    assert grader.grade_many([("1", "1.0"), ("1", "2")]) == [True, False]
+    assert grader.stats["crashes"] == 2
+
+
+def test_grader_crash_hook_among_other_calls():
+  with Grader(num_workers=2, timeout_s=30.0, _test_hooks=True) as grader:
+    results = grader.grade_many([("2", "2"), ("__lace_crash__", "1"), ("3", "3"), ("4", "5"),
+                                 ("__lace_sleep__:0.1", "1"), ("0.5", r"\frac12")])
+    assert results == [True, False, True, False, False, True]
+    assert grader.stats["crashes"] == 1 and grader.stats["restarts"] == 1
+    assert grader.grade("7", "7.0") is True
+
+
+def test_grader_recycles_workers():
+  with Grader(num_workers=1, timeout_s=30.0, max_tasks_per_worker=2) as grader:
+    results = grader.grade_many([(str(i), str(i)) for i in range(5)])
+    assert results == [True] * 5
+    assert grader.stats["recycles"] == 2 and grader.stats["restarts"] == 2
+    assert grader.stats["calls"] == 5
+
+
+def test_grader_bad_arguments_and_close():
+  with pytest.raises(ValueError, match="num_workers=0"):
+    Grader(num_workers=0)
+  with pytest.raises(ValueError, match="timeout_s=0"):
+    Grader(timeout_s=0)
+  grader = Grader(num_workers=1)
+  with pytest.raises(TypeError, match=r"pairs\[1\]"):
+    grader.grade_many([("1", "1"), ("1", None)])
+  assert grader.grade_many([]) == []
+  assert grader.grade(None, "1") is False
+  assert grader.stats["calls"] == 0
+  grader.close()
+  grader.close()
+  with pytest.raises(RuntimeError, match="closed"):
+    grader.grade("1", "1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark readers
+
+
+@pytest.mark.parametrize("name,count", [("aime24", 30), ("aime25", 30), ("amc2023", 40),
+                                        ("math500", 500), ("gsm8k_test", 1319),
+                                        ("gsm8k_train", 7473)])
+def test_load_benchmark(name, count):
+  problems = load_benchmark(name)
+  assert len(problems) == count
+  assert len({p.id for p in problems}) == count
+  for p in problems:
+    assert isinstance(p, Problem) and p.source == name
+    assert p.problem and p.answer
+    assert "Please reason step by step" not in p.problem
+  if name.startswith("gsm8k"):
+    assert all("," not in p.answer and "####" not in p.answer for p in problems)
+
+
+def test_benchmark_golds():
+  first = load_benchmark("gsm8k_test")[0]
+  assert first.answer == "18" and first.problem.startswith("Janet")
+  assert first.id == "gsm8k_test-0"
+  math500 = load_benchmark("math500")[0]
+  assert math500.answer == r"\left( 3, \frac{\pi}{2} \right)"
+  assert math500.problem.endswith(r"$0 \le \theta < 2 \pi.$")
+  assert set(BENCHMARKS) == {"aime24", "aime25", "amc2023", "math500", "gsm8k_test",
+                             "gsm8k_train"}
+  with pytest.raises(ValueError, match="unknown benchmark 'aime23'.*'aime24'"):
+    load_benchmark("aime23")
+
+
+def test_read_problems_formats(tmp_path):
+  path = tmp_path / "mixed.jsonl"
+  path.write_text("\n".join([
+      json.dumps({"question": "How many?", "answer": "2 + 2 = 4\n#### 1,234"}),
+      "",
+      json.dumps({"problem": "Find x.\nPlease reason step by step, and put your final answer "
+                             "within \\boxed{}.", "answer": 12, "id": "p7"}),
+  ]) + "\n")
+  a, b = read_problems(str(path), name="mix")
+  assert a == Problem("mix-0", "How many?", "1234", "mix")
+  assert b == Problem("p7", "Find x.", "12", "mix")
+
+
+@pytest.mark.parametrize("line,error", [
+    ("{not json", "invalid JSON"),
+    (json.dumps({"problem": "p"}), "field 'answer' is missing"),
+    (json.dumps({"text": "p", "answer": "1"}), "missing field 'problem'"),
+    (json.dumps({"question": "q", "answer": "no marker"}), "no '#### <gold>' line"),
+    (json.dumps(["problem", "answer"]), "a JSON list"),
+    (json.dumps({"problem": "p", "answer": " "}), "field 'answer' is empty"),
+])
+def test_read_problems_bad_line(tmp_path, line, error):
+  path = tmp_path / "bad.jsonl"
+  path.write_text(json.dumps({"problem": "ok", "answer": "1"}) + "\n" + line + "\n")
+  with pytest.raises(ValueError, match=f"bad.jsonl:2: .*{error}"):
+    read_problems(str(path))
+
+
+def test_read_problems_missing_or_empty(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    read_problems(str(tmp_path / "nope.jsonl"))
+  (tmp_path / "empty.jsonl").write_text("\n")
+  with pytest.raises(ValueError, match="no problems"):
+    read_problems(str(tmp_path / "empty.jsonl"))

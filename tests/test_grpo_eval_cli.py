@@ -1,0 +1,52 @@
+"""GRPO and eval as users run them (`:runlocal`, subprocesses)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from lace_jax.metrics import read_metrics
+from tests.test_experiments import ROOT
+from tests.test_train_cli import _env
+
+GRPO_FIELDS = ("reward", "accuracy", "format_rate", "diversity", "kl", "clip_fraction",
+               "entropy", "response_length", "rollout_time", "update_time", "loss")
+
+
+def _run(config, workdir, *overrides):
+  r = subprocess.run([sys.executable, "-m", "lace_jax.main", f"--config={config}",
+                      f"--workdir={workdir}", *overrides], env=_env(), cwd=ROOT,
+                     capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return r
+
+
+def test_grpo_runlocal_logs_every_field(tmp_path):
+  _run("experiments/grpo_4b.py:runlocal", tmp_path)
+  rows = read_metrics(str(tmp_path))
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  for row in rows:
+    missing = [f for f in GRPO_FIELDS if f not in row]
+    assert not missing, missing
+    assert 0 <= row["accuracy"] <= 1 and 0 <= row["format_rate"] <= 1
+    assert row["kl"] == 0.0  # first inner update: the policy is the old policy
+  assert os.path.exists(tmp_path / "export" / "model.safetensors")
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+
+
+def test_eval_runlocal_produces_the_full_table(tmp_path):
+  r = _run("experiments/eval_4b.py:runlocal", tmp_path)
+  results = json.load(open(tmp_path / "results.json"))
+  datasets = ["aime24", "aime25", "amc2023", "math500", "gsm8k_test"]
+  assert sorted(results) == ["lattice_off", "model"]
+  for variant in results.values():
+    assert sorted(variant) == sorted(datasets)
+    for m in variant.values():
+      assert m["problems"] == 4
+      assert set(m) >= {"lace_acc", "maj_acc", "mean_acc", "pass@1", "pass@W", "format_rate",
+                        "diversity", "tokens_per_query", "seconds_per_query"}
+  table = open(tmp_path / "results.md").read()
+  assert table.count("\n") == 2 + 10 and "| model | math500 | 4 |" in table
+  assert "| lattice_off | gsm8k_test | 4 |" in r.stdout
+  preds = [json.loads(l) for l in open(tmp_path / "predictions_model_aime24.jsonl")]
+  assert len(preds) == 4 and all(len(p["threads"]) == 4 for p in preds)
