@@ -103,6 +103,18 @@ def _filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: flo
   return logits
 
 
+def _ends_with_sequence(out: jax.Array, last: jax.Array,
+                       sequences: tuple[tuple[int, ...], ...]) -> jax.Array:
+  """[B, W] bool: the tokens out[..., last - len(seq) + 1 : last + 1] equal one of sequences."""
+  hit = jnp.zeros(out.shape[:2], bool)
+  for seq in sequences:
+    n = len(seq)
+    start = jnp.maximum(last - n + 1, 0)
+    window = jax.lax.dynamic_slice_in_dim(out, start, n, axis=2)
+    hit |= (last + 1 >= n) & jnp.all(window == jnp.asarray(seq, jnp.int32), axis=-1)
+  return hit
+
+
 def _choose(rng, logits, temperature, top_k, top_p):
   if temperature == 0.0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -110,13 +122,15 @@ def _choose(rng, logits, temperature, top_k, top_p):
       jnp.int32)
 
 
-_STATIC = ("model", "max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "pad_id")
+_STATIC = ("model", "max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "pad_id",
+           "stop_sequences")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _prefill(model: Model, params: Params, prompt: jax.Array, prompt_valid: jax.Array,
              rng: jax.Array, *, max_new_tokens: int, temperature: float, top_k: int,
-             top_p: float, stop_ids: tuple[int, ...], pad_id: int):
+             top_p: float, stop_ids: tuple[int, ...], pad_id: int,
+             stop_sequences: tuple[tuple[int, ...], ...]):
   """Prompt grid -> (filled caches, first emitted token and its logprob, next positions)."""
   b, w, p = prompt.shape
   cache = model.init_cache(b, w, p + max_new_tokens)
@@ -133,7 +147,7 @@ def _prefill(model: Model, params: Params, prompt: jax.Array, prompt_valid: jax.
 def _decode(model: Model, params: Params, cache: dict, first: jax.Array, first_lp: jax.Array,
             next_pos: jax.Array, rng: jax.Array, *, prompt_len: int, max_new_tokens: int,
             temperature: float, top_k: int, top_p: float, stop_ids: tuple[int, ...],
-            pad_id: int):
+            pad_id: int, stop_sequences: tuple[tuple[int, ...], ...]):
   """The lockstep loop: column P + i feeds token i of every live thread and emits token i+1."""
   b, w = first.shape
   n, p = max_new_tokens, prompt_len
@@ -142,7 +156,8 @@ def _decode(model: Model, params: Params, cache: dict, first: jax.Array, first_l
   lps = jnp.zeros((b, w, n), jnp.float32).at[:, :, 0].set(first_lp)
   hidden_sum = jnp.zeros((b, w, model.config.d_model), jnp.float32)
   lengths = jnp.ones((b, w), jnp.int32)
-  done = jnp.isin(first, stop)  # a thread is done once it has emitted a stop token
+  # a thread is done once it has emitted a stop token or completed a stop sequence
+  done = jnp.isin(first, stop) | _ends_with_sequence(out, jnp.int32(0), stop_sequences)
 
   def step(i, cache, out, pos, lengths, hidden_sum):
     token = jax.lax.dynamic_index_in_dim(out, i, axis=2, keepdims=False)
@@ -165,7 +180,7 @@ def _decode(model: Model, params: Params, cache: dict, first: jax.Array, first_l
     out = out.at[:, :, i + 1].set(jnp.where(emit, nxt, pad_id))
     lps = lps.at[:, :, i + 1].set(jnp.where(emit, lp, 0.0))
     lengths = lengths + emit.astype(jnp.int32)
-    done = done | (emit & jnp.isin(nxt, stop))
+    done = done | (emit & (jnp.isin(nxt, stop) | _ends_with_sequence(out, i + 1, stop_sequences)))
     return i + 1, cache, out, lps, lengths, hidden_sum, done, pos + 1, rng
 
   state = (jnp.int32(0), cache, out, lps, lengths, hidden_sum, done, next_pos, rng)
@@ -181,6 +196,7 @@ def _decode(model: Model, params: Params, cache: dict, first: jax.Array, first_l
 def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
            stop_ids: Sequence[int] = (), pad_id: int = 0,
+           stop_sequences: Sequence[Sequence[int]] = (),
            prompt_width: int | None = None) -> SampleOutput:
   """Generates W threads per prompt in lockstep.
 
@@ -188,6 +204,8 @@ def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_t
     (per-thread prompts).
   temperature 0 is greedy. stop_ids: tokens that end a thread (e.g. the tokenizer's
     `<|im_end|>` id); the stop token is kept in the output.
+  stop_sequences: token-id sequences that end a thread once it has emitted them (stop strings:
+    pass `tokenizer.encode(s)`; a string the model spells with other tokens is not caught).
   prompt_width: pad every prompt to exactly this many tokens (one compilation for many calls).
   """
   if max_new_tokens < 1:
@@ -197,7 +215,8 @@ def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_t
                      f"top_k={top_k} >= 0")
   tokens, valid = left_pad(prompts, num_threads, pad_id, width=prompt_width)
   static = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                top_p=float(top_p), stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id))
+                top_p=float(top_p), stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
+                stop_sequences=tuple(tuple(int(t) for t in q) for q in stop_sequences if len(q)))
   bare = model.replace(params=None)  # hashable: a static argument of the jitted functions
   rng_prefill, rng_decode = jax.random.split(jax.random.key(seed))
   cache, first, first_lp, next_pos = _prefill(bare, params, jnp.asarray(tokens),

@@ -58,6 +58,27 @@ def test_early_stopping_thread_stops_contributing_keys():
   assert np.abs(tf - out.logprobs).max() <= 1e-4
 
 
+def test_stop_sequences_end_a_thread():
+  m = _model(True)
+  per_thread = [[[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]]
+  free = sampling.sample(m, m.params, per_thread, num_threads=4, max_new_tokens=12,
+                         temperature=0.0)
+  toks = free.tokens[0]
+
+  def seen_before(seq, k):  # the pair occurs in some thread ending before step k
+    return any(tuple(toks[v, j - 1:j + 1]) == seq for v in range(4) for j in range(1, k))
+
+  w, k = next((w, k) for k in range(3, 10) for w in range(4)
+              if not seen_before(tuple(toks[w, k - 1:k + 1]), k)
+              and sum(tuple(toks[v, k - 1:k + 1]) == tuple(toks[w, k - 1:k + 1])
+                      for v in range(4)) == 1)
+  seq = [int(toks[w, k - 1]), int(toks[w, k])]
+  out = sampling.sample(m, m.params, per_thread, num_threads=4, max_new_tokens=12,
+                        temperature=0.0, stop_sequences=[seq])
+  assert out.lengths[0, w] == k + 1 and out.finish_reasons[0][w] == "stop"
+  assert np.abs(sampling.teacher_forced_logprobs(m, m.params, out) - out.logprobs).max() <= 1e-4
+
+
 def test_per_thread_prompts_and_validation():
   m = _model(True)
   per = [[[3, 4], [5, 6, 7, 8, 9], [10], [11, 12, 13]]]
