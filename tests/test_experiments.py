@@ -63,9 +63,9 @@ def test_cli_typo_in_override_fails():
 
 
 def test_cli_planned_mode_says_not_available():
-  r = _main("--config=experiments/grpo_4b.py:runlocal")
+  r = _main("--config=experiments/overhead.py:runlocal", "--config.mode=datagen")
   assert r.returncode == 2
-  assert "mode 'grpo' is not available yet" in r.stderr
+  assert "mode 'datagen' is not available yet" in r.stderr
 
 
 def test_cli_overhead_runlocal(tmp_path):
