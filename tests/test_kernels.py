@@ -195,7 +195,7 @@ def test_decode_reference_is_the_last_row_of_the_full_reference():
 
 # ----- backbone attention -----
 
-@pytest.mark.parametrize("impl", ["xla"])
+@pytest.mark.parametrize("impl", ["xla", "xla_chunked"])
 def test_backbone_attention_equals_reference(impl):
   b, t, n, kh, h = 2, 11, 4, 2, 16
   ks = jax.random.split(jax.random.key(0), 4)
@@ -210,7 +210,12 @@ def test_backbone_attention_equals_reference(impl):
 
   ref, ref_g = run(lambda q, k, v: attention_reference(
       q, k, v, structured_mask(t, valid, True)))
-  got, got_g = run(lambda q, k, v: attention(q, k, v, key_valid=valid, implementation=impl))
+  if impl == "xla_chunked":  # small blocks so several are used
+    from kernels import attention as att
+    fn = lambda q, k, v: att._chunked(q, k, v, valid, True, 0, 16**-0.5, block=4)
+  else:
+    fn = lambda q, k, v: attention(q, k, v, key_valid=valid, implementation=impl)
+  got, got_g = run(fn)
   assert rel_err(np.asarray(got)[rows], np.asarray(ref)[rows]) <= 1e-5
   for a, r in zip(got_g, ref_g):
     assert rel_err(a, r) <= 1e-5
@@ -220,6 +225,19 @@ def test_backbone_attention_equals_reference(impl):
 
 def _count(lowered, target):
   return lowered.as_text().count(target)
+
+
+def test_backbone_decode_attention_chunked_equals_reference():
+  """One query column at an offset against a long cache (the decoding case)."""
+  b, s, n, kh, h = 3, 1100, 4, 2, 16
+  ks = jax.random.split(jax.random.key(1), 3)
+  q = jax.random.normal(ks[0], (b, 1, n, h))
+  k, v = (jax.random.normal(x, (b, s, kh, h)) for x in ks[1:])
+  valid = jnp.arange(s)[None] >= jnp.array([[0], [5], [700]])
+  for offset in (600, 1099):
+    ref = attention(q, k, v, key_valid=valid, q_offset=offset, implementation="reference")
+    got = attention(q, k, v, key_valid=valid, q_offset=offset, implementation="xla_chunked")
+    assert rel_err(got, ref) <= 1e-5
 
 
 def test_pallas_kernels_lower_for_cuda():

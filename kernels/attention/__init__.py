@@ -5,8 +5,10 @@
   "cudnn"       jax.nn.dot_product_attention with cuDNN's fused kernel (GPU, bf16/fp16)
   "pallas_tpu"  Pallas flash attention from jax.experimental.pallas.ops.tpu (TPU; padding as
                 segment ids; kv heads repeated to the query heads)
-  None          auto: cudnn on GPU for bf16/fp16, pallas_tpu on TPU when T is a multiple of
-                128, xla otherwise
+  "xla_chunked" online softmax over key blocks (a lax.scan): memory linear in S, and only one
+                block of a bf16 cache is ever widened to f32; for decoding (T = 1)
+  None          auto: cudnn on GPU for bf16/fp16; else xla_chunked for one query column
+                (decoding), pallas_tpu on TPU when T is a multiple of 128, xla otherwise
 
 The mask is structured, never passed in: query t (grid column q_offset + t) reads key s iff
 key_valid[s] and (not causal or s <= q_offset + t). Outputs at query rows that are padding are
@@ -20,13 +22,16 @@ import jax.numpy as jnp
 
 from kernels.attention.reference import attention_reference
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn", "pallas_tpu")
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "pallas_tpu", "xla_chunked")
+DECODE_BLOCK = 512
 
 
 def default_implementation(dtype, seq_len: int, backend: str | None = None) -> str:
   backend = backend or jax.default_backend()
   if backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
     return "cudnn"
+  if seq_len == 1:
+    return "xla_chunked"
   if backend == "tpu" and seq_len % 128 == 0:
     return "pallas_tpu"
   return "xla"
@@ -53,6 +58,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array,
   if impl == "reference":
     return attention_reference(q, k, v, structured_mask(t, key_valid, causal, q_offset),
                                scale=scale)
+  if impl == "xla_chunked":
+    return _chunked(q, k, v, key_valid, causal, q_offset, scale)
   if impl in ("xla", "cudnn"):
     mask = structured_mask(t, key_valid, causal, q_offset)[:, None]  # [B, 1, T, S]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
@@ -72,3 +79,43 @@ def _pallas_tpu(q, k, v, key_valid, causal, scale):
                            v.transpose(0, 2, 1, 3), segment_ids=fa.SegmentIds(q=seg, kv=seg),
                            causal=causal, sm_scale=scale)
   return out.transpose(0, 2, 1, 3)
+
+
+def _chunked(q, k, v, key_valid, causal, q_offset, scale, block: int = DECODE_BLOCK):
+  """Online softmax over key blocks of `block` columns (forward only: used for decoding)."""
+  from kernels.attention.reference import NEG_INF
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  block = min(block, s)
+  pad = (-s) % block
+  if pad:
+    k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    key_valid = jnp.pad(key_valid, ((0, 0), (0, pad)))
+  nb = k.shape[1] // block
+  qg = q.reshape(b, t, kh, n // kh, h)  # [B, T, K, G, H]
+  rows = q_offset + jnp.arange(t)
+
+  def body(carry, j):
+    acc, m, l = carry
+    kb = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=1)  # [B, blk, K, H]
+    vb = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=1)
+    ok = jax.lax.dynamic_slice_in_dim(key_valid, j * block, block, axis=1)  # [B, blk]
+    cols = j * block + jnp.arange(block)
+    allowed = ok[:, None, :] & ((cols[None, :] <= rows[:, None]) if causal else True)
+    sc = jnp.einsum("BTKGH,BSKH->BKGTS", qg, kb, preferred_element_type=jnp.float32) * scale
+    mask = allowed[:, None, None]  # [B, 1, 1, T, blk]
+    sc = jnp.where(mask, sc, NEG_INF)
+    m_new = jnp.maximum(m, jnp.max(sc, -1))
+    p = jnp.exp(sc - m_new[..., None]) * mask
+    alpha = jnp.exp(m - m_new)
+    acc = acc * alpha[..., None] + jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(vb.dtype), vb,
+                                              preferred_element_type=jnp.float32)
+    return (acc, m_new, alpha * l + jnp.sum(p, -1)), None
+
+  g = n // kh
+  init = (jnp.zeros((b, kh, g, t, h), jnp.float32), jnp.full((b, kh, g, t), NEG_INF, jnp.float32),
+          jnp.zeros((b, kh, g, t), jnp.float32))
+  (acc, _, l), _ = jax.lax.scan(body, init, jnp.arange(nb))
+  out = acc / jnp.where(l == 0, 1.0, l)[..., None]  # [B, K, G, T, H]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
