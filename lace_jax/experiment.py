@@ -218,3 +218,36 @@ def eval_config(preset: str, *, num_threads: int, max_new_tokens: int,
     runlocal(cfg)
     cfg.eval.update(max_new_tokens=32, limit=4, batch_size=4, grader_workers=2)
   return cfg
+
+
+def datagen_config(source: str, *, generator: str, num_threads: int = 4,
+                   runlocal_: bool = False) -> ml_collections.ConfigDict:
+  """Synthetic multi-thread data (lace_jax.datagen); output: WORKDIR/threads.jsonl."""
+  cfg = base_config("datagen", "qwen3-4b")
+  cfg.data = data_section(path="", num_threads=num_threads, max_len=0, loss_on="generated",
+                          shuffle_threads=False)
+  cfg.datagen = ml_collections.ConfigDict({
+      "source": source,  # a bundled benchmark name or a JSONL of problems with answers
+      "limit": 0,  # problems to process; 0 = all
+      "generator": generator,  # http | in_process (the model of cfg.model)
+      "endpoint": "http://127.0.0.1:8000/v1", "endpoint_model": "default",
+      "api_key_env": "",  # name of an environment variable holding the API key
+      "concurrency": 8, "retries": 4, "timeout_s": 300.0, "request_budget": 0,
+      "batch_size": 8,  # in_process: prompts per sampler call
+      "num_threads": num_threads,
+      "samples_for_difficulty": 8, "min_pass_rate": 0.0, "max_pass_rate": 0.5,
+      "similarity": "jaccard",  # jaccard | embedding (in_process only)
+      "max_similarity": 0.7, "max_attempts": 4,
+      "max_tokens": 8192, "temperature": 1.0,
+      "max_trace_tokens": 8000, "target_tokens": 3000,
+      "tags": "verifier",  # verifier | judge
+      "keep_unsolved": False,  # smoke tests only
+      "grader_workers": 4, "grader_timeout_s": 10.0,
+  })
+  if runlocal_:
+    runlocal(cfg)
+    cfg.datagen.update(generator="in_process", limit=4, samples_for_difficulty=2,
+                       min_pass_rate=-1.0, max_pass_rate=1.0, max_tokens=24, batch_size=4,
+                       keep_unsolved=True, grader_workers=2, max_trace_tokens=20,
+                       target_tokens=16)
+  return cfg

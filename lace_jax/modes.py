@@ -91,6 +91,11 @@ def run_quickstart(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   return result
 
 
+def run_datagen(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
+  from lace_jax import datagen
+  return datagen.run(cfg, workdir)
+
+
 def run_eval(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   from lace_jax import evaluate
   return evaluate.run(cfg, workdir)
@@ -114,8 +119,9 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict, str | None], dict]] = {
     "sft": run_train,
     "grpo": run_grpo,
     "eval": run_eval,
+    "datagen": run_datagen,
 }
-PLANNED_MODES = ("datagen",)
+PLANNED_MODES: tuple[str, ...] = ()
 
 
 def get_mode(name: str) -> Callable[[ml_collections.ConfigDict, str | None], dict]:

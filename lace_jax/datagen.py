@@ -1,0 +1,462 @@
+"""Synthetic multi-thread training data (spec section 7): `mode=datagen`.
+
+For each source problem (with a gold answer):
+  1. difficulty filter: k independent samples estimate the pass rate p; the problem is kept
+     iff min_pass_rate < p <= max_pass_rate (default (0, 0.5]); p is recorded.
+  2. solution-history rejection sampling: W threads are built one at a time; the generator is
+     told the approaches already taken; a candidate whose similarity to an earlier thread
+     exceeds `max_similarity` (token n-gram Jaccard, or embedding cosine with an in-process
+     model) is rejected and re-drawn, up to `max_attempts` per thread. A problem whose budget
+     runs out is dropped and counted as a shortfall: never a duplicate thread.
+  3. compression: a thread over `max_trace_tokens` is rewritten by the generator below
+     `target_tokens`; a rewrite that loses its verified answer, or is still too long, is
+     discarded (and the thread re-drawn).
+  4. tags, by the verifier (default): correct -> [[success]], the shortest correct thread ->
+     [[best]], wrong -> [[fail]]; a problem with no correct thread is dropped. `tags="judge"`
+     asks the generator instead and falls back to the verifier when its answer is unusable.
+Output: append-only JSONL in the training schema (`lace_jax.data`), one record per kept
+problem, flushed as written; problems already decided (kept or filtered) are skipped on
+restart, so a killed run resumes without duplicates or losses. A report (kept / filtered per
+reason, pass-rate histogram, thread dissimilarity, tokens used) goes to report.json.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import difflib
+import itertools
+import json
+import os
+import random
+import re
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from lace_jax import grading
+from lace_jax.tokenizer import TAGS
+
+SOLVE = ("Solve the following problem. Reason step by step, and put your final answer in "
+         "\\boxed{{}}.\n\n{problem}")
+HISTORY = ("\n\nOther solvers have already taken these approaches:\n{history}\nTake a logically "
+           "different approach from all of them.")
+COMPRESS = ("Rewrite the following solution more concisely, in at most {target} tokens. Keep "
+            "every essential step and the same final answer in \\boxed{{}}.\n\n{trace}")
+JUDGE = ("Here are {w} solutions to one problem (gold answer: {gold}). For each, answer with "
+         "one tag: [[best]] for the single solution to submit, [[success]] for other correct "
+         "solutions, [[fail]] for wrong ones. Reply with a JSON list of {w} tags only.\n\n"
+         "Problem: {problem}\n\n{solutions}")
+
+
+class BudgetExhausted(RuntimeError):
+  """The generator's request budget is spent; datagen stops and keeps what it wrote."""
+
+
+# ----------------------------------------------------------------------------- generators
+
+
+class Generator:
+  """Independent completions of single-turn prompts. Implementations count `tokens_used`."""
+
+  tokens_used: int = 0
+
+  def complete(self, prompts: Sequence[str], *, max_tokens: int, temperature: float,
+               seed: int) -> list[str]:
+    raise NotImplementedError
+
+  def count_tokens(self, text: str) -> int:
+    return len(text.split())
+
+  def embed(self, texts: Sequence[str]) -> np.ndarray:
+    raise ValueError(f"{type(self).__name__} has no embeddings: use similarity='jaccard'")
+
+
+class InProcessGenerator(Generator):
+  """This project's sampler on a loaded model (each prompt one independent thread)."""
+
+  def __init__(self, model, tokenizer, *, batch_size: int = 8, top_p: float = 1.0,
+               top_k: int = 0):
+    self.model, self.tokenizer = model, tokenizer
+    self.batch_size, self.top_p, self.top_k = batch_size, top_p, top_k
+    self.tokens_used = 0
+
+  def complete(self, prompts, *, max_tokens, temperature, seed):
+    from lace_jax.sampling import sample
+    from lace_jax.tokenizer import chat_prompt
+    out_texts = []
+    for i in range(0, len(prompts), self.batch_size):
+      chunk = [self.tokenizer.encode(chat_prompt(p)) for p in prompts[i:i + self.batch_size]]
+      width = -(-max(map(len, chunk)) // 128) * 128  # few distinct shapes: few compilations
+      chunk += [chunk[-1]] * (self.batch_size - len(chunk))  # a fixed batch size, too
+      out = sample(self.model, self.model.params, chunk, num_threads=1, max_new_tokens=max_tokens,
+                   temperature=temperature, top_p=self.top_p, top_k=self.top_k, seed=seed + i,
+                   stop_ids=(self.tokenizer.im_end_id,), pad_id=self.tokenizer.pad_id,
+                   prompt_width=width)
+      n = len(prompts[i:i + self.batch_size])
+      out.lengths = out.lengths[:n]
+      out.tokens = out.tokens[:n]
+      out.finish_reasons = out.finish_reasons[:n]
+      self.tokens_used += int(out.lengths.sum()) + sum(map(len, chunk[:n]))
+      out_texts += [t[0] for t in out.texts(self.tokenizer)]
+    return out_texts
+
+  def count_tokens(self, text):
+    return len(self.tokenizer.encode(text))
+
+  def embed(self, texts):
+    """Mean-pooled final hidden states of the model over each text."""
+    import jax
+    import jax.numpy as jnp
+    ids = [self.tokenizer.encode(t) or [self.tokenizer.pad_id] for t in texts]
+    width = max(map(len, ids))
+    tokens = np.full((len(ids), 1, width), self.tokenizer.pad_id, np.int32)
+    valid = np.zeros(tokens.shape, bool)
+    for i, x in enumerate(ids):
+      tokens[i, 0, :len(x)], valid[i, 0, :len(x)] = x, True
+    _, hidden = jax.jit(lambda p, t, v: self.model.apply(p, t, valid=v, return_hidden=True))(
+        self.model.params, tokens, valid)
+    h = jnp.sum(hidden * valid[..., None], axis=2) / jnp.maximum(valid.sum(2, keepdims=True), 1)
+    return np.asarray(h[:, 0])
+
+
+class HTTPGenerator(Generator):
+  """Any OpenAI-compatible chat-completions endpoint (vLLM, SGLang, `python -m lace_jax.serve`,
+  a hosted API): `concurrency` requests in flight, retries with exponential backoff on
+  connection errors, 429 and 5xx, a per-request timeout, and a request budget."""
+
+  def __init__(self, base_url: str, model: str, *, api_key: str = "", concurrency: int = 4,
+               retries: int = 4, backoff_s: float = 0.5, timeout_s: float = 120.0,
+               request_budget: int = 0, transport=None):
+    import httpx
+    self.url = base_url.rstrip("/") + "/chat/completions"
+    self.model = model
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    self._client = httpx.Client(headers=headers, timeout=timeout_s, transport=transport)
+    self.concurrency, self.retries, self.backoff_s = concurrency, retries, backoff_s
+    self.request_budget, self.requests = request_budget, 0
+    self.tokens_used = 0
+
+  def _one(self, prompt: str, max_tokens: int, temperature: float, seed: int) -> str:
+    import httpx
+    body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "n": 1,
+            "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    for attempt in range(self.retries + 1):
+      if self.request_budget and self.requests >= self.request_budget:
+        raise BudgetExhausted(f"request budget of {self.request_budget} requests spent")
+      self.requests += 1
+      try:
+        r = self._client.post(self.url, json=body)
+        if r.status_code == 429 or r.status_code >= 500:
+          raise httpx.HTTPStatusError(f"{r.status_code}", request=r.request, response=r)
+        if r.status_code >= 400:
+          raise ValueError(f"{self.url} rejected the request ({r.status_code}): {r.text[:300]}")
+        data = r.json()
+        self.tokens_used += int(data.get("usage", {}).get("total_tokens", 0))
+        return data["choices"][0]["message"]["content"]
+      except (httpx.TransportError, httpx.HTTPStatusError) as e:
+        if attempt == self.retries:
+          raise RuntimeError(f"{self.url}: failed after {attempt + 1} attempts: {e}") from e
+        time.sleep(self.backoff_s * 2**attempt * (1 + random.random()))
+    raise AssertionError("unreachable")
+
+  def complete(self, prompts, *, max_tokens, temperature, seed):
+    with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
+      futures = [pool.submit(self._one, p, max_tokens, temperature, seed + i)
+                 for i, p in enumerate(prompts)]
+      return [f.result() for f in futures]
+
+
+# ----------------------------------------------------------------------------- similarity
+
+
+def ngrams(text: str, n: int = 3) -> set[tuple[str, ...]]:
+  toks = re.findall(r"\w+|[^\w\s]", text.lower())
+  return {tuple(toks[i:i + n]) for i in range(max(len(toks) - n + 1, 1))} if toks else set()
+
+
+def jaccard(a: str, b: str, n: int = 3) -> float:
+  x, y = ngrams(a, n), ngrams(b, n)
+  return len(x & y) / len(x | y) if x | y else 1.0
+
+
+def cosine(u: np.ndarray, v: np.ndarray) -> float:
+  return float(u @ v / max(np.linalg.norm(u) * np.linalg.norm(v), 1e-12))
+
+
+def edit_distance(a: str, b: str) -> float:
+  """Normalised character edit dissimilarity in [0, 1] (1 - difflib's matching ratio)."""
+  return 1.0 - difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def strip_tags(text: str) -> str:
+  for tag in TAGS:
+    text = text.replace(tag, "")
+  return text.rstrip()
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+@dataclasses.dataclass
+class Settings:
+  num_threads: int = 4
+  samples_for_difficulty: int = 8
+  min_pass_rate: float = 0.0
+  max_pass_rate: float = 0.5
+  similarity: str = "jaccard"  # jaccard | embedding
+  max_similarity: float = 0.7
+  max_attempts: int = 4
+  max_tokens: int = 4096
+  temperature: float = 1.0
+  max_trace_tokens: int = 8000
+  target_tokens: int = 3000
+  tags: str = "verifier"  # verifier | judge
+  keep_unsolved: bool = False  # smoke tests only: keep problems no thread solved, all [[fail]]
+  seed: int = 0
+
+
+def _history_prompt(problem: str, threads: list[str], chars: int = 400) -> str:
+  prompt = SOLVE.format(problem=problem)
+  if threads:
+    summary = "\n".join(f"{i + 1}. {t[:chars]}" for i, t in enumerate(threads))
+    prompt += HISTORY.format(history=summary)
+  return prompt
+
+
+def verifier_tags(correct: Sequence[bool], lengths: Sequence[int]) -> list[str] | None:
+  """[[best]] for the shortest correct thread, [[success]] other correct, [[fail]] wrong;
+  None when no thread is correct."""
+  if not any(correct):
+    return None
+  best = min((i for i, c in enumerate(correct) if c), key=lambda i: lengths[i])
+  return ["[[best]]" if i == best else "[[success]]" if c else "[[fail]]"
+          for i, c in enumerate(correct)]
+
+
+def build_record(problem: grading.Problem, gen: Generator, grader, s: Settings,
+                 stats: Counter) -> tuple[dict | None, str, dict]:
+  """(record or None, outcome: "kept" or the reason it was filtered, info for the report)."""
+  seed = s.seed + zlib.crc32(problem.id.encode()) % 1_000_003  # stable across processes
+  info: dict = {}
+  if s.samples_for_difficulty:
+    outs = gen.complete([SOLVE.format(problem=problem.problem)] * s.samples_for_difficulty,
+                        max_tokens=s.max_tokens, temperature=s.temperature, seed=seed)
+    verdicts = grader.grade_many([(grading.extract_boxed(o), problem.answer) for o in outs])
+    rate = float(np.mean(verdicts))
+    info["pass_rate"] = rate
+    if not s.min_pass_rate < rate <= s.max_pass_rate:
+      return None, "too_easy" if rate > s.max_pass_rate else "too_hard", info
+  threads: list[str] = []
+  embeddings: list[np.ndarray] = []
+  attempts = rejections = 0
+  for w in range(s.num_threads):
+    for attempt in itertools.count():
+      if attempt >= s.max_attempts:
+        stats["shortfall_threads"] += s.num_threads - len(threads)
+        info.update(attempts=attempts, rejections=rejections, threads_built=len(threads))
+        return None, "rejection_budget", info
+      attempts += 1
+      cand = gen.complete([_history_prompt(problem.problem, threads)], max_tokens=s.max_tokens,
+                          temperature=s.temperature, seed=seed + 1000 * (w + 1) + attempt)[0]
+      cand = strip_tags(cand)
+      if gen.count_tokens(cand) > s.max_trace_tokens:
+        cand = _compress(cand, problem, gen, grader, s, seed + 7 * attempt, stats)
+        if cand is None:
+          rejections += 1
+          continue
+      if s.similarity == "embedding":
+        emb = gen.embed([cand])[0]
+        sims = [cosine(emb, e) for e in embeddings]
+      else:
+        emb, sims = None, [jaccard(cand, t) for t in threads]
+      if sims and max(sims) > s.max_similarity:
+        rejections += 1
+        stats["rejected_similar"] += 1
+        continue
+      threads.append(cand)
+      if emb is not None:
+        embeddings.append(emb)
+      break
+  answers = [grading.extract_boxed(t) for t in threads]
+  correct = grader.grade_many([(a, problem.answer) for a in answers])
+  tags = None
+  if s.tags == "judge":
+    tags = _judge(problem, threads, gen, s, seed)
+    stats["judge_fallbacks"] += tags is None
+  tags = tags or verifier_tags(correct, [len(t) for t in threads])
+  if tags is None:
+    if not s.keep_unsolved:
+      return None, "no_correct_thread", info
+    tags = ["[[fail]]"] * len(threads)
+    stats["kept_unsolved"] += 1
+  record = {"id": problem.id, "problem": problem.problem,
+            "threads": [f"{t} {tag}" for t, tag in zip(threads, tags)], "answer": problem.answer,
+            "tags": tags, "pass_rate": info.get("pass_rate"), "attempts": attempts,
+            "rejections": rejections, "source": problem.source}
+  info.update(attempts=attempts, rejections=rejections)
+  return record, "kept", info
+
+
+def _compress(trace: str, problem, gen: Generator, grader, s: Settings, seed: int,
+              stats: Counter) -> str | None:
+  stats["compressions"] += 1
+  short = strip_tags(gen.complete([COMPRESS.format(target=s.target_tokens, trace=trace)],
+                                  max_tokens=s.target_tokens, temperature=0.0, seed=seed)[0])
+  before, after = grading.extract_boxed(trace), grading.extract_boxed(short)
+  keeps_answer = after is not None and grader.grade_many([(after, before or "")])[0] and \
+      grader.grade_many([(after, problem.answer)])[0] == grader.grade_many(
+          [(before, problem.answer)])[0]
+  if not keeps_answer or gen.count_tokens(short) > s.target_tokens:
+    stats["compressions_discarded"] += 1
+    return None
+  return short
+
+
+def _judge(problem, threads, gen: Generator, s: Settings, seed: int) -> list[str] | None:
+  sols = "\n\n".join(f"Solution {i + 1}:\n{t}" for i, t in enumerate(threads))
+  reply = gen.complete([JUDGE.format(w=len(threads), gold=problem.answer,
+                                     problem=problem.problem, solutions=sols)],
+                       max_tokens=256, temperature=0.0, seed=seed)[0]
+  try:
+    tags = json.loads(reply[reply.index("["):reply.rindex("]") + 1])
+  except (ValueError, json.JSONDecodeError):
+    return None
+  if (not isinstance(tags, list) or len(tags) != len(threads) or any(t not in TAGS for t in tags)
+      or tags.count("[[best]]") != 1):
+    return None
+  return tags
+
+
+def _finished(path: str) -> set[str]:
+  """Ids already decided in an append-only JSONL file; a torn last line (killed mid-write) is
+  cut off so the file stays valid."""
+  if not os.path.exists(path):
+    return set()
+  ids, good = set(), 0
+  with open(path, "rb") as f:
+    data = f.read()
+  for line in data.split(b"\n"):
+    if not line.strip():
+      good += len(line) + 1
+      continue
+    try:
+      ids.add(json.loads(line)["id"])
+    except (json.JSONDecodeError, KeyError):
+      break
+    good += len(line) + 1
+  if good < len(data):
+    with open(path, "r+b") as f:
+      f.truncate(min(good, len(data)))
+  return ids
+
+
+def report(output: str, decisions: str, stats: Counter, gen: Generator) -> dict:
+  records = [json.loads(l) for l in open(output)] if os.path.exists(output) else []
+  decided = [json.loads(l) for l in open(decisions)] if os.path.exists(decisions) else []
+  outcomes = Counter(d["outcome"] for d in decided)
+  rates = [d["pass_rate"] for d in decided if d.get("pass_rate") is not None]
+  hist, edges = np.histogram(rates, bins=10, range=(0, 1)) if rates else (np.zeros(10), None)
+  pairs = [(a, b) for r in records for a, b in itertools.combinations(
+      [strip_tags(t) for t in r["threads"]], 2)]
+  return {
+      "kept": len(records), "outcomes": dict(outcomes),
+      "pass_rate_histogram": {f"{i / 10:.1f}-{(i + 1) / 10:.1f}": int(n)
+                              for i, n in enumerate(hist)},
+      "mean_pairwise_edit_distance": float(np.mean([edit_distance(a, b) for a, b in pairs]))
+      if pairs else None,
+      "mean_pairwise_ngram_dissimilarity": float(np.mean([1 - jaccard(a, b) for a, b in pairs]))
+      if pairs else None,
+      "rejected_similar": int(stats["rejected_similar"]),
+      "shortfall_threads": int(stats["shortfall_threads"]),
+      "compressions": int(stats["compressions"]),
+      "compressions_discarded": int(stats["compressions_discarded"]),
+      "kept_unsolved": int(stats["kept_unsolved"]),
+      "tokens_used": int(gen.tokens_used),
+  }
+
+
+def generate(problems: Sequence[grading.Problem], gen: Generator, grader, s: Settings, *,
+             output: str, progress: bool = True,
+             on_record: Callable[[dict], None] | None = None) -> dict:
+  """Runs the pipeline over `problems`, appending to `output` (and its decisions log); skips
+  problems decided by an earlier run. Returns the report."""
+  from tqdm import tqdm
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  decisions = output + ".decisions.jsonl"
+  done = _finished(decisions)
+  kept_ids = _finished(output)
+  todo = [p for p in problems if p.id not in done]
+  stats: Counter = Counter()
+  bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="datagen",
+             disable=not progress, dynamic_ncols=True)
+  try:
+    with open(output, "a") as out, open(decisions, "a") as log:
+      for p in todo:
+        record, outcome, info = build_record(p, gen, grader, s, stats)
+        if record is not None and p.id not in kept_ids:
+          out.write(json.dumps(record) + "\n")
+          out.flush()
+          os.fsync(out.fileno())
+          if on_record:
+            on_record(record)
+        # the decision is logged after the record: a kill in between redoes the problem, and
+        # the kept-id check above keeps the record single
+        log.write(json.dumps({"id": p.id, "outcome": outcome, **info}) + "\n")
+        log.flush()
+        os.fsync(log.fileno())
+        stats[outcome] += 1
+        bar.update(1)
+        bar.set_postfix(kept=stats["kept"], tokens=gen.tokens_used)
+  except BudgetExhausted as e:
+    print(f"datagen: {e}; stopping with what is written (rerun with a larger budget to go on)")
+  finally:
+    bar.close()
+  return report(output, decisions, stats, gen)
+
+
+def run(cfg, workdir: str | None) -> dict:
+  """The `datagen` mode."""
+  from lace_jax import experiment, train
+  from lace_jax.checkpoint import load_pretrained
+  from lace_jax.model import build_model
+  if not workdir:
+    raise ValueError("mode 'datagen' needs --workdir (the output and its report go there)")
+  g = cfg.datagen
+  if g.source in grading.BENCHMARKS:
+    problems = grading.load_benchmark(g.source)
+  else:
+    problems = grading.read_problems(g.source)
+  if g.limit:
+    problems = problems[:g.limit]
+  if g.generator == "http":
+    gen: Generator = HTTPGenerator(g.endpoint, g.endpoint_model,
+                                   api_key=os.environ.get(g.api_key_env, "") if g.api_key_env
+                                   else "", concurrency=g.concurrency, retries=g.retries,
+                                   timeout_s=g.timeout_s, request_budget=g.request_budget)
+  elif g.generator == "in_process":
+    model_cfg, lattice = experiment.model_configs(cfg)
+    tokenizer, _ = train._resolve_tokenizer(cfg)
+    model = (load_pretrained(cfg.model.checkpoint, lattice=lattice or None,
+                             dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype)
+             if cfg.model.checkpoint else build_model(model_cfg, lattice, seed=cfg.seed))
+    gen = InProcessGenerator(model, tokenizer, batch_size=g.batch_size)
+  else:
+    raise ValueError(f"datagen.generator={g.generator!r}; expected 'in_process' or 'http'")
+  settings = Settings(
+      num_threads=g.num_threads, samples_for_difficulty=g.samples_for_difficulty,
+      min_pass_rate=g.min_pass_rate, max_pass_rate=g.max_pass_rate, similarity=g.similarity,
+      max_similarity=g.max_similarity, max_attempts=g.max_attempts, max_tokens=g.max_tokens,
+      temperature=g.temperature, max_trace_tokens=g.max_trace_tokens,
+      target_tokens=g.target_tokens, tags=g.tags, keep_unsolved=g.keep_unsolved, seed=cfg.seed)
+  output = os.path.join(workdir, "threads.jsonl")
+  with grading.Grader(num_workers=g.grader_workers, timeout_s=g.grader_timeout_s) as grader:
+    rep = generate(problems, gen, grader, settings, output=output)
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(rep, f, indent=2)
+  print(json.dumps(rep, indent=2), flush=True)
+  print(f"wrote {rep['kept']} records to {output}")
+  return rep
