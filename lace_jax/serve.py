@@ -1,0 +1,703 @@
+"""An OpenAI-compatible chat server over the lockstep lattice sampler.
+
+  python -m lace_jax.serve --checkpoint DIR [--lattice checkpoint|none] [--port 8000]
+      [--host 127.0.0.1] [--max-threads 8] [--max-prompt-tokens 2048] [--max-new-tokens 1024]
+      [--max-batch 8] [--batch-window-ms 50] [--model-name NAME]
+
+Endpoints (FastAPI + uvicorn):
+  GET  /health               {"status": "ok"}
+  GET  /v1/models            the OpenAI model list, one model (default id: the checkpoint
+                             directory's basename)
+  POST /v1/chat/completions  OpenAI chat completions. `n` is the number of threads W, generated
+                             TOGETHER in one lattice (the threads read each other), so the n
+                             choices are one LACE answer, not n independent samples. Extensions:
+                             request field `top_k`; response field `"lace": {"best_index",
+                             "format_ok", "format_error", "threads"}` from `grading.parse_lattice`.
+
+Batching: requests are queued; one background thread (JAX never runs on the asyncio loop)
+takes the oldest request plus every queued request compatible with it (same n, temperature,
+top_p, top_k, stop and, when sampling with temperature > 0, the same seed), up to
+--max-batch, waiting until --batch-window-ms after the oldest request arrived for more, and
+runs ONE `sampling.sample` call for them all. Shapes are bucketed to bound recompilation: the
+batch is padded to a power of two (dummy rows, capped at --max-batch), the prompt width to a
+power of two >= 16 and the step count to a power of two >= 16 (capped at --max-new-tokens);
+each request's threads are then cut to its own max_tokens. Because the sampler is causal over
+columns, the cut is exact: tokens before column k never depend on later columns. One INFO
+line per batch goes to stderr:
+
+  batch size=3 threads=4 prompt_tokens=96 new_tokens=72 seconds=1.234 padded_size=4
+  prompt_width=32 max_new_tokens=16                                   (one line)
+
+size = requests in the batch, prompt_tokens = their prompt tokens (each prompt counted once),
+new_tokens = completion tokens summed over every thread of every request.
+
+Stopping: every thread stops on `<|im_end|>` (excluded from the content). `stop` strings are
+passed to the sampler as token sequences (`tokenizer.encode(s)`; the thread then stops in the
+lattice) and also cut from the decoded text at their first occurrence, as OpenAI does, which
+catches a stop string the model spelled with other tokens (that thread went on generating
+inside the lattice, but its content ends before the stop string).
+
+Streaming (`stream: true`): the lattice sampler generates every column of every thread in one
+jitted loop, so the server generates the whole answer first and then streams each thread's
+text as Server-Sent Events, one piece per decoded token (pieces of the threads interleaved),
+in the OpenAI `chat.completion.chunk` format, ending with `data: [DONE]`. Concatenating the
+`delta.content` of one index gives exactly the non-streamed content. The last chunk before
+`[DONE]` carries the `lace` field (and `usage` when `stream_options.include_usage` is true).
+
+Seeds: with temperature > 0 a batch samples with the seed of its requests (a fresh random seed
+when none was given); the draw depends on the batch's padded shape, so a seeded sampling
+request repeats exactly only when it runs in a batch of the same shape (e.g. alone).
+Temperature 0 is greedy and needs no seed.
+
+Errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}: 400 for a bad body
+or field, 404 for an unknown model or route, 500 when generation fails (the server keeps
+serving). Unknown request fields are ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import fastapi
+import numpy as np
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lace_jax import grading, sampling
+from lace_jax.model import Model
+from lace_jax.tokenizer import ENDOFTEXT, IM_END, IM_START, Tokenizer
+
+log = logging.getLogger("lace_jax.serve")  # not __name__: that is "__main__" under `python -m`
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP_STRINGS = 16
+MIN_BUCKET = 16
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class ApiError(Exception):
+  """A request the server refuses: answered with `status` and the OpenAI error shape."""
+
+  def __init__(self, status: int, message: str, *, param: str | None = None,
+               code: str | None = None, type_: str = "invalid_request_error"):
+    super().__init__(message)
+    self.status, self.message, self.param, self.code = status, message, param, code
+    self.type = type_
+
+  def response(self) -> JSONResponse:
+    return error_response(self.status, self.message, param=self.param, code=self.code,
+                          type_=self.type)
+
+
+def error_response(status: int, message: str, *, param: str | None = None,
+                   code: str | None = None, type_: str = "invalid_request_error") -> JSONResponse:
+  """`{"error": {"message", "type", "param", "code"}}` with HTTP `status`."""
+  return JSONResponse(status_code=status, content={
+      "error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+def render_messages(messages: Sequence[dict[str, str]]) -> str:
+  """Qwen3 chat format: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then the
+  assistant generation prompt. One user message gives exactly `tokenizer.chat_prompt(content)`."""
+  text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+  return text + f"{IM_START}assistant\n"
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _content(msg: dict, i: int) -> str:
+  content = msg.get("content")
+  if isinstance(content, str):
+    return content
+  if isinstance(content, list):  # OpenAI content parts: only text parts are supported
+    parts = []
+    for j, part in enumerate(content):
+      if not (isinstance(part, dict) and part.get("type") == "text"
+              and isinstance(part.get("text"), str)):
+        raise ApiError(400, f"messages[{i}].content[{j}] must be a text part "
+                       f'{{"type": "text", "text": "..."}}, got {json.dumps(part)[:200]}',
+                       param=f"messages[{i}].content")
+      parts.append(part["text"])
+    return "".join(parts)
+  raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, got "
+                 f"{type(content).__name__}", param=f"messages[{i}].content")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRequest:
+  """A validated chat completion request."""
+
+  prompt_ids: list[int]
+  n: int
+  max_tokens: int
+  temperature: float
+  top_p: float
+  top_k: int
+  seed: int | None
+  stop: tuple[str, ...]
+  stream: bool
+  include_usage: bool
+
+  @property
+  def key(self) -> tuple:
+    """Requests with equal keys can share one `sample` call."""
+    seed = self.seed if self.temperature > 0 else None
+    return (self.n, self.temperature, self.top_p, self.top_k, self.stop, seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  model_name: str
+  max_threads: int
+  max_prompt_tokens: int
+  max_new_tokens: int
+  vocab_size: int
+
+
+def parse_request(body: Any, tokenizer: Tokenizer, limits: Limits) -> ChatRequest:
+  """Validates an OpenAI chat completion body; raises ApiError naming the bad field. A field
+  given as JSON null counts as absent, as in OpenAI's API."""
+  if not isinstance(body, dict):
+    raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+  model = body.get("model")
+  if not isinstance(model, str) or not model:
+    raise ApiError(400, f"'model' is required and must be a string (this server serves "
+                   f"{limits.model_name!r})", param="model")
+  if model != limits.model_name:
+    raise ApiError(404, f"the model {model!r} does not exist; this server serves "
+                   f"{limits.model_name!r}", param="model", code="model_not_found")
+
+  messages = body.get("messages")
+  if not isinstance(messages, list) or not messages:
+    raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects",
+                   param="messages")
+  rendered = []
+  for i, msg in enumerate(messages):
+    if not isinstance(msg, dict):
+      raise ApiError(400, f"messages[{i}] must be an object, got {type(msg).__name__}",
+                     param=f"messages[{i}]")
+    role = msg.get("role")
+    if role not in ROLES:
+      raise ApiError(400, f"messages[{i}].role is {role!r}; expected one of {list(ROLES)}",
+                     param=f"messages[{i}].role")
+    rendered.append({"role": role, "content": _content(msg, i)})
+
+  n = body.get("n")
+  n = 1 if n is None else n
+  if not _is_int(n) or not 1 <= n <= limits.max_threads:
+    raise ApiError(400, f"'n' (the number of threads) is {n!r}; expected an integer from 1 to "
+                   f"{limits.max_threads} (the server's --max-threads)", param="n")
+
+  mt, mct = body.get("max_tokens"), body.get("max_completion_tokens")
+  if mt is not None and mct is not None and mt != mct:
+    raise ApiError(400, f"'max_tokens'={mt!r} and 'max_completion_tokens'={mct!r} differ; give "
+                   "one of them", param="max_tokens")
+  max_tokens = mct if mct is not None else mt
+  param = "max_completion_tokens" if mct is not None else "max_tokens"
+  if max_tokens is None:
+    max_tokens = limits.max_new_tokens
+  if not _is_int(max_tokens) or not 1 <= max_tokens <= limits.max_new_tokens:
+    raise ApiError(400, f"'{param}' is {max_tokens!r}; expected an integer from 1 to "
+                   f"{limits.max_new_tokens} (the server's --max-new-tokens)", param=param)
+
+  temperature = body.get("temperature")
+  temperature = 1.0 if temperature is None else temperature
+  if not _is_number(temperature) or temperature < 0:
+    raise ApiError(400, f"'temperature' is {temperature!r}; expected a number >= 0 (0 is "
+                   "greedy)", param="temperature")
+  top_p = body.get("top_p")
+  top_p = 1.0 if top_p is None else top_p
+  if not _is_number(top_p) or not 0 < top_p <= 1:
+    raise ApiError(400, f"'top_p' is {top_p!r}; expected a number in (0, 1]", param="top_p")
+  top_k = body.get("top_k")
+  top_k = 0 if top_k is None else top_k
+  if not _is_int(top_k) or not 0 <= top_k <= limits.vocab_size:
+    raise ApiError(400, f"'top_k' is {top_k!r}; expected an integer from 0 (off) to the "
+                   f"vocabulary size {limits.vocab_size}", param="top_k")
+  seed = body.get("seed")
+  if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**32):
+    raise ApiError(400, f"'seed' is {seed!r}; expected an integer from 0 to 2**32 - 1",
+                   param="seed")
+
+  stop = body.get("stop")
+  stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+  if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
+      or not all(isinstance(s, str) and s for s in stop)):
+    raise ApiError(400, f"'stop' must be a non-empty string or a list of at most "
+                   f"{MAX_STOP_STRINGS} non-empty strings, got {json.dumps(stop)[:200]}",
+                   param="stop")
+
+  stream = body.get("stream")
+  stream = False if stream is None else stream
+  if not isinstance(stream, bool):
+    raise ApiError(400, f"'stream' is {stream!r}; expected true or false", param="stream")
+  options = body.get("stream_options") or {}
+  if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+    raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}",
+                   param="stream_options")
+
+  prompt_ids = tokenizer.encode(render_messages(rendered))
+  if len(prompt_ids) > limits.max_prompt_tokens:
+    raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens, more than the server's "
+                   f"--max-prompt-tokens {limits.max_prompt_tokens}", param="messages",
+                   code="context_length_exceeded")
+  if temperature == 0:  # greedy: the filters do not matter, so they do not split batches
+    top_p, top_k = 1.0, 0
+  return ChatRequest(prompt_ids=prompt_ids, n=n, max_tokens=max_tokens,
+                     temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
+                     seed=seed, stop=tuple(stop), stream=stream,
+                     include_usage=bool(options.get("include_usage", False)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclasses.dataclass
+class ThreadResult:
+  text: str
+  finish_reason: str  # "stop" | "length"
+  completion_tokens: int  # tokens emitted up to the cut, a stop token included
+  pieces: list[str] | None  # the text split at token boundaries (streamed requests only)
+
+
+@dataclasses.dataclass
+class Completion:
+  threads: list[ThreadResult]
+  prompt_tokens: int
+  lace: dict[str, Any]
+
+  @property
+  def completion_tokens(self) -> int:
+    return sum(t.completion_tokens for t in self.threads)
+
+  def usage(self) -> dict[str, int]:
+    return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def text_pieces(tokenizer: Tokenizer, ids: Sequence[int], text: str) -> list[str]:
+  """`text` (the decoding of `ids`, possibly cut short) split where the decoding of a token
+  prefix ends; a prefix that ends inside a multi-byte character is skipped. The pieces
+  concatenate to exactly `text`."""
+  pieces, done = [], 0
+  for k in range(1, len(ids) + 1):
+    if done >= len(text):
+      break
+    prefix = tokenizer.decode(ids[:k])
+    end = min(len(prefix), len(text))
+    if end > done and prefix[:end] == text[:end]:
+      pieces.append(text[done:end])
+      done = end
+  if done < len(text):
+    pieces.append(text[done:])
+  return pieces
+
+
+def finish_thread(tokenizer: Tokenizer, tokens: np.ndarray, length: int, reason: str,
+                  max_tokens: int, stop_ids: Sequence[int], stop: Sequence[str],
+                  pieces: bool) -> ThreadResult:
+  """One thread's sampler output -> its content, cut to `max_tokens` tokens, without the stop
+  token, and before the first occurrence of any `stop` string."""
+  ids = [int(t) for t in tokens[:length]]
+  if len(ids) > max_tokens:
+    ids, reason = ids[:max_tokens], "length"
+  content = ids[:-1] if reason == "stop" and ids and ids[-1] in stop_ids else ids
+  text = tokenizer.decode(content)
+  hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+  if hits:
+    text, reason = text[:min(hits)], "stop"
+  return ThreadResult(text, reason, len(ids),
+                      text_pieces(tokenizer, content, text) if pieces else None)
+
+
+def lace_summary(texts: Sequence[str]) -> dict[str, Any]:
+  parsed = grading.parse_lattice(list(texts))
+  return {"best_index": parsed.best, "format_ok": parsed.format_ok,
+          "format_error": parsed.format_error, "threads": len(texts)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+
+
+@dataclasses.dataclass
+class Job:
+  request: ChatRequest
+  arrival: float  # time.monotonic()
+  future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+
+
+def _bucket(x: int, lo: int, hi: int) -> int:
+  """The smallest power of two >= max(x, lo), capped at hi (x <= hi)."""
+  return min(hi, max(lo, 1 << max(0, x - 1).bit_length()))
+
+
+class Batcher:
+  """A queue of jobs and the one thread that runs them, batched, through `sampling.sample`.
+
+  `submit` may be called from any thread; each job's future resolves to a `Completion` or to
+  the exception generation raised. `start` is idempotent; `stop` fails queued jobs and joins
+  the thread (bounded by `timeout_s`)."""
+
+  def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int,
+               batch_window_s: float, max_prompt_tokens: int, max_new_tokens: int):
+    self.model, self.tokenizer = model, tokenizer
+    self.max_batch, self.batch_window_s = max_batch, batch_window_s
+    self.max_width = -(-max_prompt_tokens // MIN_BUCKET) * MIN_BUCKET
+    self.max_new_tokens = max_new_tokens
+    self.stop_ids = (tokenizer.im_end_id,)
+    self.pad_id = tokenizer.pad_id
+    self._pending: list[Job] = []
+    self._cond = threading.Condition()
+    self._stopping = False
+    self._thread: threading.Thread | None = None
+    self.batches_run = 0
+
+  def start(self) -> None:
+    with self._cond:
+      if self._thread is not None and self._thread.is_alive():
+        return
+      self._stopping = False
+      self._thread = threading.Thread(target=self._loop, name="lace-generation", daemon=True)
+      self._thread.start()
+
+  def stop(self, timeout_s: float = 10.0) -> None:
+    with self._cond:
+      self._stopping = True
+      pending, self._pending = self._pending, []
+      self._cond.notify_all()
+    for job in pending:
+      if job.future.set_running_or_notify_cancel():
+        job.future.set_exception(RuntimeError("the server is shutting down"))
+    if self._thread is not None:
+      self._thread.join(timeout_s)
+
+  def submit(self, request: ChatRequest) -> concurrent.futures.Future:
+    self.start()
+    job = Job(request, time.monotonic())
+    with self._cond:
+      self._pending.append(job)
+      self._cond.notify_all()
+    return job.future
+
+  def _take_batch(self) -> list[Job] | None:
+    """Blocks until a batch is ready; None once stopping."""
+    with self._cond:
+      while not self._pending:
+        if self._stopping:
+          return None
+        self._cond.wait(0.5)
+      if self._stopping:
+        return None
+      first = self._pending[0]
+      deadline = first.arrival + self.batch_window_s
+      while True:
+        batch = [j for j in self._pending if j.request.key == first.request.key]
+        batch = batch[:self.max_batch]
+        remaining = deadline - time.monotonic()
+        if len(batch) >= self.max_batch or remaining <= 0 or self._stopping:
+          break
+        self._cond.wait(remaining)
+      taken = {id(j) for j in batch}
+      self._pending = [j for j in self._pending if id(j) not in taken]
+    # a job whose client went away (cancelled future) is dropped here
+    return [j for j in batch if j.future.set_running_or_notify_cancel()]
+
+  def _loop(self) -> None:
+    while True:
+      batch = self._take_batch()
+      if batch is None:
+        return
+      if not batch:
+        continue
+      try:
+        results = self.run_batch([j.request for j in batch])
+      except Exception as e:  # answered as a 500; the thread keeps serving
+        log.exception("generation failed for a batch of %d requests", len(batch))
+        for job in batch:
+          job.future.set_exception(e)
+        continue
+      for job, result in zip(batch, results):
+        job.future.set_result(result)
+
+  def run_batch(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+    """One `sample` call for compatible requests (equal `key`)."""
+    first = requests[0]
+    if any(r.key != first.key for r in requests):
+      raise ValueError("run_batch: the requests of one batch must have equal keys")
+    start = time.perf_counter()
+    padded = _bucket(len(requests), 1, max(self.max_batch, len(requests)))
+    prompts = [r.prompt_ids for r in requests]
+    prompts += [prompts[0]] * (padded - len(prompts))
+    width = _bucket(max(len(p) for p in prompts), MIN_BUCKET, self.max_width)
+    steps = _bucket(max(r.max_tokens for r in requests), MIN_BUCKET, self.max_new_tokens)
+    seed = first.seed if first.seed is not None else random.SystemRandom().randrange(2**31)
+    out = sampling.sample(
+        self.model, self.model.params, prompts, num_threads=first.n, max_new_tokens=steps,
+        temperature=first.temperature, top_p=first.top_p, top_k=first.top_k, seed=seed,
+        stop_ids=self.stop_ids, pad_id=self.pad_id,
+        stop_sequences=[self.tokenizer.encode(s) for s in first.stop], prompt_width=width)
+    results = []
+    for b, r in enumerate(requests):
+      threads = [finish_thread(self.tokenizer, out.tokens[b, w], int(out.lengths[b, w]),
+                               out.finish_reasons[b][w], r.max_tokens, self.stop_ids, r.stop,
+                               pieces=r.stream)
+                 for w in range(r.n)]
+      results.append(Completion(threads, len(r.prompt_ids),
+                                lace_summary([t.text for t in threads])))
+    self.batches_run += 1
+    log.info("batch size=%d threads=%d prompt_tokens=%d new_tokens=%d seconds=%.3f "
+             "padded_size=%d prompt_width=%d max_new_tokens=%d", len(requests), first.n,
+             sum(c.prompt_tokens for c in results), sum(c.completion_tokens for c in results),
+             time.perf_counter() - start, padded, width, steps)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+def _completion_body(c: Completion, *, completion_id: str, created: int, model: str) -> dict:
+  return {
+      "id": completion_id, "object": "chat.completion", "created": created, "model": model,
+      "choices": [{"index": i, "message": {"role": "assistant", "content": t.text},
+                   "logprobs": None, "finish_reason": t.finish_reason}
+                  for i, t in enumerate(c.threads)],
+      "usage": c.usage(), "lace": c.lace}
+
+
+def _sse_chunks(c: Completion, *, completion_id: str, created: int, model: str,
+                include_usage: bool) -> list[str]:
+  """Every `data: ...` event of one streamed completion, `[DONE]` last."""
+  def chunk(index: int | None, delta: dict | None = None, finish: str | None = None,
+            **extra) -> str:
+    choices = [] if index is None else [
+        {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": choices, **extra}
+    return f"data: {json.dumps(body)}\n\n"
+
+  events = [chunk(i, {"role": "assistant", "content": ""}) for i in range(len(c.threads))]
+  longest = max(len(t.pieces or []) for t in c.threads)
+  for k in range(longest):  # the threads' pieces interleaved, as they were generated
+    for i, t in enumerate(c.threads):
+      if k < len(t.pieces or []):
+        events.append(chunk(i, {"content": t.pieces[k]}))
+  last = len(c.threads) - 1
+  for i, t in enumerate(c.threads):
+    extra = {"lace": c.lace} if i == last and not include_usage else {}
+    events.append(chunk(i, {}, t.finish_reason, **extra))
+  if include_usage:
+    events.append(chunk(None, usage=c.usage(), lace=c.lace))
+  events.append("data: [DONE]\n\n")
+  return events
+
+
+def create_app(model: Model, tokenizer: Tokenizer, *, model_name: str, max_threads: int = 8,
+               max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, max_batch: int = 8,
+               batch_window_ms: float = 50.0) -> fastapi.FastAPI:
+  """The FastAPI app serving `model` (module docstring: endpoints, batching, streaming).
+
+  The generation thread starts with the app's lifespan (or on the first request) and stops at
+  shutdown; `app.state.batcher` is the `Batcher`. Raises ValueError for a limit below 1, a
+  prompt + completion budget beyond the model's max_position_embeddings, or a tokenizer that
+  does not fit the model.
+  """
+  for name, value in (("max_threads", max_threads), ("max_prompt_tokens", max_prompt_tokens),
+                      ("max_new_tokens", max_new_tokens), ("max_batch", max_batch)):
+    if not _is_int(value) or value < 1:
+      raise ValueError(f"{name}={value!r}; expected an integer >= 1")
+  if not _is_number(batch_window_ms) or batch_window_ms < 0:
+    raise ValueError(f"batch_window_ms={batch_window_ms!r}; expected a number >= 0")
+  cfg = model.config
+  if max_prompt_tokens + max_new_tokens > cfg.max_position_embeddings:
+    raise ValueError(f"max_prompt_tokens + max_new_tokens = {max_prompt_tokens} + "
+                     f"{max_new_tokens} exceeds the model's max_position_embeddings "
+                     f"{cfg.max_position_embeddings}")
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f"the tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens, more "
+                     f"than the model's vocab_size {cfg.vocab_size}: not this model's tokenizer")
+  for token in (IM_END, ENDOFTEXT):  # the stop and pad tokens: KeyError naming a missing one
+    tokenizer.token_id(token)
+
+  limits = Limits(model_name, max_threads, max_prompt_tokens, max_new_tokens, cfg.vocab_size)
+  batcher = Batcher(model, tokenizer, max_batch=max_batch, batch_window_s=batch_window_ms / 1e3,
+                    max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
+  created_at = int(time.time())
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app: fastapi.FastAPI) -> AsyncIterator[None]:
+    batcher.start()
+    yield
+    await asyncio.to_thread(batcher.stop)
+
+  app = fastapi.FastAPI(title="lace_jax", lifespan=lifespan)
+  app.state.batcher = batcher
+  app.state.limits = limits
+
+  @app.exception_handler(StarletteHTTPException)
+  async def http_error(request: fastapi.Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = "not_found" if exc.status_code == 404 else None
+    return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                          code=code)
+
+  @app.exception_handler(Exception)
+  async def server_error(request: fastapi.Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error for %s %s", request.method, request.url.path)
+    return error_response(500, f"internal error: {type(exc).__name__}: {exc}",
+                          type_="server_error")
+
+  @app.get("/health")
+  async def health() -> dict:
+    return {"status": "ok"}
+
+  def model_card() -> dict:
+    return {"id": model_name, "object": "model", "created": created_at, "owned_by": "lace_jax"}
+
+  @app.get("/v1/models")
+  async def list_models() -> dict:
+    return {"object": "list", "data": [model_card()]}
+
+  @app.get("/v1/models/{model_id:path}")
+  async def get_model(model_id: str) -> Any:
+    if model_id != model_name:
+      return error_response(404, f"the model {model_id!r} does not exist; this server serves "
+                            f"{model_name!r}", param="model", code="model_not_found")
+    return model_card()
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(request: fastapi.Request) -> Any:
+    raw = await request.body()
+    try:
+      body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      return error_response(400, f"the request body is not valid JSON ({e}); expected a chat "
+                            "completion object", code="invalid_json")
+    try:
+      req = parse_request(body, tokenizer, limits)
+    except ApiError as e:
+      return e.response()
+    try:
+      completion: Completion = await asyncio.wrap_future(batcher.submit(req))
+    except Exception as e:
+      return error_response(500, f"generation failed: {type(e).__name__}: {e}",
+                            type_="server_error")
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if not req.stream:
+      return _completion_body(completion, completion_id=completion_id, created=created,
+                              model=model_name)
+    events = _sse_chunks(completion, completion_id=completion_id, created=created,
+                         model=model_name, include_usage=req.include_usage)
+
+    async def stream() -> AsyncIterator[str]:
+      for event in events:
+        yield event
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+  return app
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _positive(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+  return value
+
+
+def _non_negative(text: str) -> float:
+  value = float(text)
+  if not value >= 0:
+    raise argparse.ArgumentTypeError(f"{value} is not >= 0")
+  return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m lace_jax.serve",
+                              description="OpenAI-compatible chat server over the LACE sampler")
+  p.add_argument("--checkpoint", required=True, help="Hugging Face Qwen3 directory (with "
+                 "config.json, safetensors and tokenizer.json), e.g. from save_pretrained")
+  p.add_argument("--lattice", choices=("checkpoint", "none"), default="checkpoint",
+                 help="'checkpoint': the stored lattice; 'none': the base model (Isolated "
+                 "Parallel ablation)")
+  p.add_argument("--host", default="127.0.0.1")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--max-threads", type=_positive, default=8, help="largest n per request")
+  p.add_argument("--max-prompt-tokens", type=_positive, default=2048)
+  p.add_argument("--max-new-tokens", type=_positive, default=1024,
+                 help="largest max_tokens per request (also its default)")
+  p.add_argument("--max-batch", type=_positive, default=8, help="requests per sample call")
+  p.add_argument("--batch-window-ms", type=_non_negative, default=50.0,
+                 help="how long the oldest queued request waits for others to batch with")
+  p.add_argument("--model-name", default=None,
+                 help="model id to serve (default: the checkpoint directory's basename)")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Loads the checkpoint and its tokenizer and serves until interrupted."""
+  args = build_parser().parse_args(argv)
+  logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  import uvicorn  # noqa: PLC0415  (only the CLI needs it)
+
+  from lace_jax.checkpoint import load_pretrained  # noqa: PLC0415
+
+  ckpt = os.path.normpath(args.checkpoint)
+  if not os.path.isdir(ckpt):
+    sys.exit(f"lace_jax.serve: --checkpoint {args.checkpoint} is not a directory")
+  tok_path = os.path.join(ckpt, "tokenizer.json")
+  if not os.path.isfile(tok_path):
+    sys.exit(f"lace_jax.serve: {tok_path} does not exist; the server needs the checkpoint's "
+             "tokenizer.json (copy it from the base model's directory)")
+  tokenizer = Tokenizer.from_dir(ckpt)
+  model = load_pretrained(ckpt, lattice=None if args.lattice == "none" else "checkpoint")
+  name = args.model_name or os.path.basename(os.path.abspath(ckpt))
+  try:
+    app = create_app(model, tokenizer, model_name=name, max_threads=args.max_threads,
+                     max_prompt_tokens=args.max_prompt_tokens,
+                     max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
+                     batch_window_ms=args.batch_window_ms)
+  except (ValueError, KeyError) as e:
+    sys.exit(f"lace_jax.serve: {e}")
+  log.info("serving %s as %r (lattice=%s) on http://%s:%d", ckpt, name,
+           "none" if model.lattice is None else "checkpoint", args.host, args.port)
+  uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+  main()

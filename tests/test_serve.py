@@ -1,0 +1,402 @@
+"""The OpenAI-compatible server: the real server as a subprocess on 127.0.0.1 (batching of
+concurrent requests, errors, streaming, greedy determinism), and the app in-process with a
+scripted sampler (response contents, stop strings, max_tokens cuts, the lace field, 500s)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+import lace_jax
+from lace_jax import sampling, serve, toydata
+from tests.conftest import randomize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST = "127.0.0.1"  # the only address these tests use
+MODEL_NAME = "tiny-lace"
+STARTUP_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_S = 120.0
+TOKENIZER = lace_jax.Tokenizer.from_file(toydata.TOY_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+  """A tiny LACE checkpoint with perturbed weights (threads differ) whose embedding rows beyond
+  the toy tokenizer's vocabulary are zero (so greedy text is not empty)."""
+  cfg = lace_jax.ModelConfig.preset("tiny")
+  m = lace_jax.build_model(cfg, lace_jax.LatticeConfig.default(cfg), seed=0)
+  params = randomize(m.params, seed=1, scale=0.3)
+  params["embed"] = params["embed"].at[TOKENIZER.vocab_size:].set(0.0)
+  out = str(tmp_path_factory.mktemp("serve") / "tiny-ckpt")
+  lace_jax.save_pretrained(m.replace(params=params), out)
+  shutil.copy(toydata.TOY_TOKENIZER, os.path.join(out, "tokenizer.json"))
+  return out
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind((HOST, 0))
+    return s.getsockname()[1]
+
+
+class Server:
+  def __init__(self, proc: subprocess.Popen, url: str, stderr_path: str):
+    self.proc, self.url, self.stderr_path = proc, url, stderr_path
+
+  def log(self) -> str:
+    with open(self.stderr_path) as f:
+      return f.read()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory) -> Iterator[Server]:
+  """`python -m lace_jax.serve` on 127.0.0.1, stopped at the end of the module."""
+  logs = tmp_path_factory.mktemp("serve-logs")
+  env = dict(os.environ, XLA_FLAGS="", JAX_NUM_CPU_DEVICES="1",
+             JAX_COMPILATION_CACHE_DIR=os.environ.get(
+                 "LACE_TEST_JIT_CACHE", os.path.expanduser("~/.cache/lace_jax_jit")),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  port = _free_port()
+  cmd = [sys.executable, "-m", "lace_jax.serve", "--checkpoint", checkpoint, "--host", HOST,
+         "--port", str(port), "--model-name", MODEL_NAME, "--max-threads", "4",
+         "--max-prompt-tokens", "64", "--max-new-tokens", "32", "--max-batch", "4",
+         "--batch-window-ms", "500"]
+  stderr_path = str(logs / "stderr.log")
+  with open(logs / "stdout.log", "w") as out, open(stderr_path, "w") as err:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err)
+  srv = Server(proc, f"http://{HOST}:{port}", stderr_path)
+  try:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+      if proc.poll() is not None:
+        pytest.fail(f"the server exited with {proc.returncode}:\n{srv.log()[-3000:]}")
+      try:
+        if httpx.get(f"{srv.url}/health", timeout=2.0).json() == {"status": "ok"}:
+          break
+      except httpx.TransportError:
+        pass
+      if time.monotonic() > deadline:
+        pytest.fail(f"no /health within {STARTUP_TIMEOUT_S} s:\n{srv.log()[-3000:]}")
+      time.sleep(0.2)
+    yield srv
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait(timeout=20)
+
+
+def _chat(content: str, **fields) -> dict:
+  return {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}], **fields}
+
+
+def _post(srv: Server, body, **kw) -> httpx.Response:
+  if isinstance(body, (bytes, str)):
+    return httpx.post(f"{srv.url}/v1/chat/completions", content=body,
+                      headers={"Content-Type": "application/json"}, timeout=REQUEST_TIMEOUT_S)
+  return httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_S, **kw)
+
+
+def _texts(resp: dict) -> list[str]:
+  return [c["message"]["content"] for c in sorted(resp["choices"], key=lambda c: c["index"])]
+
+
+def test_health_and_models(server):
+  assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+  models = httpx.get(f"{server.url}/v1/models", timeout=10).json()
+  assert models["object"] == "list"
+  assert [m["id"] for m in models["data"]] == [MODEL_NAME]
+  assert models["data"][0]["object"] == "model"
+
+
+def test_concurrent_requests_are_batched(server):
+  barrier = threading.Barrier(4, timeout=30)
+  results: list = [None] * 4
+
+  def client(i: int) -> None:
+    barrier.wait()
+    try:
+      results[i] = _post(server, _chat(f"Find x from 1 to {8 + i}.", n=4, max_tokens=8,
+                                       temperature=0))
+    except Exception as e:  # reported by the assertions below
+      results[i] = e
+
+  threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(REQUEST_TIMEOUT_S)
+  for r in results:
+    assert isinstance(r, httpx.Response), r
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["model"] == MODEL_NAME
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    for c in body["choices"]:
+      assert c["message"]["role"] == "assistant" and c["finish_reason"] in ("stop", "length")
+    assert body["lace"]["threads"] == 4 and isinstance(body["lace"]["format_ok"], bool)
+    usage = body["usage"]
+    assert 4 <= usage["completion_tokens"] <= 32
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+  sizes = [int(s) for s in re.findall(r"batch size=(\d+) threads=4 ", server.log())]
+  assert sizes and max(sizes) > 1, server.log()[-3000:]
+
+
+@pytest.mark.parametrize("body, status, needle, param", [
+    (b'{"model": "tiny-lace", "messages": [', 400, "not valid JSON", None),
+    (_chat("hi", model="gpt-4o"), 404, "'gpt-4o' does not exist", "model"),
+    (_chat("hi", n=5), 400, "from 1 to 4", "n"),
+    (_chat("word " * 100), 400, "more than the server's --max-prompt-tokens 64", "messages"),
+    (_chat("hi", temperature=-0.5), 400, "expected a number >= 0", "temperature"),
+    (_chat("hi", top_p=0), 400, "(0, 1]", "top_p"),
+    (_chat("hi", max_tokens=33), 400, "from 1 to 32", "max_tokens"),
+    ({"model": MODEL_NAME, "messages": []}, 400, "non-empty list", "messages"),
+    ({"model": MODEL_NAME, "messages": [{"role": "tool", "content": "x"}]}, 400,
+     "expected one of", "messages[0].role"),
+])
+def test_malformed_requests_get_openai_errors(server, body, status, needle, param):
+  r = _post(server, body)
+  assert r.status_code == status, r.text
+  err = r.json()["error"]
+  assert needle in err["message"], err
+  assert err["type"] == "invalid_request_error" and err["param"] == param
+  if param == "messages" and status == 400 and "tokens" in err["message"]:
+    assert re.search(r"the prompt has \d+ tokens", err["message"])
+
+
+def test_server_keeps_serving_after_errors(server):
+  for bad in (b"not json", json.dumps(_chat("hi", n=0)).encode()):
+    assert _post(server, bad).status_code == 400
+  r = _post(server, _chat("Find x from 1 to 8.", n=4, max_tokens=8, temperature=0))
+  assert r.status_code == 200, r.text
+  assert len(r.json()["choices"]) == 4
+  assert httpx.get(f"{server.url}/v1/nowhere", timeout=10).json()["error"]["code"] == "not_found"
+
+
+def _stream(srv: Server, body: dict) -> list[str]:
+  with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body,
+                    timeout=REQUEST_TIMEOUT_S) as r:
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    return [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def test_stream_equals_the_non_streamed_greedy_answer(server):
+  body = _chat("Find x from 1 to 16.", n=4, max_tokens=8, temperature=0, seed=3)
+  plain = _post(server, body).json()
+  events = _stream(server, {**body, "stream": True})
+  assert events[-1] == "[DONE]"
+  chunks = [json.loads(e) for e in events[:-1]]
+  assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"]
+             for c in chunks)
+  texts, finish, roles = [""] * 4, [None] * 4, [None] * 4
+  for c in chunks:
+    (choice,) = c["choices"]
+    i = choice["index"]
+    roles[i] = choice["delta"].get("role", roles[i])
+    texts[i] += choice["delta"].get("content", "")
+    finish[i] = choice["finish_reason"] or finish[i]
+  assert roles == ["assistant"] * 4
+  assert texts == _texts(plain)
+  assert any(texts)  # the perturbed model says something
+  assert finish == [c["finish_reason"] for c in plain["choices"]]
+  assert chunks[-1]["lace"] == plain["lace"]
+
+
+def test_greedy_requests_repeat(server):
+  body = _chat("Find x from 1 to 12.", n=4, max_tokens=6, temperature=0)
+  first, second = _post(server, body).json(), _post(server, body).json()
+  assert _texts(first) == _texts(second) and len(first["choices"]) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process, with a scripted sampler (no compilation)
+
+SCRIPT = ["x=1: 5. Found x=1. \\boxed{1} [[best]]",
+          "x=5: 9. Not mine; thread 1 found x=1. \\boxed{1} [[success]]",
+          "x=9: 2. x=10: 7."]
+
+
+def _scripted_sample(calls: list):
+  """A stand-in for `sampling.sample` emitting SCRIPT (thread w gets SCRIPT[w % 3]) + im_end,
+  cut at max_new_tokens like the real one."""
+  def sample(model, params, prompts, *, num_threads, max_new_tokens, stop_ids, pad_id,
+             stop_sequences=(), **kw):
+    calls.append(dict(prompts=prompts, num_threads=num_threads, max_new_tokens=max_new_tokens,
+                      stop_sequences=stop_sequences, **kw))
+    b = len(prompts)
+    tokens = np.full((b, num_threads, max_new_tokens), pad_id, np.int32)
+    lengths = np.zeros((b, num_threads), np.int32)
+    reasons = []
+    for i in range(b):
+      row = []
+      for w in range(num_threads):
+        ids = TOKENIZER.encode(SCRIPT[w % 3]) + [stop_ids[0]]
+        row.append("stop" if len(ids) <= max_new_tokens else "length")
+        ids = ids[:max_new_tokens]
+        tokens[i, w, :len(ids)] = ids
+        lengths[i, w] = len(ids)
+      reasons.append(row)
+    zeros = np.zeros((b, num_threads, 1))
+    return sampling.SampleOutput(tokens, np.zeros(tokens.shape, np.float32), lengths, reasons,
+                                 zeros, zeros, zeros)
+  return sample
+
+
+@pytest.fixture()
+def client(monkeypatch) -> Iterator[tuple[TestClient, list]]:
+  calls: list = []
+  monkeypatch.setattr(serve.sampling, "sample", _scripted_sample(calls))
+  cfg = lace_jax.ModelConfig.preset("tiny")
+  app = serve.create_app(lace_jax.Model(cfg, None, None), TOKENIZER, model_name="m",
+                         max_threads=8, max_prompt_tokens=256, max_new_tokens=64, max_batch=4,
+                         batch_window_ms=0)
+  with TestClient(app) as c:
+    yield c, calls
+
+
+def test_render_matches_chat_prompt():
+  assert serve.render_messages([{"role": "user", "content": "2+2?"}]) == lace_jax.chat_prompt(
+      "2+2?")
+  sys_user = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+  assert serve.render_messages(sys_user) == lace_jax.chat_prompt("2+2?", system="Be brief.")
+
+
+def test_response_contents_and_lace_field(client, caplog):
+  c, calls = client
+  with caplog.at_level(logging.INFO, logger="lace_jax.serve"):
+    r = c.post("/v1/chat/completions", json={
+        "model": "m", "n": 3, "temperature": 0.7, "top_k": 5, "seed": 9,
+        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                     {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]})
+  assert r.status_code == 200, r.text
+  body = r.json()
+  assert _texts(body) == SCRIPT
+  assert [ch["finish_reason"] for ch in body["choices"]] == ["stop"] * 3
+  assert body["lace"] == {"best_index": 0, "format_ok": True, "format_error": None, "threads": 3}
+  prompt = TOKENIZER.encode(serve.render_messages([
+      {"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+      {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}]))
+  emitted = sum(len(TOKENIZER.encode(t)) + 1 for t in SCRIPT)  # + <|im_end|> each
+  assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": emitted,
+                           "total_tokens": len(prompt) + emitted}
+  (call,) = calls
+  assert call["prompts"] == [prompt] and call["num_threads"] == 3 and call["seed"] == 9
+  assert call["temperature"] == 0.7 and call["top_k"] == 5 and call["max_new_tokens"] == 64
+  assert any(re.search(r"batch size=1 threads=3 prompt_tokens=\d+ new_tokens=\d+ seconds=",
+                       rec.getMessage()) for rec in caplog.records)
+
+
+def test_max_tokens_cut_and_stop_strings(client):
+  c, calls = client
+  r = c.post("/v1/chat/completions", json={"model": "m", "n": 2, "max_tokens": 3,
+                                           "messages": [{"role": "user", "content": "q"}]})
+  body = r.json()
+  assert [ch["finish_reason"] for ch in body["choices"]] == ["length"] * 2
+  assert _texts(body) == [TOKENIZER.decode(TOKENIZER.encode(t)[:3]) for t in SCRIPT[:2]]
+  assert body["usage"]["completion_tokens"] == 6 and calls[-1]["max_new_tokens"] == 16
+  assert body["lace"]["format_ok"] is False and body["lace"]["best_index"] is None
+
+  r = c.post("/v1/chat/completions", json={"model": "m", "n": 3, "stop": [" Found", "thread"],
+                                           "messages": [{"role": "user", "content": "q"}]})
+  body = r.json()
+  assert _texts(body) == ["x=1: 5.", "x=5: 9. Not mine; ", SCRIPT[2]]
+  assert [ch["finish_reason"] for ch in body["choices"]] == ["stop"] * 3
+  assert calls[-1]["stop_sequences"] == [TOKENIZER.encode(" Found"), TOKENIZER.encode("thread")]
+
+
+def test_streaming_in_process_with_usage(client):
+  c, _ = client
+  req = {"model": "m", "n": 3, "messages": [{"role": "user", "content": "q"}], "stream": True,
+         "stream_options": {"include_usage": True}}
+  with c.stream("POST", "/v1/chat/completions", json=req) as r:
+    events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+  assert events[-1] == "[DONE]"
+  chunks = [json.loads(e) for e in events[:-1]]
+  texts = [""] * 3
+  for ch in chunks[:-1]:
+    texts[ch["choices"][0]["index"]] += ch["choices"][0]["delta"].get("content", "")
+  assert texts == SCRIPT
+  assert sum(1 for ch in chunks if ch["choices"] and ch["choices"][0]["delta"].get("content")) > 3
+  assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+  assert chunks[-1]["lace"]["best_index"] == 0
+
+
+def test_validation_in_process(client):
+  c, _ = client
+  cases = [({"model": "m", "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+           ({"model": "m", "messages": [{"role": "user", "content": "q"}], "stop": [1]}, "stop"),
+           ({"model": "m", "messages": [{"role": "user", "content": "q"}], "n": True}, "n"),
+           ({"model": "m", "messages": [{"role": "user", "content": "q"}], "top_k": -1},
+            "top_k"),
+           ({"messages": [{"role": "user", "content": "q"}]}, "model"),
+           ([1, 2], None)]
+  for body, param in cases:
+    r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, (body, r.text)
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error", err
+
+
+def test_generation_error_is_a_500_and_the_server_goes_on(client, monkeypatch):
+  c, calls = client
+  good = serve.sampling.sample
+
+  def broken(*args, **kw):
+    raise RuntimeError("device on fire")
+
+  monkeypatch.setattr(serve.sampling, "sample", broken)
+  req = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+  r = c.post("/v1/chat/completions", json=req)
+  assert r.status_code == 500
+  assert "device on fire" in r.json()["error"]["message"]
+  monkeypatch.setattr(serve.sampling, "sample", good)
+  assert c.post("/v1/chat/completions", json=req).status_code == 200
+
+
+def test_cli_needs_the_tokenizer(tmp_path):
+  with pytest.raises(SystemExit, match="tokenizer.json does not exist"):
+    serve.main(["--checkpoint", str(tmp_path)])
+  with pytest.raises(SystemExit, match="is not a directory"):
+    serve.main(["--checkpoint", str(tmp_path / "missing")])
+
+
+def test_cli_builds_the_app_from_the_checkpoint(checkpoint, monkeypatch):
+  import uvicorn
+
+  served = {}
+  monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+  serve.main(["--checkpoint", checkpoint + os.sep, "--lattice", "none", "--port", "9",
+              "--max-threads", "3"])
+  app = served["app"]
+  assert served["host"] == HOST and served["port"] == 9
+  assert app.state.batcher.model.lattice is None  # the Isolated Parallel ablation
+  assert app.state.limits.model_name == "tiny-ckpt" and app.state.limits.max_threads == 3
+  with pytest.raises(SystemExit):
+    serve.main(["--checkpoint", checkpoint, "--max-batch", "0"])
+
+
+def test_create_app_checks_limits():
+  cfg = lace_jax.ModelConfig.preset("tiny")
+  model = lace_jax.Model(cfg, None, None)
+  with pytest.raises(ValueError, match="max_position_embeddings 4096"):
+    serve.create_app(model, TOKENIZER, model_name="m", max_prompt_tokens=4000,
+                     max_new_tokens=1000)
+  with pytest.raises(ValueError, match="max_threads=0"):
+    serve.create_app(model, TOKENIZER, model_name="m", max_threads=0)
