@@ -32,7 +32,7 @@ def main(argv: list[str]) -> None:
   workdir = _WORKDIR.value
   try:
     run = modes.get_mode(cfg.mode)
-  except (modes.ModeNotAvailable, ValueError) as e:
+  except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if "distributed" in cfg:

@@ -19,10 +19,6 @@ from lace_jax.model import build_model
 log = logging.getLogger(__name__)
 
 
-class ModeNotAvailable(RuntimeError):
-  """The experiment asks for a mode this version of lace_jax does not implement yet."""
-
-
 def _write_json(workdir: str | None, name: str, payload) -> str | None:
   if not workdir or jax.process_index() != 0:
     return None
@@ -121,15 +117,9 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict, str | None], dict]] = {
     "eval": run_eval,
     "datagen": run_datagen,
 }
-PLANNED_MODES: tuple[str, ...] = ()
 
 
 def get_mode(name: str) -> Callable[[ml_collections.ConfigDict, str | None], dict]:
-  if name in MODES:
-    return MODES[name]
-  if name in PLANNED_MODES:
-    raise ModeNotAvailable(
-        f"mode {name!r} is not available yet in this version of lace_jax; available modes: "
-        f"{sorted(MODES)}. Nothing was run.")
-  raise ValueError(f"unknown mode {name!r}; available: {sorted(MODES)}, planned: "
-                   f"{list(PLANNED_MODES)}")
+  if name not in MODES:
+    raise ValueError(f"unknown mode {name!r}; available: {sorted(MODES)}")
+  return MODES[name]
