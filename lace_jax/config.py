@@ -225,7 +225,9 @@ class LatticeConfig:
   rope_fractions: tuple[float, ...] = (0.75, 0.25)
   rope_thetas: tuple[float, ...] = (0.0, 10_000.0)
   implementation: str | None = None
-  init_std: float = 0.02
+  # std of the lattice matrices at init (W_up excepted: it starts at zero); 0 = 1/sqrt(fan_in),
+  # which keeps the side path's signal at unit scale through its five projections at any width
+  init_std: float = 0.0
 
   def __post_init__(self):
     object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))

@@ -134,19 +134,22 @@ class Lattice(nn.Module):
     in `Attention`. The cache holds keys after RoPE, read as [B, W*S, C, E]."""
     cfg, lat = self.cfg, self.lat
     r, c, e = lat.width, lat.heads, lat.head_dim
-    init = nn.initializers.normal(lat.init_std)
+    init = lambda fan_in: nn.initializers.normal(lat.init_std or fan_in**-0.5)
     pdt, dt = cfg.param_dtype, jnp.dtype(cfg.dtype)
     if lat.source == "attn_out":
       w_down = _param(self, "down", (cfg.num_heads, cfg.head_dim, r),
-                      ("heads", "head_dim", "lattice"), init, pdt)
+                      ("heads", "head_dim", "lattice"), init(cfg.num_heads * cfg.head_dim), pdt)
       h = jnp.einsum("BWTNH,NHR->BWTR", src, w_down.astype(dt))
     else:
-      w_down = _param(self, "down", (cfg.d_model, r), ("embed", "lattice"), init, pdt)
+      w_down = _param(self, "down", (cfg.d_model, r), ("embed", "lattice"), init(cfg.d_model),
+                      pdt)
       h = jnp.einsum("BWTD,DR->BWTR", src, w_down.astype(dt))
-    wq = _param(self, "q", (r, c, e), ("lattice", "lattice_heads", "lattice_head_dim"), init, pdt)
-    wk = _param(self, "k", (r, c, e), ("lattice", "lattice_heads", "lattice_head_dim"), init, pdt)
-    wv = _param(self, "v", (r, c, e), ("lattice", "lattice_heads", "lattice_head_dim"), init, pdt)
-    wp = _param(self, "p", (c, e, r), ("lattice_heads", "lattice_head_dim", "lattice"), init, pdt)
+    axes = ("lattice", "lattice_heads", "lattice_head_dim")
+    wq = _param(self, "q", (r, c, e), axes, init(r), pdt)
+    wk = _param(self, "k", (r, c, e), axes, init(r), pdt)
+    wv = _param(self, "v", (r, c, e), axes, init(r), pdt)
+    wp = _param(self, "p", (c, e, r), ("lattice_heads", "lattice_head_dim", "lattice"), init(r),
+                pdt)
     q = jnp.einsum("BWTR,RCE->BWTCE", h, wq.astype(dt))
     k = jnp.einsum("BWTR,RCE->BWTCE", h, wk.astype(dt))
     v = jnp.einsum("BWTR,RCE->BWTCE", h, wv.astype(dt))
@@ -171,7 +174,8 @@ class Lattice(nn.Module):
     p = jnp.einsum("BWTCE,CER->BWTR", p, wp.astype(dt))
     if lat.gate != "none":
       gates = r if lat.gate == "elementwise" else c
-      wg = _param(self, "gate", (2 * r, gates), ("lattice_gate_in", "lattice_gate"), init, pdt)
+      wg = _param(self, "gate", (2 * r, gates), ("lattice_gate_in", "lattice_gate"),
+                  init(2 * r), pdt)
       bg = _param(self, "gate_bias", (gates,), ("lattice_gate",), nn.initializers.zeros, pdt)
       hp = jnp.concatenate([h, p], axis=-1)  # [B, W, T, 2R]
       g = jax.nn.sigmoid(jnp.einsum("BWTX,XY->BWTY", hp, wg.astype(dt)) + bg.astype(dt))

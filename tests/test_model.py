@@ -259,3 +259,21 @@ def test_implementation_switches_do_not_change_the_model(attention, lattice_impl
                         lattice=model.lattice.replace(implementation=lattice_impl))
   a, b = _apply(ref, tokens, valid=valid), _apply(other, tokens, valid=valid)
   np.testing.assert_allclose(a[np.asarray(valid)], b[np.asarray(valid)], atol=2e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen3-1.7b"])
+def test_lattice_projections_preserve_signal_scale_at_init(preset):
+  """Fan-in scaled init: each lattice projection keeps an O(1) signal O(1), at any width.
+  (A fixed small std shrinks it by ~std*sqrt(fan_in) per projection: at the tiny width five
+  projections left ~1e-4 and the lattice could not learn.)"""
+  full = lj.ModelConfig.preset(preset)
+  lat = lj.LatticeConfig.default(full).replace(layers=(0,))
+  cfg = full.replace(num_layers=1, vocab_size=16)  # one layer of the real widths
+  lp = lj.model.init_params(cfg, lat)["layers_0"]["lattice"]
+  a = jax.random.normal(jax.random.key(0), (64, cfg.num_heads, cfg.head_dim))
+  h = jnp.einsum("XNH,NHR->XR", a, lp["down"])
+  q = jnp.einsum("XR,RCE->XCE", h, lp["q"])
+  p = jnp.einsum("XCE,CER->XR", q, lp["p"])
+  for x in (h, q, p):
+    assert 0.5 < float(jnp.sqrt(jnp.mean(x**2))) < 2.0
+  assert lp["up"].shape == (lat.width, full.d_model) and float(jnp.abs(lp["up"]).max()) == 0.0
