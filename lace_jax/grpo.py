@@ -178,14 +178,12 @@ def question_order(num: int, step: int, per_step: int, seed: int) -> list[int]:
 def run(cfg, workdir: str | None) -> dict:
   """Lattice GRPO: rollouts with the lockstep sampler, verified rewards, sharded updates."""
   import os
-  import signal
-  import threading
   import time
 
   from tqdm import tqdm
 
   from lace_jax import experiment, grading, sharding, train
-  from lace_jax.checkpoint import load_pretrained, save_pretrained
+  from lace_jax.checkpoint import load_pretrained
   from lace_jax.checkpointing import Checkpointer
   from lace_jax.metrics import MetricsLogger
   from lace_jax.sampling import full_grid, sample
@@ -242,16 +240,12 @@ def run(cfg, workdir: str | None) -> dict:
   logp_fn = jax.jit(lambda p, b: token_logprobs(model, p, b)[0])
 
   logger = MetricsLogger(workdir, resume_from_step=start)
-  stop = {"flag": False}
-  old = {}
-  if threading.current_thread() is threading.main_thread():
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      old[sig] = signal.signal(sig, lambda *_: stop.update(flag=True))
   bar = tqdm(total=tr.steps, initial=start, desc="grpo", dynamic_ncols=True,
              disable=jax.process_index() != 0)
   summary = {}
   try:
-    with grading.Grader(num_workers=g.grader_workers, timeout_s=g.grader_timeout_s) as grader:
+    with train.stop_requests() as stop, grading.Grader(num_workers=g.grader_workers,
+                                                       timeout_s=g.grader_timeout_s) as grader:
       for step in range(start, tr.steps):
         t0 = time.perf_counter()
         qs = [questions[i] for i in question_order(len(questions), step, nq, cfg.seed)]
@@ -311,14 +305,8 @@ def run(cfg, workdir: str | None) -> dict:
                 flush=True)
           raise SystemExit(143)
   finally:
-    for sig, h in old.items():
-      signal.signal(sig, h)
     bar.close()
   ckpt.close()
   logger.close()
-  export_dir = os.path.join(workdir, "export")
-  if jax.process_index() == 0:
-    from lace_jax.model import Model
-    save_pretrained(Model(model_cfg, lattice, jax.device_get(state["params"])), export_dir)
-    tokenizer.save(os.path.join(export_dir, "tokenizer.json"))
+  export_dir = train.export_model(model_cfg, lattice, state["params"], tokenizer, workdir)
   return {"steps": tr.steps, "last": summary, "export": export_dir}

@@ -12,6 +12,7 @@ the global batch, so accumulation and sharding change nothing but the summation 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -236,7 +237,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
 
   from lace_jax import data as data_lib
   from lace_jax import experiment
-  from lace_jax.checkpoint import load_pretrained, save_pretrained
+  from lace_jax.checkpoint import load_pretrained
   from lace_jax.checkpointing import Checkpointer
   from lace_jax.metrics import MetricsLogger
 
@@ -295,18 +296,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.yaml"), "w") as f:
       f.write(cfg.to_yaml())
-  preempted = {"flag": False}
-
-  def on_signal(signum, frame):
-    del frame
-    preempted["flag"] = True
-    _log0(f"received signal {signum}: saving a checkpoint after this step")
-
-  old_handlers = {}
-  if threading.current_thread() is threading.main_thread():
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      old_handlers[sig] = signal.signal(sig, on_signal)
-
   def next_batch():
     local = next(iterator)
     local = {k: v.reshape(accum, local_b // accum, *v.shape[1:]) for k, v in local.items()}
@@ -340,22 +329,23 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
     bar.update(1)
 
   try:
-    step = start
-    while step < tr.steps:
-      batch = next_batch()
-      state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step))
-      step += 1
+    with stop_requests() as preempted:
+      step = start
+      while step < tr.steps:
+        batch = next_batch()
+        state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step))
+        step += 1
+        if pending is not None:
+          finish(pending)  # step - 1, fetched while step runs
+        pending = (step, metrics)
+        if step % tr.save_every == 0 or step == tr.steps or preempted["flag"]:
+          finish(pending)  # never save a state whose loss was not checked
+          pending = None
+          ckpt.save(step, state, iterator)
+          if preempted["flag"]:
+            raise _Preempted(step)
       if pending is not None:
-        finish(pending)  # step - 1, fetched while step runs
-      pending = (step, metrics)
-      if step % tr.save_every == 0 or step == tr.steps or preempted["flag"]:
-        finish(pending)  # never save a state whose loss was not checked
-        pending = None
-        ckpt.save(step, state, iterator)
-        if preempted["flag"]:
-          raise _Preempted(step)
-    if pending is not None:
-      finish(pending)
+        finish(pending)
   except _Preempted as e:
     ckpt.close()
     bar.close()
@@ -363,27 +353,53 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
     _log0(f"stopped at step {e.args[0]} on request; checkpoint saved in {ckpt.directory}. "
           "Run the same command to resume.")
     raise SystemExit(143)
-  finally:
-    for sig, handler in old_handlers.items():
-      signal.signal(sig, handler)
   bar.close()
   ckpt.close()
   logger.close()
-
-  export_dir = os.path.join(workdir, "export")
-  params = state["params"]
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    params = multihost_utils.process_allgather(params, tiled=True)
-  if jax.process_index() == 0:
-    save_pretrained(Model(model_cfg, lattice, jax.device_get(params)), export_dir)
-    tokenizer.save(os.path.join(export_dir, "tokenizer.json"))
+  export_dir = export_model(model_cfg, lattice, state["params"], tokenizer, workdir)
   summary = {"steps": tr.steps, "start_step": start, "final_loss": history[-1][1] if history
              else None, "export": export_dir, "data": report.summary(),
              "seconds": time.perf_counter() - t0, "compiled_memory": mem}
   _log0(f"done: {summary['steps']} steps, final loss {summary['final_loss']}, exported to "
         f"{export_dir} ({summary['seconds']:.0f}s)")
   return summary
+
+
+def export_model(model_cfg: ModelConfig, lattice: LatticeConfig | None, params: Params,
+                 tokenizer, workdir: str) -> str:
+  """Writes WORKDIR/export (an HF directory + tokenizer.json); all processes must call it
+  (the parameters are gathered across hosts), process 0 writes."""
+  from lace_jax.checkpoint import save_pretrained
+  export_dir = os.path.join(workdir, "export")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(params, tiled=True)
+  if jax.process_index() == 0:
+    save_pretrained(Model(model_cfg, lattice, jax.device_get(params)), export_dir)
+    tokenizer.save(os.path.join(export_dir, "tokenizer.json"))
+  return export_dir
+
+
+@contextlib.contextmanager
+def stop_requests():
+  """Yields a dict whose "flag" turns True on SIGTERM / SIGINT (main thread only), so a loop
+  can checkpoint at the next step boundary; the previous handlers are restored on exit."""
+  flag = {"flag": False}
+
+  def on_signal(signum, frame):
+    del frame
+    flag["flag"] = True
+    _log0(f"received signal {signum}: saving a checkpoint after this step")
+
+  old = {}
+  if threading.current_thread() is threading.main_thread():
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      old[sig] = signal.signal(sig, on_signal)
+  try:
+    yield flag
+  finally:
+    for sig, handler in old.items():
+      signal.signal(sig, handler)
 
 
 def _log0(msg: str) -> None:
