@@ -25,6 +25,7 @@ class Checkpointer:
                                            enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._closed = False
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -51,5 +52,9 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for in-flight saves, then shuts the manager down (idempotent)."""
+    if self._closed:
+      return
     self._manager.wait_until_finished()
     self._manager.close()
+    self._closed = True

@@ -282,6 +282,7 @@ def run(cfg, workdir: str | None) -> dict:
                                    jax.random.key(step * 1000 + mu))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not np.isfinite(metrics["loss"]):
+          ckpt.wait()
           raise FloatingPointError(f"GRPO loss is {metrics['loss']} at step {step + 1}; the last "
                                    f"good checkpoint is step {ckpt.latest_step()}")
         row = {"reward": float(r["reward"].mean()), "accuracy": float(r["accuracy"].mean()),
@@ -304,6 +305,10 @@ def run(cfg, workdir: str | None) -> dict:
           print(f"stopped at step {step + 1} on request; rerun the same command to resume",
                 flush=True)
           raise SystemExit(143)
+  except BaseException:
+    ckpt.close()  # never leave a half-written checkpoint behind an error
+    logger.close()
+    raise
   finally:
     bar.close()
   ckpt.close()

@@ -313,6 +313,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
     m = {k: float(v) for k, v in jax.device_get(m).items()}  # blocks until the step is done
     now = time.perf_counter()
     if not np.isfinite(m["loss"]):
+      ckpt.wait()  # the last good checkpoint may still be being written: finish it first
       raise FloatingPointError(
           f"loss is {m['loss']} at step {step}: stopping. The last good checkpoint is step "
           f"{ckpt.latest_step()} in {ckpt.directory}; lower optim.lr or check the data.")
@@ -353,6 +354,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
     _log0(f"stopped at step {e.args[0]} on request; checkpoint saved in {ckpt.directory}. "
           "Run the same command to resume.")
     raise SystemExit(143)
+  except BaseException:
+    ckpt.close()  # never leave a half-written checkpoint behind an error
+    bar.close()
+    logger.close()
+    raise
   bar.close()
   ckpt.close()
   logger.close()

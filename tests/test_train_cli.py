@@ -83,7 +83,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                r"(\d+) in (\S+);", msg)
   assert m, msg
   bad, good = int(m.group(2)), int(m.group(3))
-  saved = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+  entries = os.listdir(tmp_path / "checkpoints")
+  assert all(e.isdigit() for e in entries), entries  # no half-written checkpoint left behind
+  saved = sorted(int(e) for e in entries)
   assert 4 <= good < bad and saved[-1] == good  # nothing saved at or after the bad step
   assert all(np.isfinite(v) for s, v in _losses(tmp_path).items() if s <= good)
 
