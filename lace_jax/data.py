@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from lace_jax.tokenizer import THREAD_INSTRUCTION, Tokenizer, thread_prompts
+from lace_jax.tokenizer import Tokenizer, instruction_template, thread_prompts
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def load_examples(path: str, tokenizer: Tokenizer, *, num_threads: int, max_len:
   if fmt == "text" and num_threads != 1:
     raise ValueError(f"data.format='text' is single-thread: num_threads must be 1, got "
                      f"{num_threads}")
-  template = THREAD_INSTRUCTION if instruction == "default" else instruction
+  template = instruction_template(instruction)
   report = DataReport(path)
   examples = []
   end = tokenizer.im_end_id

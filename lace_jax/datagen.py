@@ -307,9 +307,9 @@ def _compress(trace: str, problem, gen: Generator, grader, s: Settings, seed: in
   short = strip_tags(gen.complete([COMPRESS.format(target=s.target_tokens, trace=trace)],
                                   max_tokens=s.target_tokens, temperature=0.0, seed=seed)[0])
   before, after = grading.extract_boxed(trace), grading.extract_boxed(short)
-  keeps_answer = after is not None and grader.grade_many([(after, before or "")])[0] and \
-      grader.grade_many([(after, problem.answer)])[0] == grader.grade_many(
-          [(before, problem.answer)])[0]
+  same, after_ok, before_ok = grader.grade_many(
+      [(after, before or ""), (after, problem.answer), (before, problem.answer)])
+  keeps_answer = after is not None and same and after_ok == before_ok
   if not keeps_answer or gen.count_tokens(short) > s.target_tokens:
     stats["compressions_discarded"] += 1
     return None
@@ -420,8 +420,7 @@ def generate(problems: Sequence[grading.Problem], gen: Generator, grader, s: Set
 
 def run(cfg, workdir: str | None) -> dict:
   """The `datagen` mode."""
-  from lace_jax import experiment, train
-  from lace_jax.checkpoint import load_pretrained
+  from lace_jax import experiment
   from lace_jax.model import build_model
   if not workdir:
     raise ValueError("mode 'datagen' needs --workdir (the output and its report go there)")
@@ -439,10 +438,9 @@ def run(cfg, workdir: str | None) -> dict:
                                    timeout_s=g.timeout_s, request_budget=g.request_budget)
   elif g.generator == "in_process":
     model_cfg, lattice = experiment.model_configs(cfg)
-    tokenizer, _ = train._resolve_tokenizer(cfg)
-    model = (load_pretrained(cfg.model.checkpoint, lattice=lattice or None,
-                             dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype)
-             if cfg.model.checkpoint else build_model(model_cfg, lattice, seed=cfg.seed))
+    tokenizer, _ = experiment.resolve_tokenizer(cfg)
+    model = (experiment.load_checkpoint(cfg, model_cfg, lattice)
+             or build_model(model_cfg, lattice, seed=cfg.seed))
     gen = InProcessGenerator(model, tokenizer, batch_size=g.batch_size)
   else:
     raise ValueError(f"datagen.generator={g.generator!r}; expected 'in_process' or 'http'")

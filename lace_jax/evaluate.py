@@ -26,7 +26,8 @@ from tqdm import tqdm
 from lace_jax import grading, grpo
 from lace_jax.model import Model
 from lace_jax.sampling import sample
-from lace_jax.tokenizer import THREAD_INSTRUCTION, Tokenizer, thread_prompts
+from lace_jax.tokenizer import (THREAD_INSTRUCTION, Tokenizer, instruction_template,
+                                thread_prompts)
 
 METRICS = ("lace_acc", "maj_acc", "mean_acc", "pass@1", "pass@W", "format_rate", "diversity",
            "tokens_per_query", "seconds_per_query")
@@ -93,17 +94,15 @@ def markdown_table(results: dict[str, dict[str, dict]]) -> str:
 
 def run(cfg, workdir: str | None) -> dict:
   """The `eval` mode: every variant on every dataset; JSON + markdown in the workdir."""
-  from lace_jax import experiment, train
+  from lace_jax import experiment
   from lace_jax.checkpoint import load_pretrained
   from lace_jax.model import build_model
 
   e, d = cfg.eval, cfg.data
   model_cfg, lattice = experiment.model_configs(cfg)
-  tokenizer, _ = train._resolve_tokenizer(cfg)
-  if cfg.model.checkpoint:
-    model = load_pretrained(cfg.model.checkpoint, lattice=lattice or None,
-                            dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype)
-  else:
+  tokenizer, _ = experiment.resolve_tokenizer(cfg)
+  model = experiment.load_checkpoint(cfg, model_cfg, lattice)
+  if model is None:
     print("note: no model.checkpoint given: evaluating a randomly initialised model",
           flush=True)
     model = build_model(model_cfg, lattice, seed=cfg.seed)
@@ -120,7 +119,7 @@ def run(cfg, workdir: str | None) -> dict:
   for path in e.checkpoints:
     variants[os.path.basename(os.path.normpath(path))] = load_pretrained(
         path, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype)
-  template = THREAD_INSTRUCTION if d.instruction == "default" else d.instruction
+  template = instruction_template(d.instruction)
   results: dict[str, dict[str, dict]] = {}
   os.makedirs(workdir or ".", exist_ok=True)
   with grading.Grader(num_workers=e.grader_workers, timeout_s=e.grader_timeout_s) as grader:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+import os
+
 from lace_jax.config import LatticeConfig, ModelConfig
 
 
@@ -75,6 +77,29 @@ def model_configs(cfg: ml_collections.ConfigDict) -> tuple[ModelConfig, LatticeC
     model = ModelConfig.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                                attention=m.attention)
   return model, lattice_config(cfg.lattice, model)
+
+
+def resolve_tokenizer(cfg: ml_collections.ConfigDict):
+  """(Tokenizer, path): data.tokenizer, else the checkpoint's tokenizer.json."""
+  from lace_jax.tokenizer import Tokenizer
+  path = cfg.data.tokenizer
+  if not path and cfg.model.checkpoint:
+    path = os.path.join(cfg.model.checkpoint, "tokenizer.json")
+  if not path:
+    raise ValueError("no tokenizer: set data.tokenizer to a tokenizer.json, or model.checkpoint "
+                     "to a directory that holds one")
+  return Tokenizer.from_file(path), path
+
+
+def load_checkpoint(cfg: ml_collections.ConfigDict, model: ModelConfig,
+                    lattice: LatticeConfig | None):
+  """The `Model` in cfg.model.checkpoint with this run's lattice and dtypes, or None when no
+  checkpoint is configured (callers then initialise from cfg.seed)."""
+  if not cfg.model.checkpoint:
+    return None
+  from lace_jax.checkpoint import load_pretrained
+  return load_pretrained(cfg.model.checkpoint, lattice=lattice, dtype=model.param_dtype,
+                         compute_dtype=model.dtype)
 
 
 def lattice_config(section: ml_collections.ConfigDict,

@@ -183,20 +183,19 @@ def run(cfg, workdir: str | None) -> dict:
   from tqdm import tqdm
 
   from lace_jax import experiment, grading, sharding, train
-  from lace_jax.checkpoint import load_pretrained
   from lace_jax.checkpointing import Checkpointer
   from lace_jax.metrics import MetricsLogger
   from lace_jax.sampling import full_grid, sample
-  from lace_jax.tokenizer import THREAD_INSTRUCTION, thread_prompts
+  from lace_jax.tokenizer import instruction_template, thread_prompts
 
   if not workdir:
     raise ValueError("mode 'grpo' needs --workdir")
   g, tr, d = cfg.grpo, cfg.train, cfg.data
   model_cfg, lattice = experiment.model_configs(cfg)
-  tokenizer, _ = train._resolve_tokenizer(cfg)
+  tokenizer, _ = experiment.resolve_tokenizer(cfg)
   questions = load_questions(d.path)
   w, gsize, nq = d.num_threads, g.rollouts_per_question, tr.batch_size
-  template = THREAD_INSTRUCTION if d.instruction == "default" else d.instruction
+  template = instruction_template(d.instruction)
 
   def prompts_of(q):
     return tokenizer.encode_batch(thread_prompts(q["problem"], w, thinking=d.thinking,
@@ -217,11 +216,8 @@ def run(cfg, workdir: str | None) -> dict:
     print(f"resumed from step {start} ({ckpt.directory})", flush=True)
   else:
     start = 0
-    params0 = None
-    if cfg.model.checkpoint:
-      params0 = load_pretrained(cfg.model.checkpoint, lattice=lattice or None,
-                                dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype).params
-    state = trainer.init_state(cfg.seed, params0)
+    loaded = experiment.load_checkpoint(cfg, model_cfg, lattice)
+    state = trainer.init_state(cfg.seed, loaded.params if loaded else None)
   ref_params = jax.device_get(state["params"]) if g.kl_beta else None
   model = trainer.model
   prompt_len = d.max_len  # fixed prompt width: one compiled sampler and step for the whole run
@@ -249,7 +245,7 @@ def run(cfg, workdir: str | None) -> dict:
       for step in range(start, tr.steps):
         t0 = time.perf_counter()
         qs = [questions[i] for i in question_order(len(questions), step, nq, cfg.seed)]
-        prompt_ids = [prompts_of(q) for q in qs for _ in range(gsize)]
+        prompt_ids = [ids for ids in map(prompts_of, qs) for _ in range(gsize)]
         if max(len(x) for p in prompt_ids for x in p) > prompt_len:
           raise ValueError(f"a prompt is longer than data.max_len={prompt_len} tokens; raise it")
         out = sample(model, state["params"], prompt_ids, num_threads=w,

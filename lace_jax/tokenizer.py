@@ -20,6 +20,12 @@ THREAD_INSTRUCTION = (
     "[[fail]] if you could not solve the problem.")
 
 
+def instruction_template(name: str) -> str:
+  """A config's `instruction` value -> the template: "default" is THREAD_INSTRUCTION, anything
+  else is used as given ("" for no format note)."""
+  return THREAD_INSTRUCTION if name == "default" else name
+
+
 class Tokenizer:
   """Text <-> ids. Special tokens written in the text (e.g. `<|im_end|>`) map to their ids."""
 

@@ -207,17 +207,6 @@ class _Preempted(Exception):
   pass
 
 
-def _resolve_tokenizer(cfg: ml_collections.ConfigDict):
-  from lace_jax.tokenizer import Tokenizer
-  path = cfg.data.tokenizer
-  if not path and cfg.model.checkpoint:
-    path = os.path.join(cfg.model.checkpoint, "tokenizer.json")
-  if not path:
-    raise ValueError("no tokenizer: set data.tokenizer to a tokenizer.json, or model.checkpoint "
-                     "to a directory that holds one")
-  return Tokenizer.from_file(path), path
-
-
 def _check_batch(batch_size: int, accum: int, mesh: Mesh) -> None:
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % accum:
@@ -237,7 +226,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
 
   from lace_jax import data as data_lib
   from lace_jax import experiment
-  from lace_jax.checkpoint import load_pretrained
   from lace_jax.checkpointing import Checkpointer
   from lace_jax.metrics import MetricsLogger
 
@@ -246,7 +234,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
                      "there)")
   t0 = time.perf_counter()
   model_cfg, lattice = experiment.model_configs(cfg)
-  tokenizer, tok_path = _resolve_tokenizer(cfg)
+  tokenizer, tok_path = experiment.resolve_tokenizer(cfg)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model's "
                      f"vocab_size is {model_cfg.vocab_size}")
@@ -275,12 +263,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
     _log0(f"resumed from step {start} ({ckpt.directory})")
   else:
     start = 0
-    if cfg.model.checkpoint:
-      loaded = load_pretrained(cfg.model.checkpoint, lattice=lattice or None,
-                               dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype)
-      state = trainer.init_state(cfg.seed, loaded.params)
-    else:
-      state = trainer.init_state(cfg.seed)
+    loaded = experiment.load_checkpoint(cfg, model_cfg, lattice)
+    state = trainer.init_state(cfg.seed, loaded.params if loaded else None)
 
   accum = tr.grad_accum
   local_b = tr.batch_size // jax.process_count()

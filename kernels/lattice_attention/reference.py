@@ -27,23 +27,27 @@ from kernels.attention.reference import masked_softmax_weights
 MASK_MODES = ("causal", "other_threads", "same_position")
 
 
+def mask_from_ids(mode: str, q_thr: jax.Array, q_col: jax.Array, k_thr: jax.Array,
+                  k_col: jax.Array) -> jax.Array:
+  """[Q, K] bool: which flattened keys each flattened query may read, from (thread id, grid
+  column) of the queries [Q] and of the keys [K]; key validity is applied by the caller."""
+  if mode not in MASK_MODES:
+    raise ValueError(f"lattice mask mode {mode!r}; expected one of {MASK_MODES}")
+  if mode == "same_position":
+    return k_col[None, :] == q_col[:, None]
+  allowed = k_col[None, :] <= q_col[:, None]
+  if mode == "other_threads":
+    allowed &= k_thr[None, :] != q_thr[:, None]
+  return allowed
+
+
 def lattice_mask(num_threads: int, q_cols: jax.Array, k_cols: jax.Array, key_valid: jax.Array,
                  mode: str) -> jax.Array:
   """[B, W*T, W*S] bool mask over the flattened grid (row = w * T + t, column = w' * S + s)."""
-  if mode not in MASK_MODES:
-    raise ValueError(f"lattice mask mode {mode!r}; expected one of {MASK_MODES}")
   w = num_threads
   t, s = q_cols.shape[0], k_cols.shape[0]
-  qw = jnp.repeat(jnp.arange(w), t)  # [W*T]
-  qc = jnp.tile(q_cols, w)  # [W*T]
-  kw = jnp.repeat(jnp.arange(w), s)  # [W*S]
-  kc = jnp.tile(k_cols, w)  # [W*S]
-  if mode == "same_position":
-    allowed = kc[None, :] == qc[:, None]
-  else:
-    allowed = kc[None, :] <= qc[:, None]
-    if mode == "other_threads":
-      allowed &= kw[None, :] != qw[:, None]
+  allowed = mask_from_ids(mode, jnp.repeat(jnp.arange(w), t), jnp.tile(q_cols, w),
+                          jnp.repeat(jnp.arange(w), s), jnp.tile(k_cols, w))
   b = key_valid.shape[0]
   return allowed[None] & key_valid.reshape(b, 1, w * s)
 
