@@ -65,10 +65,6 @@ class ModelConfig:
   def replace(self, **kwargs) -> ModelConfig:
     return dataclasses.replace(self, **kwargs)
 
-  @property
-  def num_groups(self) -> int:  # G
-    return self.num_heads // self.num_kv_heads
-
   @classmethod
   def preset(cls, name: str, **overrides) -> ModelConfig:
     """A named preset: `tiny` (tests and demos) or a published Qwen3 shape."""
