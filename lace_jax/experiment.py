@@ -276,3 +276,38 @@ def datagen_config(source: str, *, generator: str, num_threads: int = 4,
                        keep_unsolved=True, grader_workers=2, max_trace_tokens=20,
                        target_tokens=16)
   return cfg
+
+
+def toy_config(task: str, *, num_threads: int, seeds: tuple[int, ...], variants: tuple[str, ...],
+               stages: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """The toy-scale comparison (`lace_jax.toy`): the tiny model trained from scratch on CPU.
+
+  The lattice is wider than the tiny preset's spec default (R = 32, C = 2 heads of E = 16, in
+  layers 1 and 3 instead of R = 16, C = 4 of E = 4 in layer 2): with E = 4 every head dim is
+  rotary and a model trained from scratch did not learn to select the other thread's key.
+  """
+  mode = {"relay": "relay", "pair_search": "toy_search"}[task]
+  cfg = base_config(mode, "tiny", dtype="float32")
+  cfg.lattice = lattice_section("tiny", layers=(1, 3), width=32, heads=2)
+  cfg.toy = ml_collections.ConfigDict({
+      "task": task,  # relay | pair_search (see lace_jax.toydata)
+      "num_threads": num_threads,  # W
+      "num_items": 12, "trials": 3,  # pair_search: N items, per-thread budget in trials
+      "train_problems": 4000, "test_problems": 200,
+      "max_len": 80,  # training grid width T (prompt + completion)
+      "prompt_width": 56,  # sampler prompt width (GRPO and the attention picture)
+      "max_new_tokens": 26,  # the per-thread token budget (3 trials of 7 tokens + the answer)
+      "seeds": seeds, "variants": variants, "stages": stages,
+      "headline": (),  # ((variant, metric), ...) overriding lace_acc / lace_acc / maj_acc
+      "pass_lattice": 0.9,  # relay: the accuracy the lattice must reach
+  })
+  cfg.cpt = ml_collections.ConfigDict({"steps": 300, "batch_size": 16, "lr": 1e-3,
+                                       "warmup_steps": 30, "save_every": 100, "log_every": 10})
+  cfg.sft = ml_collections.ConfigDict({"steps": 1500, "batch_size": 16, "lr": 1e-3,
+                                       "warmup_steps": 50, "save_every": 250, "log_every": 10})
+  cfg.grpo = ml_collections.ConfigDict({"steps": 60, "questions": 8, "rollouts": 4, "lr": 1e-4,
+                                        "warmup_steps": 5, "temperature": 1.0,
+                                        "lambda_div": 0.1, "save_every": 20})
+  cfg.eval = ml_collections.ConfigDict({"temperature": 1.0, "batch_size": 50,
+                                        "grader_workers": 2, "grader_timeout_s": 10.0})
+  return cfg

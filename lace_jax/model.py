@@ -156,6 +156,8 @@ class Lattice(nn.Module):
     thetas = tuple(th if th > 0 else cfg.rope_theta for th in lat.rope_thetas)
     q = ops.multi_axis_rope(q, coords, lat.rope_sections, thetas)
     k = ops.multi_axis_rope(k, coords, lat.rope_sections, thetas)
+    # for analysis (`lace_jax.toy.attention_profile`): a no-op unless "intermediates" is mutable
+    self.sow("intermediates", "qk", (q, k))
     new_cache = None
     if cur is None:
       p = lattice_attention(q, k, v, key_valid=valid, mask=lat.mask,

@@ -107,6 +107,11 @@ def run_train(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   return train.run(cfg, workdir)
 
 
+def run_toy(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
+  from lace_jax import toy
+  return toy.run_comparison(cfg, workdir)
+
+
 MODES: dict[str, Callable[[ml_collections.ConfigDict, str | None], dict]] = {
     "quickstart": run_quickstart,
     "overhead": run_overhead,
@@ -116,6 +121,8 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict, str | None], dict]] = {
     "grpo": run_grpo,
     "eval": run_eval,
     "datagen": run_datagen,
+    "relay": run_toy,
+    "toy_search": run_toy,
 }
 
 

@@ -1,5 +1,17 @@
-"""A small multi-thread dataset and tokenizer bundled with the package, for `:runlocal`
-experiments and tests on CPU.
+"""Toy tasks and tokenizers for CPU-scale experiments.
+
+1. The bundled `:runlocal` dataset (`assets/toy_search.jsonl`, `assets/toy_tokenizer.json`),
+   described below, used by the `:runlocal` experiment variants and the tests.
+2. The two tasks of the toy-scale comparison (`lace_jax.toy`, `experiments/toy_*.py`), written
+   in a word-level vocabulary (`word_tokenizer`) so every word is one token and the rounds of
+   different threads fall on the same grid columns:
+   - relay: thread w's prompt holds a private digit d_w; every thread must answer the sum of
+     all W digits. Without cross-thread communication the best possible accuracy is 10% (the
+     other digits are uniform and independent of the prompt).
+   - pair search: all threads share one list of N lettered items, each with two digits; exactly
+     one item's digits add to the target. A trial costs 7 tokens ("F 3 + 5 = 8 no"), the
+     per-thread budget is `trials` of them, and N = W * trials, so only threads that divide the
+     items between them and share the one that is found are sure to answer within the budget.
 
 The task (a cheap search with a verifiable answer): find the x in [1, n] with
 (a * x + b) mod m = r, where m is a prime above n so x is unique. Thread w of W is handed the
@@ -65,6 +77,111 @@ def search_record(rng: random.Random, idx: int, num_threads: int = 4,
 def make_records(num: int, seed: int = 0, num_threads: int = 4, per_thread: int = 4) -> list[dict]:
   rng = random.Random(seed)
   return [search_record(rng, i, num_threads, per_thread) for i in range(num)]
+
+
+# ------------------------------------------------------------------ word-level toy tasks
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+RELAY_WORDS = ("my", "number", "is", "give", "the", "sum", "of", "all", "numbers", ".")
+SEARCH_WORDS = ("items", "find", "item", "whose", "add", "to", "+", "=", "no", "yes", "found",
+                "other", "guess", ".")
+
+
+def word_tokenizer(max_number: int = 40) -> tokenizers.Tokenizer:
+  """A word-level tokenizer (whitespace split, decoded by joining with spaces) covering the
+  toy tasks: the chat special tokens, numbers 0..max_number, capital letters, the tasks' words,
+  `\\boxed{x}` for every number and letter, and the three tags."""
+  words = [*SPECIAL_TOKENS, "[UNK]", "system", "user", "assistant"]
+  atoms = [str(i) for i in range(max_number + 1)] + list(LETTERS)
+  words += atoms + [f"\\boxed{{{a}}}" for a in atoms] + ["[[best]]", "[[success]]", "[[fail]]"]
+  words += [w for w in RELAY_WORDS + SEARCH_WORDS if w not in words]
+  tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
+                                              unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+  tok.add_special_tokens(list(SPECIAL_TOKENS))
+  return tok
+
+
+def relay_record(rng: random.Random, idx: int, num_threads: int) -> dict:
+  digits = [rng.randint(0, 9) for _ in range(num_threads)]
+  total = sum(digits)
+  return {"id": f"relay-{idx}",
+          "problem": [f"my number is {d} . give the sum of all numbers ." for d in digits],
+          "threads": [f"\\boxed{{{total}}}"] * num_threads, "answer": str(total)}
+
+
+def pair_search_problem(rng: random.Random, num_items: int) -> tuple[str, list[tuple], int]:
+  """(problem text, [(letter, a, b)], index of the one item whose digits add to the target)."""
+  if num_items > len(LETTERS):
+    raise ValueError(f"num_items={num_items} > {len(LETTERS)} letters")
+  target_idx = rng.randrange(num_items)
+  a, b = rng.randint(0, 9), rng.randint(0, 9)
+  target = a + b
+  items = []
+  for i in range(num_items):
+    if i == target_idx:
+      items.append((LETTERS[i], a, b))
+      continue
+    while True:
+      x, y = rng.randint(0, 9), rng.randint(0, 9)
+      if x + y != target:
+        items.append((LETTERS[i], x, y))
+        break
+  listing = " ".join(f"{c} {x} {y}" for c, x, y in items)
+  return (f"items {listing} . find the item whose numbers add to {target} .", items, target_idx)
+
+
+def _trial(item, target: int) -> str:
+  c, x, y = item
+  return f"{c} {x} + {y} = {x + y} {'yes' if x + y == target else 'no'}"
+
+
+def pair_search_record(rng: random.Random, idx: int, num_threads: int, num_items: int,
+                       trials: int, problem: tuple[str, list[tuple], int] | None = None) -> dict:
+  """One problem with W coordinated threads (W = 1: one thread on its own budget).
+
+  W > 1: the items are dealt out, round r giving thread w item order[r * W + w]; every thread
+  reports its trial each round; in the round the item is found, its finder ends with
+  "found X \\boxed{X} [[best]]" and every other thread with "other X \\boxed{X} [[success]]"
+  (which only a thread that reads the finder can write). W = 1: the thread tries `trials`
+  random items; found -> "found X ..."; not found -> "guess Y \\boxed{Y} [[best]]" with Y a
+  random untried item (the single thread always ships its answer). `problem`: a problem from
+  `pair_search_problem` (default: a fresh one).
+  """
+  problem, items, t = problem or pair_search_problem(rng, num_items)
+  target = items[t][1] + items[t][2]
+  answer = items[t][0]
+  order = list(range(num_items))
+  rng.shuffle(order)
+  if num_threads == 1:
+    tried = order[:trials]
+    lines = []
+    for i in tried:
+      lines.append(_trial(items[i], target))
+      if i == t:
+        break
+    if t in tried:
+      lines.append(f"found {answer} \\boxed{{{answer}}} [[best]]")
+    else:
+      guess = items[rng.choice([i for i in order if i not in tried])][0]
+      lines.append(f"guess {guess} \\boxed{{{guess}}} [[best]]")
+    return {"id": f"pair-{idx}", "problem": problem, "threads": [" ".join(lines)],
+            "answer": answer, "tags": ["[[best]]"]}
+  if num_threads * trials < num_items:
+    raise ValueError(f"W={num_threads} threads x {trials} trials cannot cover {num_items} items")
+  pos = order.index(t)
+  rounds, finder = pos // num_threads + 1, pos % num_threads
+  threads, tags = [], []
+  for w in range(num_threads):
+    lines = [_trial(items[order[r * num_threads + w]], target) for r in range(rounds)
+             if r * num_threads + w < num_items]
+    tag = "[[best]]" if w == finder else "[[success]]"
+    lines.append(f"{'found' if w == finder else 'other'} {answer} \\boxed{{{answer}}} {tag}")
+    threads.append(" ".join(lines))
+    tags.append(tag)
+  return {"id": f"pair-{idx}", "problem": problem, "threads": threads, "answer": answer,
+          "tags": tags}
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> tokenizers.Tokenizer:

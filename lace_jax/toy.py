@@ -1,0 +1,339 @@
+"""The toy-scale comparison (modes `relay` and `toy_search`): small models trained from scratch
+through the same code paths as the real runs (datagen-format JSONL -> `train.run` CPT / SFT ->
+`grpo.run` -> sampler + grader), so the claim "threads that read each other beat threads that
+do not" is tested where it can be run: on a CPU.
+
+Variants (spec section 8's baselines), all trained on the same problems and token budget:
+  lace         the lattice model, W threads (the method)
+  isolated     the same model, data and format with `lattice=None` (Isolated Parallel)
+  independent  a single-thread model trained on single-thread traces; W samples, majority vote
+               (Independent + Voting)
+
+Every stage writes into WORKDIR/seed<k>/<variant>/<stage>/ and a `done.json` when it finishes;
+a rerun of the same command skips finished stages and resumes an interrupted one from its
+checkpoint, so nothing is lost on interruption.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lace_jax import evaluate as eval_lib
+from lace_jax import experiment, grading, toydata
+
+VARIANTS = ("lace", "isolated", "independent")
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+def _write_jsonl(path: str, records) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)  # a killed run never leaves a half-written file behind
+
+
+def _problems(path: str) -> list[grading.Problem]:
+  with open(path) as f:
+    recs = [json.loads(line) for line in f if line.strip()]
+  return [grading.Problem(r["id"], r["problem"], r["answer"], os.path.basename(path))
+          for r in recs]
+
+
+def make_data(cfg: ml_collections.ConfigDict, data_dir: str) -> dict[str, str]:
+  """Writes the task's train / test JSONL (multi-thread and single-thread traces) and the
+  word-level tokenizer, deterministically from cfg.seed; returns their paths."""
+  t = cfg.toy
+  os.makedirs(data_dir, exist_ok=True)
+  paths = {k: os.path.join(data_dir, f"{k}.jsonl") for k in ("train", "train_single", "test")}
+  paths["tokenizer"] = os.path.join(data_dir, "tokenizer.json")
+  if all(os.path.isfile(p) for p in paths.values()):
+    return paths
+  rng = random.Random(cfg.seed)
+  if t.task == "relay":
+    train = [toydata.relay_record(rng, i, t.num_threads) for i in range(t.train_problems)]
+    test = [toydata.relay_record(rng, i, t.num_threads) for i in range(t.test_problems)]
+    single = train  # unused: the relay compares lattice vs isolated only
+  elif t.task == "pair_search":
+    train, single = [], []
+    for i in range(t.train_problems):
+      prob = toydata.pair_search_problem(rng, t.num_items)
+      train.append(toydata.pair_search_record(rng, i, t.num_threads, t.num_items, t.trials,
+                                               problem=prob))
+      # the single-thread baseline: the same problems, W independent traces each (the same
+      # number of thread tokens as the multi-thread data)
+      for w in range(t.num_threads):
+        rec = toydata.pair_search_record(rng, i, 1, t.num_items, t.trials, problem=prob)
+        single.append(dict(rec, id=f"{rec['id']}-{w}"))
+    test = [toydata.pair_search_record(rng, t.train_problems + i, t.num_threads, t.num_items,
+                                       t.trials) for i in range(t.test_problems)]
+  else:
+    raise ValueError(f"toy.task={t.task!r}; expected 'relay' or 'pair_search'")
+  _write_jsonl(paths["train"], train)
+  _write_jsonl(paths["train_single"], single)
+  _write_jsonl(paths["test"], test)
+  toydata.word_tokenizer().save(paths["tokenizer"])
+  return paths
+
+
+# ------------------------------------------------------------------------------ analysis
+
+
+def attention_profile(model, params, tokens: np.ndarray, valid: np.ndarray,
+                      prompt_width: int) -> dict[str, list[float]]:
+  """How much of each lattice head's attention goes to *other* threads, per generation step.
+
+  tokens, valid: [B, W, T] full grids (prompt columns first, then generated columns). For each
+  lattice layer: the attention mass on keys of other threads, averaged over batch, threads and
+  heads and over valid queries, at every generated column (prompt_width ... T-1). Computed from
+  the queries and keys the lattice layers `sow`, with the reference mask and softmax.
+  """
+  from kernels.lattice_attention.reference import lattice_mask
+  from kernels.lattice_attention import reference as ref
+  lat = model.lattice
+  tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
+  positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0).astype(jnp.int32)
+
+  @jax.jit
+  def profile(params):
+    _, state = model.module.apply({"params": params}, tokens, positions, valid,
+                                  mutable=["intermediates"])
+    out = {}
+    b, w, t = tokens.shape
+    cols = jnp.arange(t, dtype=jnp.int32)
+    allowed = lattice_mask(w, cols, cols, valid, lat.mask)  # [B, W*T, W*T]
+    other = jnp.repeat(jnp.arange(w), t)[:, None] != jnp.repeat(jnp.arange(w), t)[None, :]
+    for name, layer in state["intermediates"].items():
+      if "lattice" not in layer:
+        continue
+      q, k = layer["lattice"]["qk"][0]  # [B, W, T, C, E]
+      c, e = q.shape[-2:]
+      scores = jnp.einsum("BQCE,BKCE->BCQK", q.reshape(b, w * t, c, e),
+                          k.reshape(b, w * t, c, e), preferred_element_type=jnp.float32)
+      probs = ref.masked_softmax_weights(scores * e**-0.5, allowed[:, None])  # [B, C, WT, WT]
+      mass = jnp.sum(jnp.where(other[None, None], probs, 0.0), axis=-1)  # [B, C, W*T]
+      mass = mass.mean(axis=1).reshape(b, w, t)
+      qv = valid.astype(jnp.float32)
+      out[name] = (mass * qv).sum(axis=(0, 1)) / jnp.maximum(qv.sum(axis=(0, 1)), 1.0)  # [T]
+    return out
+
+  res = jax.device_get(profile(params))
+  return {name: [float(x) for x in v[prompt_width:]] for name, v in sorted(res.items())}
+
+
+# -------------------------------------------------------------------------------- stages
+
+
+def _copy(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  import copy
+  c = copy.deepcopy(section)
+  c.unlock()
+  return c
+
+
+def _train_config(cfg, mode: str, variant: str, paths: dict, checkpoint: str, seed: int):
+  t = cfg.toy
+  s = cfg.cpt if mode == "pretrain" else cfg.sft
+  build = experiment.pretrain_config if mode == "pretrain" else experiment.sft_config
+  c = build("tiny", lr=s.lr, steps=s.steps, batch_size=s.batch_size, max_len=t.max_len)
+  single = variant == "independent"
+  c.data.update(path=paths["train_single" if single else "train"], tokenizer=paths["tokenizer"],
+                num_threads=1 if single else t.num_threads, instruction="",
+                shuffle_threads=not single)
+  c.train.update(trainable="all", save_every=s.save_every, log_every=s.log_every)
+  c.optim.update(warmup_steps=s.warmup_steps, weight_decay=0.0)
+  return _common(cfg, c, variant, checkpoint, seed)
+
+
+def _common(cfg, c, variant: str, checkpoint: str, seed: int):
+  c.seed = seed
+  c.model = _copy(cfg.model)
+  c.model.checkpoint = checkpoint
+  c.lattice = _copy(cfg.lattice)
+  c.lattice.enabled = variant == "lace"
+  c.sharding = _copy(cfg.sharding)
+  c.distributed = _copy(cfg.distributed)
+  return c
+
+
+def _grpo_config(cfg, variant: str, paths: dict, checkpoint: str, seed: int):
+  t, g = cfg.toy, cfg.grpo
+  c = experiment.grpo_config("tiny", lr=g.lr, steps=g.steps, questions_per_step=g.questions,
+                             rollouts_per_question=g.rollouts, max_new_tokens=t.max_new_tokens)
+  single = variant == "independent"
+  c.data.update(path=paths["train"], tokenizer=paths["tokenizer"], instruction="",
+                num_threads=1 if single else t.num_threads, max_len=t.prompt_width)
+  c.train.update(save_every=g.save_every)
+  c.optim.update(warmup_steps=g.warmup_steps)
+  c.grpo.update(temperature=g.temperature, lambda_div=g.lambda_div, kl_beta=0.0,
+                grader_workers=cfg.eval.grader_workers)
+  return _common(cfg, c, variant, checkpoint, seed)
+
+
+def _stage(workdir: str, name: str, fn) -> dict:
+  """Runs fn(stage_dir) unless the stage finished before; returns its summary."""
+  stage_dir = os.path.join(workdir, name)
+  done = os.path.join(stage_dir, "done.json")
+  if os.path.isfile(done):
+    with open(done) as f:
+      return json.load(f)
+  os.makedirs(stage_dir, exist_ok=True)
+  t0 = time.perf_counter()
+  summary = fn(stage_dir)
+  summary["seconds"] = time.perf_counter() - t0
+  if jax.process_index() == 0:
+    with open(done, "w") as f:
+      json.dump(summary, f, indent=2, default=str)
+  return summary
+
+
+def _evaluate_stage(cfg, variant: str, paths: dict, checkpoint: str, seed: int,
+                    stage_dir: str, desc: str) -> dict:
+  from lace_jax.checkpoint import load_pretrained
+  from lace_jax.sampling import full_grid, sample
+  from lace_jax.tokenizer import Tokenizer, thread_prompts
+  e, t = cfg.eval, cfg.toy
+  model = load_pretrained(checkpoint, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype)
+  tokenizer = Tokenizer.from_file(paths["tokenizer"])
+  problems = _problems(paths["test"])
+  with grading.Grader(num_workers=e.grader_workers, timeout_s=e.grader_timeout_s) as grader:
+    metrics, records = eval_lib.evaluate(
+        model, tokenizer, problems, grader, num_threads=t.num_threads,
+        max_new_tokens=t.max_new_tokens, temperature=e.temperature, top_p=1.0, top_k=0,
+        batch_size=e.batch_size, seed=seed, instruction="", desc=desc)
+  with open(os.path.join(stage_dir, "predictions.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  summary = {"metrics": metrics, "checkpoint": checkpoint}
+  if model.lattice is not None:  # the attention picture, on a batch of this model's samples
+    chunk = problems[:e.batch_size]
+    prompts = [tokenizer.encode_batch(thread_prompts(p.problem, t.num_threads, instruction=""))
+               for p in chunk]
+    out = sample(model, model.params, prompts, num_threads=t.num_threads,
+                 max_new_tokens=t.max_new_tokens, temperature=e.temperature, seed=seed,
+                 stop_ids=(tokenizer.im_end_id,), pad_id=tokenizer.pad_id,
+                 prompt_width=t.prompt_width)
+    tokens, valid = full_grid(out)
+    summary["attention_to_other_threads"] = attention_profile(model, model.params, tokens, valid,
+                                                              t.prompt_width)
+  return summary
+
+
+def _run_variant(cfg, workdir: str, variant: str, seed: int, paths: dict, stages) -> dict:
+  from lace_jax import grpo, train
+  vdir = os.path.join(workdir, f"seed{seed}", variant)
+  checkpoint = ""
+  out = {}
+  for stage in stages:
+    label = f"seed {seed} {variant} {stage}"
+    print(f"== {label}", flush=True)
+    if stage in ("pretrain", "sft"):
+      c = _train_config(cfg, stage, variant, paths, checkpoint, seed)
+      s = _stage(vdir, stage, lambda d, c=c: train.run(c, d))
+    elif stage == "grpo":
+      c = _grpo_config(cfg, variant, paths, checkpoint, seed)
+      s = _stage(vdir, stage, lambda d, c=c: grpo.run(c, d))
+    elif stage == "eval":
+      s = _stage(vdir, stage, lambda d, ck=checkpoint: _evaluate_stage(
+          cfg, variant, paths, ck, seed, d, desc=label))
+    else:
+      raise ValueError(f"unknown toy stage {stage!r}; expected pretrain, sft, grpo or eval")
+    if "export" in s:
+      checkpoint = s["export"]
+    out[stage] = s
+  return out
+
+
+# ----------------------------------------------------------------------------- the modes
+
+
+def _summarise(per_seed: dict[int, dict[str, dict]], headline: dict[str, str]) -> dict:
+  """mean and std over seeds of every metric of every variant, plus the headline accuracy of
+  each variant (`headline[variant]` names the metric that is that system's answer)."""
+  variants = list(next(iter(per_seed.values())))
+  table = {}
+  for v in variants:
+    ms = [per_seed[s][v] for s in per_seed]
+    table[v] = {k: {"mean": float(np.mean([m[k] for m in ms])),
+                    "std": float(np.std([m[k] for m in ms])),
+                    "per_seed": [float(m[k]) for m in ms]}
+                for k in ms[0] if isinstance(ms[0][k], (int, float))}
+    table[v]["accuracy"] = dict(table[v][headline[v]], metric=headline[v])
+  return table
+
+
+NAMES = {"lace": "LACE (lattice)", "isolated": "Isolated Parallel (lattice=None)",
+         "independent": "Independent + Voting (maj@W)"}
+
+
+def markdown(table: dict, seeds: list[int]) -> str:
+  cols = ("accuracy", "mean_acc", "format_rate", "diversity", "tokens_per_query")
+  lines = [f"| system | accuracy (metric) | mean@W | format | diversity | tokens/query |",
+           "|---|---|---|---|---|---|"]
+  for v, m in table.items():
+    pct = lambda k: f"{100 * m[k]['mean']:.1f} ± {100 * m[k]['std']:.1f}"
+    lines.append(f"| {NAMES.get(v, v)} | {pct('accuracy')} ({m['accuracy']['metric']}) | "
+                 f"{pct('mean_acc')} | {pct('format_rate')} | "
+                 f"{m['diversity']['mean']:.3f} ± {m['diversity']['std']:.3f} | "
+                 f"{m['tokens_per_query']['mean']:.1f} |")
+  lines.append(f"\nmean ± std over seeds {list(seeds)}.")
+  del cols
+  return "\n".join(lines)
+
+
+def _write(workdir: str, name: str, text: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, name), "w") as f:
+      f.write(text)
+
+
+def run_comparison(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
+  """Modes `relay` and `toy_search`: data, then every stage of every variant and seed, then
+  the table (results.json, results.md in the workdir)."""
+  if not workdir:
+    raise ValueError(f"mode {cfg.mode!r} needs --workdir (data, checkpoints, logs and the table "
+                     "go there)")
+  t = cfg.toy
+  for v in t.variants:
+    if v not in VARIANTS:
+      raise ValueError(f"toy.variants entry {v!r}; expected one of {VARIANTS}")
+  os.makedirs(workdir, exist_ok=True)
+  paths = make_data(cfg, os.path.join(workdir, "data"))
+  headline = {"lace": "lace_acc", "isolated": "lace_acc", "independent": "maj_acc"}
+  headline.update(dict(t.headline))
+  per_seed, runs = {}, {}
+  t0 = time.perf_counter()
+  for seed in t.seeds:
+    per_seed[seed] = {}
+    for variant in t.variants:
+      runs[(seed, variant)] = _run_variant(cfg, workdir, variant, seed, paths, t.stages)
+      per_seed[seed][variant] = runs[(seed, variant)]["eval"]["metrics"]
+  table = _summarise(per_seed, headline)
+  md = markdown(table, list(t.seeds))
+  result = {"task": t.task, "table": table, "markdown": md,
+            "seconds": time.perf_counter() - t0}
+  if cfg.mode == "relay":
+    chance = 0.1
+    acc = {v: table[v]["accuracy"]["mean"] for v in table}
+    result["check"] = {
+        "lattice_at_least": t.pass_lattice, "isolated_at_most": chance + 0.1, "accuracy": acc,
+        "passed": bool(acc.get("lace", 0.0) >= t.pass_lattice
+                       and acc.get("isolated", 0.0) <= chance + 0.1)}
+  _write(workdir, "results.json", json.dumps(result, indent=2))
+  _write(workdir, "results.md", md + "\n")
+  print(md, flush=True)
+  if "check" in result:
+    c = result["check"]
+    print(f"relay check {'PASSED' if c['passed'] else 'FAILED'}: accuracy {c['accuracy']} "
+          f"(need lace >= {c['lattice_at_least']}, isolated <= {c['isolated_at_most']:.2f})",
+          flush=True)
+  return result
