@@ -3,20 +3,34 @@ shapes), and the compiled memory of one decode step of a large preset at many th
 
   python benchmarks/decode.py                                   # CPU-sized throughput + 4B W=128
   python benchmarks/decode.py --memory_preset=qwen3-1.7b --memory_threads=128
+  python benchmarks/decode.py --skip_throughput                 # the memory figures only
+  python benchmarks/decode.py --widen_bf16_dots                 # XLA:CPU's default lowering
+
+XLA:CPU by default computes a bf16 matmul by converting both operands to f32, which puts f32
+copies of the weights in the step's temporary memory (a CPU artefact: accelerators multiply
+bf16 natively). Unless --widen_bf16_dots is given, this script turns on XLA:CPU's YNNPACK dot
+fusion (`--xla_cpu_experimental_ynn_fusion_type=dot`), which multiplies bf16 natively, so the
+CPU's `memory_analysis()` reflects the program an accelerator would run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
+if "--widen_bf16_dots" not in sys.argv:  # must be set before jax initialises its CPU backend
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_cpu_experimental_ynn_fusion_type=dot").strip()
 
-import lace_jax as lj
-from lace_jax import sampling
-from lace_jax.model import Model, abstract_params
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import lace_jax as lj  # noqa: E402
+from lace_jax import sampling  # noqa: E402
+from lace_jax.model import Model, abstract_params  # noqa: E402
 
 
 def throughput(cfg, lattice, *, threads, prompt_len, new_tokens, batch):
@@ -60,17 +74,22 @@ def main():
   p.add_argument("--new_tokens", type=int, default=100)
   p.add_argument("--memory_preset", default="qwen3-4b")
   p.add_argument("--memory_threads", type=int, default=128)
+  p.add_argument("--skip_throughput", action="store_true")
+  p.add_argument("--widen_bf16_dots", action="store_true",
+                 help="keep XLA:CPU's default f32 lowering of bf16 matmuls (see the docstring)")
   a = p.parse_args()
   cfg = lj.ModelConfig.preset("tiny", d_model=256, num_layers=8, mlp_dim=768, num_heads=8,
                               num_kv_heads=4, head_dim=32)
   shape = dict(threads=a.threads, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
                batch=a.batch)
-  base = throughput(cfg, None, **shape)
-  lat = throughput(cfg, lj.LatticeConfig.default(cfg), **shape)
-  print(json.dumps({"throughput": {"model": "D=256 L=8 fp32", **shape, "base": base,
-                                   "lattice": lat,
-                                   "step_time_ratio": lat["seconds"] / base["seconds"]}},
-                   indent=2), flush=True)
+  print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+  if not a.skip_throughput:
+    base = throughput(cfg, None, **shape)
+    lat = throughput(cfg, lj.LatticeConfig.default(cfg), **shape)
+    print(json.dumps({"throughput": {"model": "D=256 L=8 fp32", **shape, "base": base,
+                                     "lattice": lat,
+                                     "step_time_ratio": lat["seconds"] / base["seconds"]}},
+                     indent=2), flush=True)
   context = a.prompt_len + a.new_tokens
   rows = [decode_step_memory(a.memory_preset, on, threads=a.memory_threads, context=context)
           for on in (False, True)]

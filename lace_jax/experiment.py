@@ -301,13 +301,13 @@ def toy_config(task: str, *, num_threads: int, seeds: tuple[int, ...], variants:
       "headline": (),  # ((variant, metric), ...) overriding lace_acc / lace_acc / maj_acc
       "pass_lattice": 0.9,  # relay: the accuracy the lattice must reach
   })
-  cfg.cpt = ml_collections.ConfigDict({"steps": 300, "batch_size": 16, "lr": 1e-3,
+  cfg.cpt = ml_collections.ConfigDict({"steps": 100, "batch_size": 16, "lr": 1e-3,
                                        "warmup_steps": 30, "save_every": 100, "log_every": 10})
-  cfg.sft = ml_collections.ConfigDict({"steps": 1500, "batch_size": 16, "lr": 1e-3,
-                                       "warmup_steps": 50, "save_every": 250, "log_every": 10})
-  cfg.grpo = ml_collections.ConfigDict({"steps": 60, "questions": 8, "rollouts": 4, "lr": 1e-4,
+  cfg.sft = ml_collections.ConfigDict({"steps": 700, "batch_size": 16, "lr": 1e-3,
+                                       "warmup_steps": 50, "save_every": 100, "log_every": 10})
+  cfg.grpo = ml_collections.ConfigDict({"steps": 15, "questions": 8, "rollouts": 4, "lr": 1e-4,
                                         "warmup_steps": 5, "temperature": 1.0,
-                                        "lambda_div": 0.1, "save_every": 20})
+                                        "lambda_div": 0.1, "save_every": 5})
   cfg.eval = ml_collections.ConfigDict({"temperature": 1.0, "batch_size": 50,
                                         "grader_workers": 2, "grader_timeout_s": 10.0})
   return cfg

@@ -76,17 +76,6 @@ def run_forward(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   return result
 
 
-def run_quickstart(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
-  print("== lattice overhead (abstract shapes, no weights allocated) ==", flush=True)
-  result = {"overhead": run_overhead(cfg, None)}
-  print("== tiny model forward pass ==", flush=True)
-  result["forward"] = run_forward(cfg, None)
-  path = _write_json(workdir, "quickstart.json", result)
-  if path:
-    print(f"wrote {path}")
-  return result
-
-
 def run_datagen(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   from lace_jax import datagen
   return datagen.run(cfg, workdir)
@@ -113,7 +102,6 @@ def run_toy(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
 
 
 MODES: dict[str, Callable[[ml_collections.ConfigDict, str | None], dict]] = {
-    "quickstart": run_quickstart,
     "overhead": run_overhead,
     "forward": run_forward,
     "pretrain": run_train,

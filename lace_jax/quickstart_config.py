@@ -2,8 +2,12 @@
 
   python -m lace_jax.main --workdir=runs/quickstart
 
-Reports the lattice overhead of the 1.7B and 4B presets (no weights allocated) and runs a
-forward pass of a tiny lattice model with W = 4 threads. A few minutes on 2 CPU cores.
+A shortened run of the toy-scale comparison (`experiments/toy_search.py`): the pair-search
+data, then CPT -> SFT -> Lattice GRPO -> eval of a tiny model trained from scratch as LACE,
+as Isolated Parallel (`lattice=None`) and as a single-thread model with W samples and a vote
+(Independent + Voting), one seed; prints the table. About 6 minutes on 2 CPU cores. Its
+training is too short to separate the systems: the full comparison is
+`--config=experiments/toy_search.py` (docs/results.md).
 """
 
 import ml_collections
@@ -13,8 +17,11 @@ from lace_jax import experiment
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
-  cfg = experiment.base_config("quickstart", "tiny", dtype="float32")
-  cfg.overhead = ml_collections.ConfigDict(
-      {"presets": ("qwen3-1.7b", "qwen3-4b"), "num_threads": 4, "context": 150})
-  cfg.forward = ml_collections.ConfigDict({"batch": 2, "num_threads": 4, "length": 32})
+  cfg = experiment.toy_config("pair_search", num_threads=4, seeds=(0,),
+                              variants=("lace", "isolated", "independent"),
+                              stages=("pretrain", "sft", "grpo", "eval"))
+  cfg.toy.update(train_problems=2000, test_problems=100)
+  cfg.cpt.update(steps=40, save_every=40)
+  cfg.sft.update(steps=150, save_every=150, warmup_steps=15)
+  cfg.grpo.update(steps=4, questions=4, rollouts=4, save_every=4)
   return cfg

@@ -1,0 +1,27 @@
+"""The exploration task: LACE vs Isolated Parallel vs Independent + Voting, trained from scratch.
+
+  python -m lace_jax.main --config=experiments/toy_search.py --workdir=runs/toy_search
+  python -m lace_jax.plots --workdir=runs/toy_search --out=docs/figures
+
+Pair search (see lace_jax.toydata): 12 lettered items with two digits each, one of which adds
+to the target; a trial costs 7 tokens, each thread may spend 26 tokens (3 trials and the
+answer), W = 4 threads. The multi-thread traces divide the items between the threads and the
+finder's answer is passed on; the single-thread traces (for Independent + Voting) try 3 random
+items on the same problems. Each variant runs CPT -> SFT -> Lattice GRPO -> eval for each seed;
+the table (results.md / results.json) gives mean ± std over seeds.
+"""
+
+from lace_jax import experiment
+
+
+def get_config(arg=None):
+  cfg = experiment.toy_config("pair_search", num_threads=4, seeds=(0, 1, 2),
+                              variants=("lace", "isolated", "independent"),
+                              stages=("pretrain", "sft", "grpo", "eval"))
+  if arg == "runlocal":  # a smoke run in about a minute
+    cfg.toy.update(seeds=(0,), train_problems=64, test_problems=8)
+    cfg.cpt.update(steps=4, save_every=4, log_every=1)
+    cfg.sft.update(steps=4, save_every=4, log_every=1)
+    cfg.grpo.update(steps=2, questions=2, rollouts=2, save_every=2)
+    cfg.eval.update(batch_size=8)
+  return cfg
