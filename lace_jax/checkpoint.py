@@ -32,7 +32,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Literal
 
 import jax
 import jax.numpy as jnp

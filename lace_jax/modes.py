@@ -5,16 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from lace_jax import experiment, overhead
-from lace_jax.model import build_model
+from lace_jax import overhead
 
 log = logging.getLogger(__name__)
 
@@ -47,35 +43,6 @@ def run_overhead(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   return result
 
 
-def run_forward(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
-  """Builds the configured model, runs one forward pass over random threads, and checks that
-  the freshly initialised lattice model computes exactly its base model."""
-  model_cfg, lattice = experiment.model_configs(cfg)
-  f = cfg.forward
-  start = time.perf_counter()
-  model = build_model(model_cfg, lattice, seed=cfg.seed)
-  base = build_model(model_cfg, None, seed=cfg.seed)
-  tokens = jax.random.randint(jax.random.key(cfg.seed), (f.batch, f.num_threads, f.length), 0,
-                              model_cfg.vocab_size)
-  logits = jax.jit(model.apply)(model.params, tokens)
-  base_logits = jax.jit(base.apply)(base.params, tokens)
-  diff = float(jnp.max(jnp.abs(logits - base_logits)))
-  result = {
-      "model": model_cfg.name, "lattice_layers": list(lattice.layers) if lattice else [],
-      "params": model.num_params(), "lattice_params": model.num_params() - base.num_params(),
-      "tokens_shape": list(tokens.shape), "logits_shape": list(logits.shape),
-      "logits_mean": float(jnp.mean(logits)), "logits_std": float(jnp.std(logits)),
-      "max_abs_diff_vs_base_at_init": diff, "seconds": time.perf_counter() - start,
-  }
-  print(f"forward: {model_cfg.name} with lattice layers {result['lattice_layers']}: "
-        f"tokens {tuple(tokens.shape)} -> logits {tuple(logits.shape)}; "
-        f"max |lattice - base| at init = {diff:.2e} ({result['seconds']:.1f}s)", flush=True)
-  if not np.isfinite(result["logits_std"]):
-    raise FloatingPointError("forward pass produced non-finite logits")
-  _write_json(workdir, "forward.json", result)
-  return result
-
-
 def run_datagen(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   from lace_jax import datagen
   return datagen.run(cfg, workdir)
@@ -103,7 +70,6 @@ def run_toy(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
 
 MODES: dict[str, Callable[[ml_collections.ConfigDict, str | None], dict]] = {
     "overhead": run_overhead,
-    "forward": run_forward,
     "pretrain": run_train,
     "sft": run_train,
     "grpo": run_grpo,

@@ -276,8 +276,7 @@ NAMES = {"lace": "LACE (lattice)", "isolated": "Isolated Parallel (lattice=None)
 
 
 def markdown(table: dict, seeds: list[int]) -> str:
-  cols = ("accuracy", "mean_acc", "format_rate", "diversity", "tokens_per_query")
-  lines = [f"| system | accuracy (metric) | mean@W | format | diversity | tokens/query |",
+  lines = ["| system | accuracy (metric) | mean@W | format | diversity | tokens/query |",
            "|---|---|---|---|---|---|"]
   for v, m in table.items():
     pct = lambda k: f"{100 * m[k]['mean']:.1f} ± {100 * m[k]['std']:.1f}"
@@ -286,7 +285,6 @@ def markdown(table: dict, seeds: list[int]) -> str:
                  f"{m['diversity']['mean']:.3f} ± {m['diversity']['std']:.3f} | "
                  f"{m['tokens_per_query']['mean']:.1f} |")
   lines.append(f"\nmean ± std over seeds {list(seeds)}.")
-  del cols
   return "\n".join(lines)
 
 

@@ -4,7 +4,6 @@ the lattice, and errors that name the file and tensor."""
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np

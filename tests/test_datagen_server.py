@@ -3,7 +3,6 @@ through the HTTP generator against it; the output validates against the training
 loads into the SFT data pipeline."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess

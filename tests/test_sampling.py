@@ -1,7 +1,6 @@
 """Lockstep sampling: decode == teacher-forced forward, early-stopping threads, left padding,
 per-thread prompts, sampling filters."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

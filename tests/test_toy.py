@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from lace_jax import toydata
 from tests.test_train_cli import _env
@@ -88,7 +87,6 @@ def test_relay_record_answer_is_the_sum_of_private_digits():
 
 
 def test_attention_profile_is_a_fraction_and_sees_the_mask():
-  import jax.numpy as jnp
   from lace_jax import build_model
   from lace_jax.config import LatticeConfig, ModelConfig
   from lace_jax.toy import attention_profile

@@ -2,7 +2,6 @@
 thread shuffling, restore onto another mesh, bad records, NaN handling."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -134,12 +133,11 @@ def test_generated_text_starts_at_one_column_for_every_thread(examples, tokenize
 
 def _thread_orders(examples, tokenizer, it, n):
   """The permutation applied to each drawn example, read back from its first thread's text."""
-  firsts = {ex.id: [c[0:8] for c in ex.completions] for ex in examples}
   orders = []
   for _ in range(n):
     b = next(it)
     for i in range(b["tokens"].shape[0]):
-      toks, valid, mask = b["tokens"][i], b["valid"][i], b["loss_mask"][i]
+      toks, mask = b["tokens"][i], b["loss_mask"][i]
       rows = []
       for w in range(W):
         start = int(np.argmax(np.concatenate([[False], mask[w][:-1]])))
