@@ -22,6 +22,7 @@ Name map (ours -> Hugging Face; torch Linear weights are [out, in], ours are [in
   layers_i/lattice/p [C, E, R]          ....lattice.o_proj.weight [R, C*E]
   layers_i/lattice/gate [2R, G]         ....lattice.gate_proj.weight [G, 2R] (+ gate_bias -> .bias)
   layers_i/lattice/up [R, D]            ....lattice.up_proj.weight [D, R]
+  layers_i/lattice/{q,k}_norm [E]       ....lattice.{q,k}_norm.weight [E] (lattice.qk_norm only)
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ def name_map(cfg: ModelConfig, lattice: LatticeConfig | None) -> list[_Entry]:
           _Entry((*lp, "p"), f"{lhf}.o_proj.weight", 2),
           _Entry((*lp, "up"), f"{lhf}.up_proj.weight", 1),
       ]
+      if lattice.qk_norm:
+        entries += [_Entry((*lp, "q_norm", "scale"), f"{lhf}.q_norm.weight", 0),
+                    _Entry((*lp, "k_norm", "scale"), f"{lhf}.k_norm.weight", 0)]
       if lattice.gate != "none":
         entries += [_Entry((*lp, "gate"), f"{lhf}.gate_proj.weight", 1),
                     _Entry((*lp, "gate_bias"), f"{lhf}.gate_proj.bias", 0)]

@@ -221,6 +221,9 @@ class LatticeConfig:
   rope_fractions: tuple[float, ...] = (0.75, 0.25)
   rope_thetas: tuple[float, ...] = (0.0, 10_000.0)
   implementation: str | None = None
+  # RMSNorm (learned per-dim scale) on each lattice head's q and k before RoPE, as Qwen3 does in
+  # its own attention: the scores then no longer scale with the size of the side path's input
+  qk_norm: bool = False
   # std of the lattice matrices at init (W_up excepted: it starts at zero); 0 = 1/sqrt(fan_in),
   # which keeps the side path's signal at unit scale through its five projections at any width
   init_std: float = 0.0

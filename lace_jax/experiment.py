@@ -45,6 +45,7 @@ def lattice_section(preset: str, *, enabled: bool = True, **overrides) -> ml_col
       "rope_axes": lat.rope_axes,
       "rope_fractions": lat.rope_fractions,
       "rope_thetas": lat.rope_thetas,
+      "qk_norm": lat.qk_norm,
       "implementation": config_dict.placeholder(str),
   })
 
@@ -110,7 +111,7 @@ def lattice_config(section: ml_collections.ConfigDict,
       layers=tuple(section.layers), width=section.width, heads=section.heads, gate=section.gate,
       source=section.source, mask=section.mask, rope_axes=tuple(section.rope_axes),
       rope_fractions=tuple(section.rope_fractions), rope_thetas=tuple(section.rope_thetas),
-      implementation=section.implementation)
+      qk_norm=section.qk_norm, implementation=section.implementation)
   lat.validate_for(model)
   return lat
 

@@ -153,6 +153,9 @@ class Lattice(nn.Module):
     q = jnp.einsum("BWTR,RCE->BWTCE", h, wq.astype(dt))
     k = jnp.einsum("BWTR,RCE->BWTCE", h, wk.astype(dt))
     v = jnp.einsum("BWTR,RCE->BWTCE", h, wv.astype(dt))
+    if lat.qk_norm:
+      q = RMSNorm(e, cfg.rms_eps, pdt, "lattice_head_dim", name="q_norm")(q)
+      k = RMSNorm(e, cfg.rms_eps, pdt, "lattice_head_dim", name="k_norm")(k)
     thetas = tuple(th if th > 0 else cfg.rope_theta for th in lat.rope_thetas)
     q = ops.multi_axis_rope(q, coords, lat.rope_sections, thetas)
     k = ops.multi_axis_rope(k, coords, lat.rope_sections, thetas)
