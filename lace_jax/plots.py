@@ -110,7 +110,8 @@ def attention_picture(runs, out: str) -> str | None:
   ax.set_xlabel("generation step")
   ax.set_ylabel("attention mass on other threads")
   ax.set_ylim(0, 1)
-  ax.set_title("LACE: how much each thread reads the others (mean over threads, heads, seeds)")
+  ax.set_title("LACE: attention to other threads\n(mean over threads, heads, test problems, seeds)",
+               fontsize=10)
   ax.legend(fontsize=8)
   fig.tight_layout()
   path = os.path.join(out, "attention_to_other_threads.png")
