@@ -5,7 +5,7 @@
 A shortened run of the toy-scale comparison (`experiments/toy_search.py`): the pair-search
 data, then CPT -> SFT -> Lattice GRPO -> eval of a tiny model trained from scratch as LACE,
 as Isolated Parallel (`lattice=None`) and as a single-thread model with W samples and a vote
-(Independent + Voting), one seed; prints the table. About 6 minutes on 2 CPU cores. Its
+(Independent + Voting), one seed; prints the table. About 5 minutes on 2 CPU cores. Its
 training is too short to separate the systems: the full comparison is
 `--config=experiments/toy_search.py` (docs/results.md).
 """
