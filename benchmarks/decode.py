@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -33,17 +34,21 @@ from lace_jax import sampling  # noqa: E402
 from lace_jax.model import Model, abstract_params  # noqa: E402
 
 
-def throughput(cfg, lattice, *, threads, prompt_len, new_tokens, batch):
+def throughput(cfg, lattice, *, threads, prompt_len, new_tokens, batch, repeats):
+  """Median over `repeats` timed runs (after one compiling run) of a full lockstep generation."""
   model = lj.build_model(cfg, lattice, seed=0)
   prompts = [[(7 * i + j) % cfg.vocab_size + 1 for j in range(prompt_len)] for i in range(batch)]
   kw = dict(num_threads=threads, max_new_tokens=new_tokens, temperature=0.0)
-  sampling.sample(model, model.params, prompts, **kw)  # compile
-  t0 = time.perf_counter()
-  out = sampling.sample(model, model.params, prompts, **kw)
-  seconds = time.perf_counter() - t0
+  out = sampling.sample(model, model.params, prompts, **kw)  # compile
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = sampling.sample(model, model.params, prompts, **kw)
+    times.append(time.perf_counter() - t0)
+  seconds = statistics.median(times)
   tokens = int(out.lengths.sum())
   return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-          "ms_per_step": 1000 * seconds / new_tokens}
+          "ms_per_step": 1000 * seconds / new_tokens, "runs_s": times}
 
 
 def decode_step_memory(preset, lattice_on, *, threads, context, dtype="bfloat16"):
@@ -74,6 +79,7 @@ def main():
   p.add_argument("--new_tokens", type=int, default=100)
   p.add_argument("--memory_preset", default="qwen3-4b")
   p.add_argument("--memory_threads", type=int, default=128)
+  p.add_argument("--repeats", type=int, default=7, help="timed runs per model (median)")
   p.add_argument("--skip_throughput", action="store_true")
   p.add_argument("--widen_bf16_dots", action="store_true",
                  help="keep XLA:CPU's default f32 lowering of bf16 matmuls (see the docstring)")
@@ -81,7 +87,7 @@ def main():
   cfg = lj.ModelConfig.preset("tiny", d_model=256, num_layers=8, mlp_dim=768, num_heads=8,
                               num_kv_heads=4, head_dim=32)
   shape = dict(threads=a.threads, prompt_len=a.prompt_len, new_tokens=a.new_tokens,
-               batch=a.batch)
+               batch=a.batch, repeats=a.repeats)
   print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   if not a.skip_throughput:
     base = throughput(cfg, None, **shape)

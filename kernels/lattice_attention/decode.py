@@ -67,15 +67,17 @@ def decode_xla(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid
     new_ok = new_ok & ~jnp.eye(w, dtype=bool)[None, None]
   sc = jnp.einsum("BWCE,BKCE->BCWK", q, k_cache, preferred_element_type=jnp.float32) * scale
   sn = jnp.einsum("BWCE,BVCE->BCWV", q, k_new, preferred_element_type=jnp.float32) * scale
-  scores = jnp.concatenate([jnp.where(cache_ok, sc, NEG_INF), jnp.where(new_ok, sn, NEG_INF)], -1)
-  ok = jnp.concatenate([jnp.broadcast_to(cache_ok, sc.shape), jnp.broadcast_to(new_ok, sn.shape)],
-                       -1)
-  m = jnp.max(scores, axis=-1, keepdims=True)
-  p = jnp.exp(scores - m) * ok
-  denom = jnp.sum(p, axis=-1, keepdims=True)
-  p = p / jnp.where(denom == 0, 1.0, denom)
-  values = jnp.concatenate([v_cache, v_new], axis=1).astype(jnp.float32)  # [B, W*S + W, C, E]
-  return jnp.einsum("BCWK,BKCE->BWCE", p, values).astype(q.dtype)
+  sc = jnp.where(cache_ok, sc, NEG_INF)
+  sn = jnp.where(new_ok, sn, NEG_INF)
+  # one softmax over cache + new keys, without concatenating the cache (no per-step copy)
+  m = jnp.maximum(jnp.max(sc, axis=-1, keepdims=True), jnp.max(sn, axis=-1, keepdims=True))
+  pc = jnp.exp(sc - m) * cache_ok
+  pn = jnp.exp(sn - m) * new_ok
+  denom = jnp.sum(pc, axis=-1, keepdims=True) + jnp.sum(pn, axis=-1, keepdims=True)
+  denom = jnp.where(denom == 0, 1.0, denom)
+  out = (jnp.einsum("BCWK,BKCE->BWCE", pc, v_cache.astype(jnp.float32))
+         + jnp.einsum("BCWV,BVCE->BWCE", pn, v_new.astype(jnp.float32)))
+  return (out / jnp.moveaxis(denom, 1, 2)).astype(q.dtype)  # denom [B, C, W, 1] -> [B, W, C, 1]
 
 
 _MODES = {"causal": 0, "other_threads": 1, "same_position": 2}
