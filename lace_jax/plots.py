@@ -125,7 +125,8 @@ def accuracy_chart(workdir: str, out: str) -> str | None:
   if not os.path.isfile(path):
     return None
   with open(path) as f:
-    table = json.load(f)["table"]
+    result = json.load(f)
+  table = result["table"]
   fig, ax = plt.subplots(figsize=(6, 3.6))
   names = list(table)
   means = [100 * table[v]["accuracy"]["mean"] for v in names]
@@ -138,7 +139,7 @@ def accuracy_chart(workdir: str, out: str) -> str | None:
   ax.set_xticks(range(len(names)), [NAMES.get(v, v).replace(" (", "\n(") for v in names],
                 fontsize=8)
   ax.set_ylabel("accuracy (%)")
-  ax.set_title("toy pair search: accuracy (mean ± std over seeds)")
+  ax.set_title(f"{result.get('task', 'toy task')}: accuracy (mean ± std over seeds)")
   fig.tight_layout()
   path = os.path.join(out, "accuracy.png")
   fig.savefig(path, dpi=120)
