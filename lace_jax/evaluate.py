@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from lace_jax import grading, grpo
 from lace_jax.model import Model
-from lace_jax.sampling import sample
+from lace_jax.sampling import SampleOutput, sample
 from lace_jax.tokenizer import (THREAD_INSTRUCTION, Tokenizer, instruction_template,
                                 thread_prompts)
 
@@ -40,8 +41,10 @@ def _norm(a: str | None) -> str | None:
 def evaluate(model: Model, tokenizer: Tokenizer, problems: list[grading.Problem], grader, *,
              num_threads: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
              batch_size: int, seed: int = 0, instruction: str = THREAD_INSTRUCTION,
-             thinking: bool = True, desc: str = "eval") -> tuple[dict, list[dict]]:
-  """Returns (metrics averaged over problems, one record per problem)."""
+             thinking: bool = True, desc: str = "eval",
+             on_batch: Callable[[SampleOutput], None] | None = None) -> tuple[dict, list[dict]]:
+  """Returns (metrics averaged over problems, one record per problem). `on_batch`, if given,
+  sees every batch's SampleOutput (e.g. to analyse the samples without drawing them again)."""
   w = num_threads
   records = []
   for start in tqdm(range(0, len(problems), batch_size), desc=desc, dynamic_ncols=True,
@@ -54,6 +57,8 @@ def evaluate(model: Model, tokenizer: Tokenizer, problems: list[grading.Problem]
                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + start,
                  stop_ids=(tokenizer.im_end_id,), pad_id=tokenizer.pad_id)
     seconds = time.perf_counter() - t0
+    if on_batch is not None:
+      on_batch(out)
     texts = out.texts(tokenizer)
     parsed = [grading.parse_lattice(t) for t in texts]
     votes = [grading.majority_vote([_norm(a) for a in p.answers]) for p in parsed]

@@ -296,7 +296,7 @@ def toy_config(task: str, *, num_threads: int, seeds: tuple[int, ...], variants:
       "num_items": 12, "trials": 3,  # pair_search: N items, per-thread budget in trials
       "train_problems": 4000, "test_problems": 200,
       "max_len": 80,  # training grid width T (prompt + completion)
-      "prompt_width": 56,  # sampler prompt width (GRPO and the attention picture)
+      "prompt_width": 56,  # GRPO's sampler prompt width
       "max_new_tokens": 26,  # the per-thread token budget (3 trials of 7 tokens + the answer)
       "seeds": seeds, "variants": variants, "stages": stages,
       "headline": (),  # ((variant, metric), ...) overriding lace_acc / lace_acc / maj_acc

@@ -44,10 +44,9 @@ def _write_jsonl(path: str, records) -> None:
 
 
 def _problems(path: str) -> list[grading.Problem]:
-  with open(path) as f:
-    recs = [json.loads(line) for line in f if line.strip()]
-  return [grading.Problem(r["id"], r["problem"], r["answer"], os.path.basename(path))
-          for r in recs]
+  from lace_jax.grpo import load_questions  # reads per-thread (list) problems too
+  return [grading.Problem(q["id"], q["problem"], q["answer"], os.path.basename(path))
+          for q in load_questions(path)]
 
 
 def make_data(cfg: ml_collections.ConfigDict, data_dir: str) -> dict[str, str]:
@@ -197,34 +196,34 @@ def _stage(workdir: str, name: str, fn) -> dict:
   return summary
 
 
-def _evaluate_stage(cfg, variant: str, paths: dict, checkpoint: str, seed: int,
+def _evaluate_stage(cfg, paths: dict, checkpoint: str, seed: int,
                     stage_dir: str, desc: str) -> dict:
   from lace_jax.checkpoint import load_pretrained
-  from lace_jax.sampling import full_grid, sample
-  from lace_jax.tokenizer import Tokenizer, thread_prompts
+  from lace_jax.sampling import full_grid
+  from lace_jax.tokenizer import Tokenizer
   e, t = cfg.eval, cfg.toy
   model = load_pretrained(checkpoint, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype)
   tokenizer = Tokenizer.from_file(paths["tokenizer"])
   problems = _problems(paths["test"])
+  first = []  # the first batch's samples, kept for the attention picture
+
+  def keep_first(out):
+    if not first:
+      first.append(out)
+
   with grading.Grader(num_workers=e.grader_workers, timeout_s=e.grader_timeout_s) as grader:
     metrics, records = eval_lib.evaluate(
         model, tokenizer, problems, grader, num_threads=t.num_threads,
         max_new_tokens=t.max_new_tokens, temperature=e.temperature, top_p=1.0, top_k=0,
-        batch_size=e.batch_size, seed=seed, instruction="", desc=desc)
+        batch_size=e.batch_size, seed=seed, instruction="", desc=desc, on_batch=keep_first)
   with open(os.path.join(stage_dir, "predictions.jsonl"), "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in records)
   summary = {"metrics": metrics, "checkpoint": checkpoint}
-  if model.lattice is not None:  # the attention picture, on a batch of this model's samples
-    chunk = problems[:e.batch_size]
-    prompts = [tokenizer.encode_batch(thread_prompts(p.problem, t.num_threads, instruction=""))
-               for p in chunk]
-    out = sample(model, model.params, prompts, num_threads=t.num_threads,
-                 max_new_tokens=t.max_new_tokens, temperature=e.temperature, seed=seed,
-                 stop_ids=(tokenizer.im_end_id,), pad_id=tokenizer.pad_id,
-                 prompt_width=t.prompt_width)
+  if model.lattice is not None:  # the attention picture, on the first batch of these samples
+    out = first[0]
     tokens, valid = full_grid(out)
-    summary["attention_to_other_threads"] = attention_profile(model, model.params, tokens, valid,
-                                                              t.prompt_width)
+    summary["attention_to_other_threads"] = attention_profile(
+        model, model.params, tokens, valid, prompt_width=out.prompt_tokens.shape[-1])
   return summary
 
 
@@ -244,7 +243,7 @@ def _run_variant(cfg, workdir: str, variant: str, seed: int, paths: dict, stages
       s = _stage(vdir, stage, lambda d, c=c: grpo.run(c, d))
     elif stage == "eval":
       s = _stage(vdir, stage, lambda d, ck=checkpoint: _evaluate_stage(
-          cfg, variant, paths, ck, seed, d, desc=label))
+          cfg, paths, ck, seed, d, desc=label))
     else:
       raise ValueError(f"unknown toy stage {stage!r}; expected pretrain, sft, grpo or eval")
     if "export" in s:

@@ -14,14 +14,17 @@ from tests.test_train_cli import _env
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _main(config: str, workdir) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [sys.executable, "-m", "lace_jax.main", f"--config={config}", f"--workdir={workdir}"],
+      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1200)
+
+
 def test_relay_check_lattice_learns_what_isolated_threads_cannot(tmp_path):
   """Each thread holds a private digit; every thread must answer the sum. Trained from scratch
   through the real SFT + sampler + grader path: the lattice model reaches >= 90% (greedy, per
   thread) while lattice=None stays within chance (10%) + 10 points."""
-  out = subprocess.run(
-      [sys.executable, "-m", "lace_jax.main", "--config=experiments/toy_relay.py",
-       f"--workdir={tmp_path}"], cwd=ROOT, env=_env(), capture_output=True, text=True,
-      timeout=1200)
+  out = _main("experiments/toy_relay.py", tmp_path)
   assert out.returncode == 0, out.stderr[-4000:]
   result = json.load(open(tmp_path / "results.json"))
   acc = result["check"]["accuracy"]
@@ -30,10 +33,7 @@ def test_relay_check_lattice_learns_what_isolated_threads_cannot(tmp_path):
   assert result["check"]["passed"]
   assert "relay check PASSED" in out.stdout
   # the rerun skips every finished stage and reproduces the table
-  again = subprocess.run(
-      [sys.executable, "-m", "lace_jax.main", "--config=experiments/toy_relay.py",
-       f"--workdir={tmp_path}"], cwd=ROOT, env=_env(), capture_output=True, text=True,
-      timeout=600)
+  again = _main("experiments/toy_relay.py", tmp_path)
   assert again.returncode == 0, again.stderr[-4000:]
   assert json.load(open(tmp_path / "results.json"))["table"] == result["table"]
 
@@ -107,10 +107,7 @@ def test_attention_profile_is_a_fraction_and_sees_the_mask():
 
 def test_toy_search_runlocal_pipeline_and_plots(tmp_path):
   """CPT -> SFT -> GRPO -> eval for all three variants (tiny steps), the table, the plots."""
-  out = subprocess.run(
-      [sys.executable, "-m", "lace_jax.main", "--config=experiments/toy_search.py:runlocal",
-       f"--workdir={tmp_path}"], cwd=ROOT, env=_env(), capture_output=True, text=True,
-      timeout=1200)
+  out = _main("experiments/toy_search.py:runlocal", tmp_path)
   assert out.returncode == 0, out.stderr[-4000:]
   result = json.load(open(tmp_path / "results.json"))
   assert set(result["table"]) == {"lace", "isolated", "independent"}
