@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 import lace_jax as lj
-from lace_jax import experiment, sharding, train
+from lace_jax import experiment, sharding
+from lace_jax.training import trainer as train
 
 
 def bench(cfg: lj.ModelConfig, lattice, *, batch: int, threads: int, seq: int, steps: int):

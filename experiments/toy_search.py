@@ -1,9 +1,9 @@
 """The exploration task: LACE vs Isolated Parallel vs Independent + Voting, trained from scratch.
 
   python -m lace_jax.main --config=experiments/toy_search.py --workdir=runs/toy_search
-  python -m lace_jax.plots --workdir=runs/toy_search --out=docs/figures
+  python -m lace_jax.toy.plots --workdir=runs/toy_search --out=docs/figures
 
-Pair search (see lace_jax.toydata): 12 lettered items with two digits each, one of which adds
+Pair search (see lace_jax.toy.tasks): 12 lettered items with two digits each, one of which adds
 to the target; a trial costs 7 tokens, each thread may spend 26 tokens (3 trials and the
 answer), W = 4 threads. The multi-thread traces divide the items between the threads and the
 finder's answer is passed on; the single-thread traces (for Independent + Voting) try 3 random

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 __all__ = ["LatticeConfig", "Model", "ModelConfig", "abstract_params", "build_model",
            "count_params", "lattice_param_mask"]
 
-from lace_jax.checkpoint import CheckpointError, load_pretrained, save_pretrained  # noqa: E402
+from lace_jax.hf_io import CheckpointError, load_pretrained, save_pretrained  # noqa: E402
 
 __all__ += ["CheckpointError", "load_pretrained", "save_pretrained"]
 

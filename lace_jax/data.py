@@ -1,6 +1,6 @@
 """Training data: multi-thread JSONL records -> [W, T] token grids, through a grain pipeline.
 
-Record schema (one JSON object per line; `lace_jax.datagen` writes it):
+Record schema (one JSON object per line; `lace_jax.datagen.pipeline` writes it):
   id       str                      unique id
   problem  str | [str] * W          the user turn, shared by all threads or one per thread
   threads  [str] * W                each thread's generated text (ending in \\boxed{} and a tag)

@@ -24,7 +24,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from lace_jax import grading, grpo
+from lace_jax import grading
+from lace_jax.rl import grpo
 from lace_jax.model import Model
 from lace_jax.sampling import SampleOutput, sample
 from lace_jax.tokenizer import (THREAD_INSTRUCTION, Tokenizer, instruction_template,
@@ -100,7 +101,7 @@ def markdown_table(results: dict[str, dict[str, dict]]) -> str:
 def run(cfg, workdir: str | None) -> dict:
   """The `eval` mode: every variant on every dataset; JSON + markdown in the workdir."""
   from lace_jax import experiment
-  from lace_jax.checkpoint import load_pretrained
+  from lace_jax.hf_io import load_pretrained
   from lace_jax.model import build_model
 
   e, d = cfg.eval, cfg.data

@@ -98,7 +98,7 @@ def load_checkpoint(cfg: ml_collections.ConfigDict, model: ModelConfig,
   checkpoint is configured (callers then initialise from cfg.seed)."""
   if not cfg.model.checkpoint:
     return None
-  from lace_jax.checkpoint import load_pretrained
+  from lace_jax.hf_io import load_pretrained
   return load_pretrained(cfg.model.checkpoint, lattice=lattice, dtype=model.param_dtype,
                          compute_dtype=model.dtype)
 
@@ -152,12 +152,12 @@ def data_section(*, path: str, num_threads: int, max_len: int, loss_on: str,
 def runlocal(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks an experiment to the tiny model in float32, for a CPU run in minutes; training
   stages read the bundled toy multi-thread dataset with its tokenizer."""
-  from lace_jax import toydata
+  from lace_jax import bundled
   cfg.model = model_section("tiny", dtype="float32")
   cfg.lattice = lattice_section("tiny")
   if "data" in cfg:
-    cfg.data.update(path=toydata.TOY_DATA, tokenizer=toydata.TOY_TOKENIZER,
-                    instruction=toydata.TOY_INSTRUCTION, max_len=160)
+    cfg.data.update(path=bundled.TOY_DATA, tokenizer=bundled.TOY_TOKENIZER,
+                    instruction=bundled.TOY_INSTRUCTION, max_len=160)
   return cfg
 
 
@@ -248,7 +248,7 @@ def eval_config(preset: str, *, num_threads: int, max_new_tokens: int,
 
 def datagen_config(source: str, *, generator: str, num_threads: int = 4,
                    runlocal_: bool = False) -> ml_collections.ConfigDict:
-  """Synthetic multi-thread data (lace_jax.datagen); output: WORKDIR/threads.jsonl."""
+  """Synthetic multi-thread data (lace_jax.datagen.pipeline); output: WORKDIR/threads.jsonl."""
   cfg = base_config("datagen", "qwen3-4b")
   cfg.data = data_section(path="", num_threads=num_threads, max_len=0, loss_on="generated",
                           shuffle_threads=False)
@@ -281,7 +281,7 @@ def datagen_config(source: str, *, generator: str, num_threads: int = 4,
 
 def toy_config(task: str, *, num_threads: int, seeds: tuple[int, ...], variants: tuple[str, ...],
                stages: tuple[str, ...]) -> ml_collections.ConfigDict:
-  """The toy-scale comparison (`lace_jax.toy`): the tiny model trained from scratch on CPU.
+  """The toy-scale comparison (`lace_jax.toy.comparison`): the tiny model trained from scratch on CPU.
 
   The lattice is wider than the tiny preset's spec default (R = 32, C = 2 heads of E = 16, in
   layers 1 and 3 instead of R = 16, C = 4 of E = 4 in layer 2): with E = 4 every head dim is
@@ -291,7 +291,7 @@ def toy_config(task: str, *, num_threads: int, seeds: tuple[int, ...], variants:
   cfg = base_config(mode, "tiny", dtype="float32")
   cfg.lattice = lattice_section("tiny", layers=(1, 3), width=32, heads=2)
   cfg.toy = ml_collections.ConfigDict({
-      "task": task,  # relay | pair_search (see lace_jax.toydata)
+      "task": task,  # relay | pair_search (see lace_jax.toy.tasks)
       "num_threads": num_threads,  # W
       "num_items": 12, "trials": 3,  # pair_search: N items, per-thread budget in trials
       "train_problems": 4000, "test_problems": 200,

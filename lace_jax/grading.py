@@ -570,7 +570,7 @@ class Problem:
   source: str
 
 
-_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "data")
+from lace_jax.bundled import BENCHMARK_DIR as _DATA_DIR  # noqa: E402
 
 BENCHMARKS: dict[str, str] = {
     name: os.path.join(_DATA_DIR, f"{name}.jsonl")

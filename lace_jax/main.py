@@ -2,7 +2,7 @@
 
   python -m lace_jax.main --config=experiments/<file>.py[:arg] --workdir=DIR [--config.a.b=v]
 
-With no --config it runs the embedded quickstart (`lace_jax/quickstart_config.py`). TPU pod
+With no --config it runs the embedded quickstart (`lace_jax/toy/quickstart.py`). TPU pod
 jobs run the same command on every host.
 """
 
@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from lace_jax import distributed, modes
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "quickstart_config.py")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "toy", "quickstart.py")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Experiment file, optionally with `:arg` (e.g. :runlocal).",
     lock_config=True)

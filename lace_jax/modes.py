@@ -44,7 +44,7 @@ def run_overhead(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
 
 
 def run_datagen(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
-  from lace_jax import datagen
+  from lace_jax.datagen import pipeline as datagen
   return datagen.run(cfg, workdir)
 
 
@@ -54,17 +54,17 @@ def run_eval(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
 
 
 def run_grpo(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
-  from lace_jax import grpo
+  from lace_jax.rl import grpo
   return grpo.run(cfg, workdir)
 
 
 def run_train(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
-  from lace_jax import train
+  from lace_jax.training import trainer as train
   return train.run(cfg, workdir)
 
 
 def run_toy(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
-  from lace_jax import toy
+  from lace_jax.toy import comparison as toy
   return toy.run_comparison(cfg, workdir)
 
 

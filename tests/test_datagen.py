@@ -12,7 +12,9 @@ import httpx
 import pytest
 
 import lace_jax as lj
-from lace_jax import data, datagen, grading, toydata
+from lace_jax import data, grading
+from lace_jax.datagen import pipeline as datagen
+from lace_jax import bundled as toydata
 from tests.test_experiments import ROOT
 from tests.test_train_cli import _env
 

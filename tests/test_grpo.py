@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lace_jax import grpo
+from lace_jax.rl import grpo
 
 
 def test_group_advantages_by_hand():

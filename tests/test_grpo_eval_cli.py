@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from lace_jax.metrics import read_metrics
+from lace_jax.training.metrics import read_metrics
 from tests.test_experiments import ROOT
 from tests.test_train_cli import _env
 

@@ -22,7 +22,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 import lace_jax
-from lace_jax import sampling, serve, toydata
+from lace_jax import sampling
+from lace_jax.serve import server as serve
+from lace_jax import bundled as toydata
 from tests.conftest import randomize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from lace_jax import toydata
+from lace_jax.toy import tasks as toydata
 from tests.test_train_cli import _env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +89,7 @@ def test_relay_record_answer_is_the_sum_of_private_digits():
 def test_attention_profile_is_a_fraction_and_sees_the_mask():
   from lace_jax import build_model
   from lace_jax.config import LatticeConfig, ModelConfig
-  from lace_jax.toy import attention_profile
+  from lace_jax.toy.comparison import attention_profile
   cfg = ModelConfig.preset("tiny", dtype="float32")
   tokens = np.random.default_rng(0).integers(0, 100, (2, 3, 12)).astype(np.int32)
   valid = np.ones(tokens.shape, bool)
@@ -122,7 +122,7 @@ def test_toy_search_runlocal_pipeline_and_plots(tmp_path):
   assert {"reward", "accuracy", "diversity"} <= set(grpo_rows[-1])
   done = json.load(open(tmp_path / "seed0" / "lace" / "eval" / "done.json"))
   assert set(done["attention_to_other_threads"]) == {"layers_1", "layers_3"}
-  from lace_jax import plots
+  from lace_jax.toy import plots
   written = plots.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'figs'}"])
   assert {os.path.basename(p) for p in written} == {
       "training_curves.png", "attention_to_other_threads.png", "accuracy.png"}

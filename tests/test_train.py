@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 import lace_jax as lj
-from lace_jax import data, experiment, sharding, toydata, train
-from lace_jax.checkpointing import Checkpointer
+from lace_jax import data, experiment, sharding
+from lace_jax import bundled as toydata
+from lace_jax.training import trainer as train
+from lace_jax.training.checkpointer import Checkpointer
 
 CFG = lj.ModelConfig.preset("tiny")
 LAT = lj.LatticeConfig.default(CFG)

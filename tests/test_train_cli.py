@@ -15,7 +15,7 @@ import pytest
 
 import lace_jax as lj
 from lace_jax import modes
-from lace_jax.metrics import read_metrics
+from lace_jax.training.metrics import read_metrics
 from tests.test_experiments import ROOT, _load
 
 SFT = "--config=experiments/sft_1p7b.py:runlocal"

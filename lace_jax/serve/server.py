@@ -675,7 +675,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   import uvicorn  # noqa: PLC0415  (only the CLI needs it)
 
-  from lace_jax.checkpoint import load_pretrained  # noqa: PLC0415
+  from lace_jax.hf_io import load_pretrained  # noqa: PLC0415
 
   ckpt = os.path.normpath(args.checkpoint)
   if not os.path.isdir(ckpt):

@@ -27,7 +27,8 @@ import ml_collections
 import numpy as np
 
 from lace_jax import evaluate as eval_lib
-from lace_jax import experiment, grading, toydata
+from lace_jax import experiment, grading
+from lace_jax.toy import tasks as toydata
 
 VARIANTS = ("lace", "isolated", "independent")
 
@@ -44,7 +45,7 @@ def _write_jsonl(path: str, records) -> None:
 
 
 def _problems(path: str) -> list[grading.Problem]:
-  from lace_jax.grpo import load_questions  # reads per-thread (list) problems too
+  from lace_jax.rl.grpo import load_questions  # reads per-thread (list) problems too
   return [grading.Problem(q["id"], q["problem"], q["answer"], os.path.basename(path))
           for q in load_questions(path)]
 
@@ -198,7 +199,7 @@ def _stage(workdir: str, name: str, fn) -> dict:
 
 def _evaluate_stage(cfg, paths: dict, checkpoint: str, seed: int,
                     stage_dir: str, desc: str) -> dict:
-  from lace_jax.checkpoint import load_pretrained
+  from lace_jax.hf_io import load_pretrained
   from lace_jax.sampling import full_grid
   from lace_jax.tokenizer import Tokenizer
   e, t = cfg.eval, cfg.toy
@@ -228,7 +229,8 @@ def _evaluate_stage(cfg, paths: dict, checkpoint: str, seed: int,
 
 
 def _run_variant(cfg, workdir: str, variant: str, seed: int, paths: dict, stages) -> dict:
-  from lace_jax import grpo, train
+  from lace_jax.rl import grpo
+  from lace_jax.training import trainer as train
   vdir = os.path.join(workdir, f"seed{seed}", variant)
   checkpoint = ""
   out = {}

@@ -226,8 +226,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
 
   from lace_jax import data as data_lib
   from lace_jax import experiment
-  from lace_jax.checkpointing import Checkpointer
-  from lace_jax.metrics import MetricsLogger
+  from lace_jax.training.checkpointer import Checkpointer
+  from lace_jax.training.metrics import MetricsLogger
 
   if not workdir:
     raise ValueError(f"mode {cfg.mode!r} needs --workdir (checkpoints, logs and the export go "
@@ -359,7 +359,7 @@ def export_model(model_cfg: ModelConfig, lattice: LatticeConfig | None, params: 
                  tokenizer, workdir: str) -> str:
   """Writes WORKDIR/export (an HF directory + tokenizer.json); all processes must call it
   (the parameters are gathered across hosts), process 0 writes."""
-  from lace_jax.checkpoint import save_pretrained
+  from lace_jax.hf_io import save_pretrained
   export_dir = os.path.join(workdir, "export")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils

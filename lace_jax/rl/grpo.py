@@ -182,9 +182,10 @@ def run(cfg, workdir: str | None) -> dict:
 
   from tqdm import tqdm
 
-  from lace_jax import experiment, grading, sharding, train
-  from lace_jax.checkpointing import Checkpointer
-  from lace_jax.metrics import MetricsLogger
+  from lace_jax import experiment, grading, sharding
+  from lace_jax.training import trainer as train
+  from lace_jax.training.checkpointer import Checkpointer
+  from lace_jax.training.metrics import MetricsLogger
   from lace_jax.sampling import full_grid, sample
   from lace_jax.tokenizer import instruction_template, thread_prompts
 

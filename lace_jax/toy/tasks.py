@@ -2,7 +2,7 @@
 
 1. The bundled `:runlocal` dataset (`assets/toy_search.jsonl`, `assets/toy_tokenizer.json`),
    described below, used by the `:runlocal` experiment variants and the tests.
-2. The two tasks of the toy-scale comparison (`lace_jax.toy`, `experiments/toy_*.py`), written
+2. The two tasks of the toy-scale comparison (`lace_jax.toy.comparison`, `experiments/toy_*.py`), written
    in a word-level vocabulary (`word_tokenizer`) so every word is one token and the rounds of
    different threads fall on the same grid columns:
    - relay: thread w's prompt holds a private digit d_w; every thread must answer the sum of
@@ -20,7 +20,7 @@ stops and tags itself [[best]]; the others finish their range, then take the ans
 the other thread and tag themselves [[success]]. Only a model whose threads can read each other
 can write the second kind of thread correctly.
 
-  python -m lace_jax.toydata --out lace_jax/assets   # regenerates the bundled files
+  python -m lace_jax.toy.tasks --out lace_jax/assets   # regenerates the bundled files
 """
 
 from __future__ import annotations
@@ -35,11 +35,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lace_jax.tokenizer import ENDOFTEXT, IM_END, IM_START, chat_prompt
 
-ASSETS = os.path.join(os.path.dirname(__file__), "assets")
-TOY_DATA = os.path.join(ASSETS, "toy_search.jsonl")
-TOY_TOKENIZER = os.path.join(ASSETS, "toy_tokenizer.json")
+from lace_jax.bundled import ASSETS, TOY_DATA, TOY_INSTRUCTION, TOY_TOKENIZER  # noqa: E402
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, "<think>", "</think>")
-TOY_INSTRUCTION = "You are one of {num_threads} threads. End with \\boxed{{x}} and one tag."
 
 
 def _next_prime(n: int) -> int:

@@ -1,6 +1,6 @@
 """Plots of a toy comparison run, drawn from its logged metrics (never by hand).
 
-  python -m lace_jax.plots --workdir=runs/toy_search --out=docs/figures
+  python -m lace_jax.toy.plots --workdir=runs/toy_search --out=docs/figures
 
 Reads WORKDIR/seed*/<variant>/<stage>/metrics.jsonl (training curves), the eval stages'
 done.json (the attention picture) and WORKDIR/results.json (the accuracy table); writes
@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lace_jax.toy import NAMES  # noqa: E402
+from lace_jax.toy.comparison import NAMES  # noqa: E402
 
 COLORS = {"lace": "tab:red", "isolated": "tab:blue", "independent": "tab:gray"}
 

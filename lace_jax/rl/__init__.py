@@ -1,0 +1,1 @@
+"""Reinforcement learning: Lattice GRPO (spec section 6, stage 3)."""

@@ -1,0 +1,3 @@
+from lace_jax.serve.server import main
+
+main()
