@@ -36,14 +36,14 @@ from lace_jax.model import Model, abstract_params  # noqa: E402
 
 def throughput(cfg, lattice, *, threads, prompt_len, new_tokens, batch, repeats):
   """Median over `repeats` timed runs (after one compiling run) of a full lockstep generation."""
-  model = lj.build_model(cfg, lattice, seed=0)
+  model, params = lj.build_model(cfg, lattice, seed=0)
   prompts = [[(7 * i + j) % cfg.vocab_size + 1 for j in range(prompt_len)] for i in range(batch)]
   kw = dict(num_threads=threads, max_new_tokens=new_tokens, temperature=0.0)
-  out = sampling.sample(model, model.params, prompts, **kw)  # compile
+  out = sampling.sample(model, params, prompts, **kw)  # compile
   times = []
   for _ in range(repeats):
     t0 = time.perf_counter()
-    out = sampling.sample(model, model.params, prompts, **kw)
+    out = sampling.sample(model, params, prompts, **kw)
     times.append(time.perf_counter() - t0)
   seconds = statistics.median(times)
   tokens = int(out.lengths.sum())
@@ -54,7 +54,7 @@ def throughput(cfg, lattice, *, threads, prompt_len, new_tokens, batch, repeats)
 def decode_step_memory(preset, lattice_on, *, threads, context, dtype="bfloat16"):
   cfg = lj.ModelConfig.preset(preset, dtype=dtype, param_dtype=dtype)
   lattice = lj.LatticeConfig.default(cfg) if lattice_on else None
-  model = Model(cfg, lattice, None)
+  model = Model(cfg, lattice)
   params = abstract_params(cfg, lattice)
   cache = jax.eval_shape(lambda: model.init_cache(1, threads, context))
   tok = jax.ShapeDtypeStruct((1, threads), jnp.int32)

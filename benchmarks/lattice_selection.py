@@ -40,7 +40,7 @@ a = ap.parse_args()
 W = a.W
 cfg = ModelConfig.preset("tiny", vocab_size=32, dtype="float32")
 lat = None if a.nolat else LatticeConfig(layers=tuple(int(x) for x in a.layers.split(",")), width=a.width, heads=a.heads, mask=a.mask, source=a.source, qk_norm=a.qknorm)
-model = lj.build_model(cfg, lat, seed=0)
+model, params = lj.build_model(cfg, lat, seed=0)
 rng = np.random.default_rng(0)
 def batch(n):
   d = rng.integers(0, 10, (n, W))
@@ -57,7 +57,6 @@ def batch(n):
   tok[:, :, 3+k:3+2*k] = rng.integers(0, 10, (n, W, k))
   tok[:, :, -1] = 12
   return jnp.asarray(tok), jnp.asarray(ans)
-params = model.params
 opt = optax.adam(a.lr)
 st = opt.init(params)
 def loss_fn(p, tok, ans):

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from lace_jax import grading
 from lace_jax.rl import grpo
-from lace_jax.model import Model
+from lace_jax.model import Model, Params, without_lattice
 from lace_jax.sampling import SampleOutput, sample
 from lace_jax.tokenizer import (THREAD_INSTRUCTION, Tokenizer, instruction_template,
                                 thread_prompts)
@@ -39,7 +39,7 @@ def _norm(a: str | None) -> str | None:
   return None if a is None else "".join(a.split())
 
 
-def evaluate(model: Model, tokenizer: Tokenizer, problems: list[grading.Problem], grader, *,
+def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[grading.Problem], grader, *,
              num_threads: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
              batch_size: int, seed: int = 0, instruction: str = THREAD_INSTRUCTION,
              thinking: bool = True, desc: str = "eval",
@@ -54,7 +54,7 @@ def evaluate(model: Model, tokenizer: Tokenizer, problems: list[grading.Problem]
     prompts = [tokenizer.encode_batch(thread_prompts(p.problem, w, thinking=thinking,
                                                      instruction=instruction)) for p in chunk]
     t0 = time.perf_counter()
-    out = sample(model, model.params, prompts, num_threads=w, max_new_tokens=max_new_tokens,
+    out = sample(model, params, prompts, num_threads=w, max_new_tokens=max_new_tokens,
                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + start,
                  stop_ids=(tokenizer.im_end_id,), pad_id=tokenizer.pad_id)
     seconds = time.perf_counter() - t0
@@ -102,24 +102,20 @@ def run(cfg, workdir: str | None) -> dict:
   """The `eval` mode: every variant on every dataset; JSON + markdown in the workdir."""
   from lace_jax import experiment
   from lace_jax.hf_io import load_pretrained
-  from lace_jax.model import build_model
 
   e, d = cfg.eval, cfg.data
   model_cfg, lattice = experiment.model_configs(cfg)
   tokenizer, _ = experiment.resolve_tokenizer(cfg)
-  model = experiment.load_checkpoint(cfg, model_cfg, lattice)
-  if model is None:
+  model, params = experiment.load_or_init(cfg, model_cfg, lattice)
+  if not cfg.model.checkpoint:
     print("note: no model.checkpoint given: evaluating a randomly initialised model",
           flush=True)
-    model = build_model(model_cfg, lattice, seed=cfg.seed)
   variants = {}
   for name in e.variants:
     if name == "model":
-      variants[name] = model
+      variants[name] = model, params
     elif name == "lattice_off":
-      strip = lambda layer: {k: v for k, v in layer.items() if k != "lattice"}
-      variants[name] = Model(model.config, None, {k: strip(v) if k.startswith("layers_") else v
-                                                  for k, v in model.params.items()})
+      variants[name] = model.replace(lattice=None), without_lattice(params)
     else:
       raise ValueError(f"eval.variants entry {name!r}; expected 'model' or 'lattice_off'")
   for path in e.checkpoints:
@@ -129,14 +125,14 @@ def run(cfg, workdir: str | None) -> dict:
   results: dict[str, dict[str, dict]] = {}
   os.makedirs(workdir or ".", exist_ok=True)
   with grading.Grader(num_workers=e.grader_workers, timeout_s=e.grader_timeout_s) as grader:
-    for vname, vmodel in variants.items():
+    for vname, (vmodel, vparams) in variants.items():
       results[vname] = {}
       for ds in e.datasets:
         problems = grading.load_benchmark(ds)
         if e.limit:
           problems = problems[:e.limit]
         metrics, records = evaluate(
-            vmodel, tokenizer, problems, grader, num_threads=e.num_threads,
+            vmodel, vparams, tokenizer, problems, grader, num_threads=e.num_threads,
             max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
             top_k=e.top_k, batch_size=e.batch_size, seed=cfg.seed, instruction=template,
             thinking=d.thinking, desc=f"{vname}/{ds}")

@@ -94,13 +94,22 @@ def resolve_tokenizer(cfg: ml_collections.ConfigDict):
 
 def load_checkpoint(cfg: ml_collections.ConfigDict, model: ModelConfig,
                     lattice: LatticeConfig | None):
-  """The `Model` in cfg.model.checkpoint with this run's lattice and dtypes, or None when no
-  checkpoint is configured (callers then initialise from cfg.seed)."""
+  """The parameters in cfg.model.checkpoint with this run's lattice and dtypes, or None when
+  no checkpoint is configured (callers then initialise from cfg.seed)."""
   if not cfg.model.checkpoint:
     return None
   from lace_jax.hf_io import load_pretrained
   return load_pretrained(cfg.model.checkpoint, lattice=lattice, dtype=model.param_dtype,
-                         compute_dtype=model.dtype)
+                         compute_dtype=model.dtype)[1]
+
+
+def load_or_init(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig,
+                 lattice: LatticeConfig | None):
+  """(Model, params): cfg.model.checkpoint's weights if set, else fresh ones from cfg.seed."""
+  from lace_jax.model import Model
+  model = Model(model_cfg, lattice)
+  params = load_checkpoint(cfg, model_cfg, lattice)
+  return model, (model.init(cfg.seed) if params is None else params)
 
 
 def lattice_config(section: ml_collections.ConfigDict,

@@ -1,4 +1,4 @@
-"""Hugging Face Qwen3 checkpoints: load into a `Model`, save a `Model` back.
+"""Hugging Face Qwen3 checkpoints: load into (`Model`, params), save them back.
 
 A saved LACE model is a valid Qwen3 checkpoint: `config.json` (readable by transformers 4.5x
 and 5.x) plus safetensors whose backbone tensors carry the Hugging Face names. Lattice weights
@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lace_jax.config import LatticeConfig, ModelConfig, read_hf_config
-from lace_jax.model import Model, Params, abstract_params, build_model
+from lace_jax.model import Model, Params, abstract_params
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,8 @@ def _read_tensors(files: dict[str, str], names: list[str]) -> Iterator[tuple[str
 def load_pretrained(checkpoint_dir: str | os.PathLike,
                     lattice: LatticeConfig | None | Literal["checkpoint"] = "checkpoint",
                     dtype: str = "float32", *, compute_dtype: str | None = None,
-                    seed: int = 0, **config_overrides) -> Model:
-  """Loads a Hugging Face Qwen3 directory into a `Model`.
+                    seed: int = 0, **config_overrides) -> tuple[Model, Params]:
+  """Loads a Hugging Face Qwen3 directory: returns (model, params).
 
   lattice: "checkpoint" (default) takes the lattice stored in the checkpoint, if any (a plain
     Qwen3 checkpoint then gives the base model); None gives the base model (stored lattice
@@ -234,16 +234,17 @@ def load_pretrained(checkpoint_dir: str | os.PathLike,
                             f"{' and its lattice' if lattice else ''})")
     _set(params, e.path, jnp.asarray(e.from_hf(arr, shape), dtype=pdt))
   if fresh:
-    init = build_model(cfg, lattice, seed).params
+    init = Model(cfg, lattice).init(seed)
     for e in fresh:
       _set(params, e.path, _get(init, e.path))
     log.info("initialised %d lattice tensors (none stored in %s)", len(fresh), checkpoint_dir)
-  return Model(cfg, lattice, params)
+  return Model(cfg, lattice), params
 
 
-def save_pretrained(model: Model, out_dir: str | os.PathLike, *,
+def save_pretrained(model: Model, params: Params, out_dir: str | os.PathLike, *,
                     max_shard_bytes: int | None = None, dtype: str | None = None) -> None:
-  """Writes `model` as a Hugging Face Qwen3 directory (config.json + safetensors).
+  """Writes `model` with `params` as a Hugging Face Qwen3 directory (config.json +
+  safetensors).
 
   max_shard_bytes: split tensors into `model-0000k-of-0000n.safetensors` files of at most this
   size, with a `model.safetensors.index.json` (default: one `model.safetensors`).
@@ -258,7 +259,7 @@ def save_pretrained(model: Model, out_dir: str | os.PathLike, *,
     hf_cfg[LATTICE_KEY] = lattice.to_dict()
   tensors: dict[str, np.ndarray] = {}
   for e in name_map(cfg, lattice):
-    arr = np.asarray(jax.device_get(_get(model.params, e.path)))
+    arr = np.asarray(jax.device_get(_get(params, e.path)))
     tensors[e.hf_name] = e.to_hf(arr.astype(jnp.dtype(store_dtype)))
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0

@@ -2,10 +2,11 @@
 
 Parameters are declared by Flax Linen modules (one module per parameter group, every parameter
 carrying logical axis names for sharding); the math is in pure functions (`lace_jax.ops`,
-`kernels.*`). `Model` bundles the configs with a plain pytree of parameters:
+`kernels.*`). `Model` is the hashable description (configs only); parameters are a plain pytree passed
+explicitly:
 
-  model = build_model(ModelConfig.preset("tiny"), LatticeConfig.default(cfg))
-  logits = model.apply(model.params, tokens)   # int32 [B, W, T] -> float32 [B, W, T, V]
+  model, params = build_model(ModelConfig.preset("tiny"), LatticeConfig.default(cfg))
+  logits = model.apply(params, tokens)   # int32 [B, W, T] -> float32 [B, W, T, V]
 
 Letters: B batch · W thread · T/S positions · D model · N/K heads · G = N/K · H head dim
 F MLP hidden · V vocab · R lattice width · C lattice heads · E = R/C lattice head dim.
@@ -236,7 +237,8 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-  """tokens [B, W, T] -> (logits float32 [B, W, T, V], final hidden [B, W, T, D])."""
+  """tokens [B, W, T] -> (logits float32 [B, W, T, V], final hidden [B, W, T, D], the updated
+  decoding cache or None)."""
 
   cfg: ModelConfig
   lat: LatticeConfig | None = None
@@ -298,18 +300,43 @@ def _lattice_coords(lat: LatticeConfig, positions: jax.Array,
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """A configured LACE model: configs plus a plain pytree of parameters.
+  """A LACE model's description: its configs, no parameters (the gemma / tunix way).
 
-  `apply` is a pure function of (params, inputs): jit it, differentiate it, shard it.
+  Hashable, so it is a static argument of jitted functions; the parameters are a plain pytree
+  passed explicitly to every method, so `apply` is a pure function of (params, inputs): jit
+  it, differentiate it, shard it.
+
+    model = Model(ModelConfig.preset("tiny"), LatticeConfig.default(cfg))
+    params = model.init(seed=0)
+    logits = model.apply(params, tokens)   # int32 [B, W, T] -> float32 [B, W, T, V]
   """
 
   config: ModelConfig
-  lattice: LatticeConfig | None
-  params: Params
+  lattice: LatticeConfig | None = None
+
+  def __post_init__(self):
+    if self.lattice is not None:
+      self.lattice.validate_for(self.config)
 
   @property
   def module(self) -> Transformer:
     return Transformer(self.config, self.lattice)
+
+  def init(self, seed: int = 0) -> Params:
+    """Fresh parameters. Lattice up-projections start at zero, so a fresh lattice model
+    computes exactly its base model."""
+    return jax.jit(functools.partial(init_params, self.config, self.lattice, seed))()
+
+  def abstract_params(self) -> Params:
+    """Parameter shapes and dtypes as `jax.ShapeDtypeStruct`s, allocating nothing."""
+    return abstract_params(self.config, self.lattice)
+
+  def logical_axes(self) -> Params:
+    """Pytree (same structure as params) of logical axis-name tuples, for the sharding rules."""
+    return logical_axes(self.config, self.lattice)
+
+  def num_params(self) -> int:
+    return count_params(self.abstract_params())
 
   def apply(self, params: Params, tokens: jax.Array, *, positions: jax.Array | None = None,
             valid: jax.Array | None = None,
@@ -350,13 +377,6 @@ class Model:
 
   def replace(self, **kwargs) -> Model:
     return dataclasses.replace(self, **kwargs)
-
-  def num_params(self, params: Params | None = None) -> int:
-    return count_params(self.params if params is None else params)
-
-  def logical_axes(self) -> Params:
-    """Pytree (same structure as params) of logical axis-name tuples, for the sharding rules."""
-    return logical_axes(self.config, self.lattice)
 
 
 def _check_inputs(cfg: ModelConfig, tokens, positions, valid):
@@ -423,13 +443,11 @@ def init_params(config: ModelConfig, lattice: LatticeConfig | None = None,
 
 
 def build_model(config: ModelConfig, lattice: LatticeConfig | None = None,
-                seed: int = 0) -> Model:
-  """A freshly initialised model. Lattice up-projections start at zero, so a fresh lattice
-  model computes exactly its base model."""
-  if lattice is not None:
-    lattice.validate_for(config)
-  params = jax.jit(functools.partial(init_params, config, lattice, seed))()
-  return Model(config, lattice, params)
+                seed: int = 0) -> tuple[Model, Params]:
+  """(model, fresh parameters). Lattice up-projections start at zero, so a fresh lattice model
+  computes exactly its base model."""
+  model = Model(config, lattice)
+  return model, model.init(seed)
 
 
 def count_params(params: Params) -> int:
@@ -439,6 +457,13 @@ def count_params(params: Params) -> int:
 def is_lattice_param(path: tuple[Any, ...]) -> bool:
   """True for a parameter of a lattice side path (a key path from `jax.tree_util`)."""
   return any(getattr(k, "key", None) == "lattice" for k in path)
+
+
+def without_lattice(params: Params) -> Params:
+  """The base model's parameters: `params` without any lattice side path (for
+  `model.replace(lattice=None)`, the Isolated Parallel ablation on the same weights)."""
+  return {k: ({n: v for n, v in layer.items() if n != "lattice"} if k.startswith("layers_")
+              else layer) for k, layer in params.items()}
 
 
 def lattice_param_mask(params: Params) -> Params:

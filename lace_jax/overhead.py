@@ -42,8 +42,8 @@ class Overhead:
 def forward_flops(cfg: ModelConfig, lattice: LatticeConfig | None, batch: int, num_threads: int,
                   context: int) -> float:
   """XLA's FLOP count of one forward pass over [batch, num_threads, context] tokens."""
-  params = abstract_params(cfg, lattice)
-  model = Model(cfg, lattice, params)
+  model = Model(cfg, lattice)
+  params = model.abstract_params()
   tokens = jax.ShapeDtypeStruct((batch, num_threads, context), jnp.int32)
   lowered = jax.jit(model.apply).trace(params, tokens).lower()
   return float(lowered.cost_analysis()["flops"])

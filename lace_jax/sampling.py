@@ -30,7 +30,7 @@ class SampleOutput:
   """tokens [B, W, N] (pad after a thread stopped); logprobs [B, W, N] of each emitted token
   under the model's unmodified distribution (temperature 1, no top-p/top-k); lengths [B, W]
   (tokens emitted, the stop token included); finish_reasons [B][W] in {"stop", "length"};
-  prompt_tokens / prompt_valid [B, W, P] (left-padded); hidden [B, W, D] the mean final hidden
+  prompt_tokens / prompt_valid [B, W, P] (left-padded); mean_hidden [B, W, D] the mean final hidden
   state over each thread's emitted tokens (for diversity rewards)."""
 
   tokens: np.ndarray
@@ -217,12 +217,11 @@ def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_t
   static = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                 top_p=float(top_p), stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
                 stop_sequences=tuple(tuple(int(t) for t in q) for q in stop_sequences if len(q)))
-  bare = model.replace(params=None)  # hashable: a static argument of the jitted functions
   rng_prefill, rng_decode = jax.random.split(jax.random.key(seed))
-  cache, first, first_lp, next_pos = _prefill(bare, params, jnp.asarray(tokens),
+  cache, first, first_lp, next_pos = _prefill(model, params, jnp.asarray(tokens),
                                               jnp.asarray(valid), rng_prefill, **static)
   out, lps, lengths, done, mean_hidden, _ = _decode(
-      bare, params, cache, first, first_lp, next_pos, rng_decode, prompt_len=tokens.shape[-1],
+      model, params, cache, first, first_lp, next_pos, rng_decode, prompt_len=tokens.shape[-1],
       **static)
   out, lps, lengths, done, mean_hidden = jax.device_get((out, lps, lengths, done, mean_hidden))
   reasons = [["stop" if d else "length" for d in row] for row in np.asarray(done)]

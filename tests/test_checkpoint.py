@@ -30,12 +30,12 @@ def _hf_logits(checkpoint_dir, tokens, dtype=torch.float32):
 def _random_model(tie, lattice, seed=0):
   cfg = TINY.replace(tie_embeddings=tie)
   lat = lj.LatticeConfig.default(cfg) if lattice else None
-  m = lj.build_model(cfg, lat, seed=seed)
-  params = randomize(m.params, seed=seed + 1)
+  m, fresh = lj.build_model(cfg, lat, seed=seed)
+  params = randomize(fresh, seed=seed + 1)
   if lattice:  # keep the lattice exactly at its fresh (identity) state for HF parity
     for i in lat.layers:
-      params[f"layers_{i}"]["lattice"] = m.params[f"layers_{i}"]["lattice"]
-  return m.replace(params=params)
+      params[f"layers_{i}"]["lattice"] = fresh[f"layers_{i}"]["lattice"]
+  return m, params
 
 
 def _tokens(shape, seed=0):
@@ -46,10 +46,10 @@ def _tokens(shape, seed=0):
 @pytest.mark.parametrize("lattice", [False, True])
 @pytest.mark.parametrize("w", [1, 3])
 def test_parity_with_transformers(tmp_path, tie, lattice, w):
-  model = _random_model(tie, lattice)
-  lj.save_pretrained(model, tmp_path)
+  model, model_p = _random_model(tie, lattice)
+  lj.save_pretrained(model, model_p, tmp_path)
   tokens = _tokens((2, w, 13), seed=w)
-  ours = np.asarray(jax.jit(model.apply)(model.params, tokens))
+  ours = np.asarray(jax.jit(model.apply)(model_p, tokens))
   ref = _hf_logits(tmp_path, tokens)
   assert np.abs(ours - ref).max() <= 1e-4, np.abs(ours - ref).max()
 
@@ -73,10 +73,10 @@ def _hf_written_checkpoint(path, tie=True, dtype=torch.float32):
 @pytest.mark.parametrize("tie", [True, False])
 def test_loads_what_transformers_writes(tmp_path, tie):
   path = _hf_written_checkpoint(tmp_path / "hf", tie)
-  model = lj.load_pretrained(path)
+  model, model_p = lj.load_pretrained(path)
   assert model.lattice is None and model.config.tie_embeddings == tie
   tokens = _tokens((1, 2, 11))
-  ours = np.asarray(model.apply(model.params, tokens))
+  ours = np.asarray(model.apply(model_p, tokens))
   np.testing.assert_allclose(ours, _hf_logits(path, tokens), atol=1e-4)
 
 
@@ -99,50 +99,50 @@ def test_bf16_checkpoint_loads(tmp_path):
   path = _hf_written_checkpoint(tmp_path / "hf", dtype=torch.bfloat16)
   tokens = _tokens((1, 1, 9))
   ref = _hf_logits(path, tokens, dtype=torch.float32)  # bf16 weights, fp32 compute
-  as_fp32 = lj.load_pretrained(path, dtype="float32")
-  np.testing.assert_allclose(np.asarray(as_fp32.apply(as_fp32.params, tokens)), ref, atol=1e-4)
-  as_bf16 = lj.load_pretrained(path, dtype="bfloat16")
-  assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(as_bf16.params))
-  out = np.asarray(as_bf16.apply(as_bf16.params, tokens))
+  as_fp32, as_fp32_p = lj.load_pretrained(path, dtype="float32")
+  np.testing.assert_allclose(np.asarray(as_fp32.apply(as_fp32_p, tokens)), ref, atol=1e-4)
+  as_bf16, as_bf16_p = lj.load_pretrained(path, dtype="bfloat16")
+  assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(as_bf16_p))
+  out = np.asarray(as_bf16.apply(as_bf16_p, tokens))
   assert np.abs(out - ref).max() / np.abs(ref).max() < 5e-2
 
 
 def test_round_trip_with_lattice_is_exact_and_sharded(tmp_path):
   cfg = TINY.replace(tie_embeddings=False)
   lat = lj.LatticeConfig(layers=(1, 3), width=16, heads=2, gate="head", mask="other_threads")
-  model = lj.build_model(cfg, lat, seed=4)
-  model = model.replace(params=randomize(model.params, seed=5))  # non-zero up-projections
-  lj.save_pretrained(model, tmp_path, max_shard_bytes=200_000)
+  model, model_p = lj.build_model(cfg, lat, seed=4)
+  model_p = randomize(model_p, seed=5)  # non-zero up-projections
+  lj.save_pretrained(model, model_p, tmp_path, max_shard_bytes=200_000)
   files = sorted(os.listdir(tmp_path))
   assert "model.safetensors.index.json" in files
   assert sum(f.endswith(".safetensors") for f in files) > 1
-  loaded = lj.load_pretrained(tmp_path)
+  loaded, loaded_p = lj.load_pretrained(tmp_path)
   assert loaded.lattice == lat and loaded.config == cfg.replace(name=loaded.config.name)
-  jax.tree.map(np.testing.assert_array_equal, model.params, loaded.params)
+  jax.tree.map(np.testing.assert_array_equal, model_p, loaded_p)
   # transformers reads the same directory as the base model, ignoring the lattice tensors
-  base = lj.load_pretrained(tmp_path, lattice=None)
+  base, base_p = lj.load_pretrained(tmp_path, lattice=None)
   tokens = _tokens((1, 2, 7))
-  np.testing.assert_allclose(np.asarray(base.apply(base.params, tokens)),
+  np.testing.assert_allclose(np.asarray(base.apply(base_p, tokens)),
                              _hf_logits(tmp_path, tokens), atol=1e-4)
 
 
 def test_attaching_a_fresh_lattice_to_a_base_checkpoint(tmp_path):
   path = _hf_written_checkpoint(tmp_path / "hf")
   lat = lj.LatticeConfig.default(TINY)
-  model = lj.load_pretrained(path, lattice=lat)
-  base = lj.load_pretrained(path)
+  model, model_p = lj.load_pretrained(path, lattice=lat)
+  base, base_p = lj.load_pretrained(path)
   assert model.lattice == lat
   tokens = _tokens((1, 4, 9))
-  np.testing.assert_array_equal(np.asarray(model.apply(model.params, tokens)),
-                                np.asarray(base.apply(base.params, tokens)))
+  np.testing.assert_array_equal(np.asarray(model.apply(model_p, tokens)),
+                                np.asarray(base.apply(base_p, tokens)))
 
 
 # ----- errors name the file and the tensor -----
 
 @pytest.fixture
 def saved(tmp_path):
-  model = lj.build_model(TINY, None, seed=0)
-  lj.save_pretrained(model, tmp_path / "ck")
+  model, model_p = lj.build_model(TINY, None, seed=0)
+  lj.save_pretrained(model, model_p, tmp_path / "ck")
   return tmp_path / "ck"
 
 
@@ -198,8 +198,8 @@ def test_error_shape_mismatch(saved):
 
 
 def test_error_missing_shard(tmp_path):
-  model = lj.build_model(TINY, None, seed=0)
-  lj.save_pretrained(model, tmp_path, max_shard_bytes=300_000)
+  model, model_p = lj.build_model(TINY, None, seed=0)
+  lj.save_pretrained(model, model_p, tmp_path, max_shard_bytes=300_000)
   shard = sorted(f for f in os.listdir(tmp_path) if f.startswith("model-"))[-1]
   os.remove(tmp_path / shard)
   with pytest.raises(FileNotFoundError, match=f"maps tensor .* to '{shard}'"):
@@ -207,8 +207,8 @@ def test_error_missing_shard(tmp_path):
 
 
 def test_error_lattice_config_mismatch(tmp_path):
-  model = lj.build_model(TINY, lj.LatticeConfig(layers=(1,), width=16, heads=2), seed=0)
-  lj.save_pretrained(model, tmp_path)
+  model, model_p = lj.build_model(TINY, lj.LatticeConfig(layers=(1,), width=16, heads=2), seed=0)
+  lj.save_pretrained(model, model_p, tmp_path)
   with pytest.raises(lj.CheckpointError, match=r"lattice.down_proj.weight' has shape \(16, 128\), expected \(32, 128\)"):
     lj.load_pretrained(tmp_path, lattice=lj.LatticeConfig(layers=(1,), width=32, heads=2))
 
@@ -221,16 +221,16 @@ def test_lattice_qk_norm_round_trip_and_identity_at_init(tmp_path):
   import lace_jax as lj
   cfg = lj.ModelConfig.preset("tiny", dtype="float32")
   lat = lj.LatticeConfig(layers=(1, 3), width=32, heads=2, qk_norm=True)
-  model = lj.build_model(cfg, lat, seed=3)
-  assert model.params["layers_1"]["lattice"]["q_norm"]["scale"].shape == (16,)
-  base = lj.build_model(cfg, None, seed=3)
+  model, model_p = lj.build_model(cfg, lat, seed=3)
+  assert model_p["layers_1"]["lattice"]["q_norm"]["scale"].shape == (16,)
+  base, base_p = lj.build_model(cfg, None, seed=3)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (1, 3, 9)), jnp.int32)
-  np.testing.assert_array_equal(model.apply(model.params, tokens), base.apply(base.params, tokens))
+  np.testing.assert_array_equal(model.apply(model_p, tokens), base.apply(base_p, tokens))
   # perturb every lattice tensor so the round trip is checked on non-trivial values
   params = jax.tree.map(lambda x: x + 0.1 * jnp.sin(jnp.arange(x.size).reshape(x.shape)),
-                        model.params)
-  lj.save_pretrained(lj.Model(cfg, lat, params), tmp_path)
-  loaded = lj.load_pretrained(tmp_path)
+                        model_p)
+  lj.save_pretrained(lj.Model(cfg, lat), params, tmp_path)
+  loaded, loaded_p = lj.load_pretrained(tmp_path)
   assert loaded.lattice == lat
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded.params)):
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded_p)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

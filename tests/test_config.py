@@ -68,9 +68,9 @@ def test_three_axis_rope_is_a_config_change():
   lat = lj.LatticeConfig(layers=(1,), width=32, heads=2, rope_axes=("token", "thread", "round"),
                          rope_fractions=(0.5, 0.25, 0.25), rope_thetas=(0.0, 1e4, 1e4))
   assert lat.rope_sections == (8, 4, 4)
-  model = lj.build_model(lj.ModelConfig.preset("tiny"), lat)
+  model, params = lj.build_model(lj.ModelConfig.preset("tiny"), lat)
   tokens = jax.numpy.zeros((1, 2, 5), jax.numpy.int32)
   with pytest.raises(ValueError, match=r"needs coordinates \['round'\]"):
-    model.apply(model.params, tokens)
+    model.apply(params, tokens)
   rounds = jax.numpy.zeros((1, 2, 5), jax.numpy.int32)
-  assert model.apply(model.params, tokens, extra_coords={"round": rounds}).shape == (1, 2, 5, 1024)
+  assert model.apply(params, tokens, extra_coords={"round": rounds}).shape == (1, 2, 5, 1024)

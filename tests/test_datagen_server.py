@@ -32,7 +32,7 @@ def server(tmp_path_factory):
   # vocabulary = the toy tokenizer's, so every sampled id decodes to text
   vocab = lj.Tokenizer.from_file(toydata.TOY_TOKENIZER).vocab_size
   cfg = lj.ModelConfig.preset("tiny", vocab_size=vocab)
-  lj.save_pretrained(lj.build_model(cfg, lj.LatticeConfig.default(cfg), seed=0), ckpt)
+  lj.save_pretrained(*lj.build_model(cfg, lj.LatticeConfig.default(cfg), seed=0), ckpt)
   shutil.copy(toydata.TOY_TOKENIZER, ckpt / "tokenizer.json")
   port = _free_port()
   log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")

@@ -137,13 +137,13 @@ def test_model_gradients_including_gate_weights(impl):
   """The whole lattice layer (down/q/k/v/p/gate/up) with each implementation vs reference."""
   cfg = lj.ModelConfig.preset("tiny", num_layers=2)
   base = lj.LatticeConfig(layers=(1,), width=32, heads=2, implementation="reference")
-  model = lj.build_model(cfg, base, seed=0)
+  _, params = lj.build_model(cfg, base, seed=0)
   from tests.conftest import randomize
-  params = randomize(model.params, seed=1, scale=0.2)
+  params = randomize(params, seed=1, scale=0.2)
   tokens = jax.random.randint(jax.random.key(2), (1, 3, 11), 0, cfg.vocab_size)
 
   def grads(lat):
-    m = lj.Model(cfg, lat, params)
+    m = lj.Model(cfg, lat)
     loss = lambda p: jnp.mean(jax.nn.logsumexp(m.apply(p, tokens), -1))
     return jax.jit(jax.grad(loss))(params)["layers_1"]["lattice"]
 

@@ -24,8 +24,8 @@ def _model(mask="causal", lattice=True, rope_axes=None):
     lat = LAT.replace(mask=mask)
     if rope_axes == "token_only":
       lat = lat.replace(rope_axes=("token",), rope_fractions=(1.0,), rope_thetas=(0.0,))
-  m = lj.build_model(CFG, lat, seed=1)
-  return m.replace(params=_strong_lattice(randomize(m.params, seed=2)))
+  m, params = lj.build_model(CFG, lat, seed=1)
+  return m, _strong_lattice(randomize(params, seed=2))
 
 
 def _strong_lattice(params, scale=0.5):
@@ -45,15 +45,17 @@ def _tokens(shape, seed=0):
   return jax.random.randint(jax.random.key(seed), shape, 0, CFG.vocab_size)
 
 
-def _apply(model, tokens, **kw):
-  return np.asarray(jax.jit(functools.partial(model.apply, **kw))(model.params, tokens))
+def _apply(model_params, tokens, **kw):
+  """model_params: a (Model, params) pair."""
+  model, params = model_params
+  return np.asarray(jax.jit(functools.partial(model.apply, **kw))(params, tokens))
 
 
 def test_fresh_lattice_model_equals_base_model_exactly():
   tokens = _tokens((2, 3, 11))
   base = lj.build_model(CFG, None, seed=5)
   lat = lj.build_model(CFG, lj.LatticeConfig.default(CFG), seed=5)
-  for path, leaf in jax.tree_util.tree_leaves_with_path(lat.params):
+  for path, leaf in jax.tree_util.tree_leaves_with_path(lat[1]):
     if lj.model.is_lattice_param(path) and jax.tree_util.keystr(path).endswith("['up']"):
       np.testing.assert_array_equal(np.asarray(leaf), 0.0)
   np.testing.assert_array_equal(_apply(base, tokens), _apply(lat, tokens))
@@ -100,10 +102,7 @@ def test_without_lattice_threads_are_isolated():
 def test_other_threads_mask_with_one_thread_is_the_base_model():
   """With W = 1 no query has another thread to read, so the side path adds exactly zero."""
   model = _model("other_threads")
-  base_params = {name: ({k: v for k, v in layer.items() if k != "lattice"}
-                        if name.startswith("layers_") else layer)
-                 for name, layer in model.params.items()}
-  base = lj.Model(CFG, None, base_params)
+  base = lj.Model(CFG, None), lj.model.without_lattice(model[1])
   tokens = _tokens((2, 1, 9))
   np.testing.assert_allclose(_apply(model, tokens), _apply(base, tokens), atol=1e-5)
 
@@ -113,10 +112,10 @@ def test_same_position_mask_reads_only_the_same_column():
   lattice layer at layer 0 fed by the hidden stream (no backbone mixing before it), changing
   thread 1 at column s changes thread 0's lattice input only at column s."""
   lat = LAT.replace(layers=(0,), mask="same_position", source="hidden")
-  model = lj.build_model(CFG, lat, seed=1)
-  model = model.replace(params=_strong_lattice(randomize(model.params, seed=3)))
+  _, params = lj.build_model(CFG, lat, seed=1)
+  params = _strong_lattice(randomize(params, seed=3))
   cfg_one = CFG.replace(num_layers=1)
-  one = lj.Model(cfg_one, lat, {k: model.params[k] for k in ("embed", "layers_0", "final_norm")})
+  one = lj.Model(cfg_one, lat), {k: params[k] for k in ("embed", "layers_0", "final_norm")}
   tokens = _tokens((1, 2, 7))
   ref = _apply(one, tokens)
   s = 2
@@ -192,36 +191,36 @@ def test_rope_matches_hugging_face_formula():
 
 def test_bf16_compute_with_fp32_params():
   model = _model("causal")
-  bf16 = model.replace(config=CFG.replace(dtype="bfloat16"))
-  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16.params))
+  bf16 = model[0].replace(config=CFG.replace(dtype="bfloat16")), model[1]
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bf16[1]))
   tokens = _tokens((1, 2, 8))
   out = _apply(bf16, tokens)
   ref = _apply(model, tokens)
   assert out.dtype == np.float32
   rel = np.abs(out - ref).max() / np.abs(ref).max()
   assert rel < 5e-2, rel
-  built = lj.build_model(CFG.replace(param_dtype="bfloat16", dtype="bfloat16"), LAT)
-  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(built.params))
+  _, built = lj.build_model(CFG.replace(param_dtype="bfloat16", dtype="bfloat16"), LAT)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(built))
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_gives_the_same_gradients(remat):
-  model = _model("causal")
+  model, params = _model("causal")
   tokens = _tokens((1, 2, 8))
 
   def loss(params, m):
     return jnp.mean(jax.nn.logsumexp(m.apply(params, tokens), axis=-1))
 
-  g_ref = jax.jit(jax.grad(functools.partial(loss, m=model)))(model.params)
+  g_ref = jax.jit(jax.grad(functools.partial(loss, m=model)))(params)
   rm = model.replace(config=CFG.replace(remat=remat))
-  g = jax.jit(jax.grad(functools.partial(loss, m=rm)))(rm.params)
+  g = jax.jit(jax.grad(functools.partial(loss, m=rm)))(params)
   for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
 
 
 def test_zero_initialised_lattice_still_learns():
   """At init only the up-projection gets a gradient; it is non-zero, so training can start."""
-  model = lj.build_model(CFG, LAT, seed=0)
+  model, params = lj.build_model(CFG, LAT, seed=0)
   tokens = _tokens((1, 3, 8))
 
   def loss(params):
@@ -229,18 +228,18 @@ def test_zero_initialised_lattice_still_learns():
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :, :-1]),
                                          tokens[:, :, 1:, None], -1))
 
-  grads = jax.jit(jax.grad(loss))(model.params)
+  grads = jax.jit(jax.grad(loss))(params)
   lat_grads = grads["layers_1"]["lattice"]
   assert float(jnp.abs(lat_grads["up"]).max()) > 0
   assert float(jnp.abs(lat_grads["q"]).max()) == 0  # blocked by the zero up-projection
 
 
 def test_bad_inputs_are_named():
-  model = _model("causal")
+  model, params = _model("causal")
   with pytest.raises(ValueError, match=r"expected \[B, W, T\]"):
-    model.apply(model.params, jnp.zeros((2, 5), jnp.int32))
+    model.apply(params, jnp.zeros((2, 5), jnp.int32))
   with pytest.raises(ValueError, match="valid shape"):
-    model.apply(model.params, jnp.zeros((1, 2, 5), jnp.int32), valid=jnp.ones((1, 2, 4), bool))
+    model.apply(params, jnp.zeros((1, 2, 5), jnp.int32), valid=jnp.ones((1, 2, 4), bool))
   with pytest.raises(ValueError, match="out of range"):
     lj.build_model(CFG, lj.LatticeConfig(layers=(7,), width=16))
   with pytest.raises(ValueError, match="cannot hold rotary"):
@@ -250,13 +249,13 @@ def test_bad_inputs_are_named():
 @pytest.mark.parametrize("attention,lattice_impl", [("xla", "xla_chunked"),
                                                     ("reference", "reference")])
 def test_implementation_switches_do_not_change_the_model(attention, lattice_impl):
-  model = _model("causal")
+  model, params = _model("causal")
   tokens = _tokens((2, 3, 9))
   valid = jnp.ones((2, 3, 9), bool).at[1, 0, :3].set(False)
   ref = model.replace(config=CFG.replace(attention="reference"),
-                      lattice=model.lattice.replace(implementation="reference"))
+                      lattice=model.lattice.replace(implementation="reference")), params
   other = model.replace(config=CFG.replace(attention=attention),
-                        lattice=model.lattice.replace(implementation=lattice_impl))
+                        lattice=model.lattice.replace(implementation=lattice_impl)), params
   a, b = _apply(ref, tokens, valid=valid), _apply(other, tokens, valid=valid)
   np.testing.assert_allclose(a[np.asarray(valid)], b[np.asarray(valid)], atol=2e-5)
 

@@ -14,8 +14,8 @@ LAT = lj.LatticeConfig(layers=(1, 3), width=16, heads=2)
 
 
 def _model(lattice):
-  m = lj.build_model(CFG, LAT if lattice else None, seed=0)
-  return m.replace(params=randomize(m.params, seed=1, scale=0.1))
+  m, params = lj.build_model(CFG, LAT if lattice else None, seed=0)
+  return m, randomize(params, seed=1, scale=0.1)
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4, 5]]  # different lengths: left padding
@@ -24,22 +24,22 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [3, 4, 5]]  # different lengths: lef
 @pytest.mark.parametrize("lattice", [True, False])
 @pytest.mark.parametrize("w", [1, 4])
 def test_greedy_logprobs_equal_teacher_forcing(lattice, w):
-  m = _model(lattice)
-  out = sampling.sample(m, m.params, PROMPTS, num_threads=w, max_new_tokens=10, temperature=0.0)
+  m, params = _model(lattice)
+  out = sampling.sample(m, params, PROMPTS, num_threads=w, max_new_tokens=10, temperature=0.0)
   assert out.tokens.shape == (2, w, 10)
-  tf = sampling.teacher_forced_logprobs(m, m.params, out)
+  tf = sampling.teacher_forced_logprobs(m, params, out)
   assert np.abs(tf - out.logprobs).max() <= 1e-4
   # greedy: every emitted token is the argmax of the teacher-forced distribution
   tokens, valid = sampling.full_grid(out)
   p = out.prompt_tokens.shape[-1]
-  logits = m.apply(m.params, tokens, valid=valid)[:, :, p - 1:-1]
+  logits = m.apply(params, tokens, valid=valid)[:, :, p - 1:-1]
   np.testing.assert_array_equal(np.asarray(jnp.argmax(logits, -1)), out.tokens)
 
 
 def test_early_stopping_thread_stops_contributing_keys():
-  m = _model(True)
+  m, params = _model(True)
   per_thread = [[[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]]  # so greedy threads differ
-  free = sampling.sample(m, m.params, per_thread, num_threads=4, max_new_tokens=12,
+  free = sampling.sample(m, params, per_thread, num_threads=4, max_new_tokens=12,
                          temperature=0.0)
   toks = free.tokens[0]
   # a (thread, step) whose token no thread emitted before: as the stop token, it ends exactly
@@ -47,20 +47,20 @@ def test_early_stopping_thread_stops_contributing_keys():
   w, k = next((w, k) for k in range(2, 10) for w in range(4)
               if toks[w, k] not in toks[:, :k] and (toks[:, k] == toks[w, k]).sum() == 1)
   stop = int(toks[w, k])
-  out = sampling.sample(m, m.params, per_thread, num_threads=4, max_new_tokens=12,
+  out = sampling.sample(m, params, per_thread, num_threads=4, max_new_tokens=12,
                         temperature=0.0, stop_ids=(stop,), pad_id=0)
   assert out.lengths[0, w] == k + 1 and out.finish_reasons[0][w] == "stop"
   assert (out.tokens[0, w, k + 1:] == 0).all()
   np.testing.assert_array_equal(out.tokens[0, :, :k + 1], toks[:, :k + 1])  # same until then
   # the other threads equal a teacher-forced run in which thread w's later tokens are masked
-  tf = sampling.teacher_forced_logprobs(m, m.params, out)
+  tf = sampling.teacher_forced_logprobs(m, params, out)
   assert np.abs(tf - out.logprobs).max() <= 1e-4
 
 
 def test_stop_sequences_end_a_thread():
-  m = _model(True)
+  m, params = _model(True)
   per_thread = [[[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]]
-  free = sampling.sample(m, m.params, per_thread, num_threads=4, max_new_tokens=12,
+  free = sampling.sample(m, params, per_thread, num_threads=4, max_new_tokens=12,
                          temperature=0.0)
   toks = free.tokens[0]
 
@@ -72,29 +72,29 @@ def test_stop_sequences_end_a_thread():
               and sum(tuple(toks[v, k - 1:k + 1]) == tuple(toks[w, k - 1:k + 1])
                       for v in range(4)) == 1)
   seq = [int(toks[w, k - 1]), int(toks[w, k])]
-  out = sampling.sample(m, m.params, per_thread, num_threads=4, max_new_tokens=12,
+  out = sampling.sample(m, params, per_thread, num_threads=4, max_new_tokens=12,
                         temperature=0.0, stop_sequences=[seq])
   assert out.lengths[0, w] == k + 1 and out.finish_reasons[0][w] == "stop"
-  assert np.abs(sampling.teacher_forced_logprobs(m, m.params, out) - out.logprobs).max() <= 1e-4
+  assert np.abs(sampling.teacher_forced_logprobs(m, params, out) - out.logprobs).max() <= 1e-4
 
 
 def test_per_thread_prompts_and_validation():
-  m = _model(True)
+  m, params = _model(True)
   per = [[[3, 4], [5, 6, 7, 8, 9], [10], [11, 12, 13]]]
-  out = sampling.sample(m, m.params, per, num_threads=4, max_new_tokens=6, temperature=0.0)
+  out = sampling.sample(m, params, per, num_threads=4, max_new_tokens=6, temperature=0.0)
   assert out.prompt_valid[0].sum(-1).tolist() == [2, 5, 1, 3]
-  assert np.abs(sampling.teacher_forced_logprobs(m, m.params, out) - out.logprobs).max() <= 1e-4
+  assert np.abs(sampling.teacher_forced_logprobs(m, params, out) - out.logprobs).max() <= 1e-4
   with pytest.raises(ValueError, match="3 per-thread prompts for 4 threads"):
-    sampling.sample(m, m.params, [[[1], [2], [3]]], num_threads=4, max_new_tokens=2)
+    sampling.sample(m, params, [[[1], [2], [3]]], num_threads=4, max_new_tokens=2)
   with pytest.raises(ValueError, match="max_new_tokens=0"):
-    sampling.sample(m, m.params, PROMPTS, num_threads=1, max_new_tokens=0)
+    sampling.sample(m, params, PROMPTS, num_threads=1, max_new_tokens=0)
 
 
 def test_sampling_is_seeded_and_filters_work():
-  m = _model(True)
-  a = sampling.sample(m, m.params, PROMPTS, num_threads=2, max_new_tokens=8, seed=3)
-  b = sampling.sample(m, m.params, PROMPTS, num_threads=2, max_new_tokens=8, seed=3)
-  c = sampling.sample(m, m.params, PROMPTS, num_threads=2, max_new_tokens=8, seed=4)
+  m, params = _model(True)
+  a = sampling.sample(m, params, PROMPTS, num_threads=2, max_new_tokens=8, seed=3)
+  b = sampling.sample(m, params, PROMPTS, num_threads=2, max_new_tokens=8, seed=3)
+  c = sampling.sample(m, params, PROMPTS, num_threads=2, max_new_tokens=8, seed=4)
   np.testing.assert_array_equal(a.tokens, b.tokens)
   assert not np.array_equal(a.tokens, c.tokens)
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
@@ -102,16 +102,16 @@ def test_sampling_is_seeded_and_filters_work():
   # nucleus 0.7 keeps the smallest prefix whose mass reaches 0.7: {0.5, 0.3}
   assert np.isfinite(np.asarray(sampling._filter_logits(logits, 1.0, 0, 0.7))).sum() == 2
   assert np.isfinite(np.asarray(sampling._filter_logits(logits, 1.0, 0, 0.4))).sum() == 1
-  top1 = sampling.sample(m, m.params, PROMPTS, num_threads=2, max_new_tokens=6, top_k=1, seed=9)
-  greedy = sampling.sample(m, m.params, PROMPTS, num_threads=2, max_new_tokens=6, temperature=0)
+  top1 = sampling.sample(m, params, PROMPTS, num_threads=2, max_new_tokens=6, top_k=1, seed=9)
+  greedy = sampling.sample(m, params, PROMPTS, num_threads=2, max_new_tokens=6, temperature=0)
   np.testing.assert_array_equal(top1.tokens, greedy.tokens)
 
 
 def test_mean_hidden_matches_the_forward_pass():
-  m = _model(True)
-  out = sampling.sample(m, m.params, PROMPTS, num_threads=3, max_new_tokens=7, temperature=0.0)
+  m, params = _model(True)
+  out = sampling.sample(m, params, PROMPTS, num_threads=3, max_new_tokens=7, temperature=0.0)
   tokens, valid = sampling.full_grid(out)
-  _, hidden = m.apply(m.params, tokens, valid=valid, return_hidden=True)
+  _, hidden = m.apply(params, tokens, valid=valid, return_hidden=True)
   p = out.prompt_tokens.shape[-1]
   gen = valid[:, :, p:, None]
   ref = (np.asarray(hidden[:, :, p:]) * gen).sum(2) / gen.sum(2)

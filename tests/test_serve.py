@@ -40,11 +40,11 @@ def checkpoint(tmp_path_factory) -> str:
   """A tiny LACE checkpoint with perturbed weights (threads differ) whose embedding rows beyond
   the toy tokenizer's vocabulary are zero (so greedy text is not empty)."""
   cfg = lace_jax.ModelConfig.preset("tiny")
-  m = lace_jax.build_model(cfg, lace_jax.LatticeConfig.default(cfg), seed=0)
-  params = randomize(m.params, seed=1, scale=0.3)
+  m, params = lace_jax.build_model(cfg, lace_jax.LatticeConfig.default(cfg), seed=0)
+  params = randomize(params, seed=1, scale=0.3)
   params["embed"] = params["embed"].at[TOKENIZER.vocab_size:].set(0.0)
   out = str(tmp_path_factory.mktemp("serve") / "tiny-ckpt")
-  lace_jax.save_pretrained(m.replace(params=params), out)
+  lace_jax.save_pretrained(m, params, out)
   shutil.copy(toydata.TOY_TOKENIZER, os.path.join(out, "tokenizer.json"))
   return out
 
@@ -266,7 +266,7 @@ def client(monkeypatch) -> Iterator[tuple[TestClient, list]]:
   calls: list = []
   monkeypatch.setattr(serve.sampling, "sample", _scripted_sample(calls))
   cfg = lace_jax.ModelConfig.preset("tiny")
-  app = serve.create_app(lace_jax.Model(cfg, None, None), TOKENIZER, model_name="m",
+  app = serve.create_app(lace_jax.Model(cfg, None), None, TOKENIZER, model_name="m",
                          max_threads=8, max_prompt_tokens=256, max_new_tokens=64, max_batch=4,
                          batch_window_ms=0)
   with TestClient(app) as c:
@@ -396,9 +396,9 @@ def test_cli_builds_the_app_from_the_checkpoint(checkpoint, monkeypatch):
 
 def test_create_app_checks_limits():
   cfg = lace_jax.ModelConfig.preset("tiny")
-  model = lace_jax.Model(cfg, None, None)
+  model = lace_jax.Model(cfg, None)
   with pytest.raises(ValueError, match="max_position_embeddings 4096"):
-    serve.create_app(model, TOKENIZER, model_name="m", max_prompt_tokens=4000,
+    serve.create_app(model, None, TOKENIZER, model_name="m", max_prompt_tokens=4000,
                      max_new_tokens=1000)
   with pytest.raises(ValueError, match="max_threads=0"):
-    serve.create_app(model, TOKENIZER, model_name="m", max_threads=0)
+    serve.create_app(model, None, TOKENIZER, model_name="m", max_threads=0)

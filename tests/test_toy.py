@@ -97,8 +97,8 @@ def test_attention_profile_is_a_fraction_and_sees_the_mask():
   for mask, lo, hi in (("other_threads", 1.0, 1.0), ("causal", 0.05, 0.95),
                        ("same_position", 0.05, 0.95)):
     lat = LatticeConfig(layers=(1, 3), width=32, heads=2, mask=mask)
-    model = build_model(cfg, lat, seed=0)
-    prof = attention_profile(model, model.params, tokens, valid, prompt_width=4)
+    model, params = build_model(cfg, lat, seed=0)
+    prof = attention_profile(model, params, tokens, valid, prompt_width=4)
     assert sorted(prof) == ["layers_1", "layers_3"]
     for v in prof.values():
       assert len(v) == 8

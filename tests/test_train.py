@@ -107,14 +107,14 @@ def test_trainable_lattice_leaves_backbone_bit_identical(examples, tokenizer):
 
 
 def test_sft_loss_ignores_prompt_tokens(examples, tokenizer):
-  model = lj.build_model(CFG, LAT, seed=0)
+  model, params = lj.build_model(CFG, LAT, seed=0)
   b = {k: jnp.asarray(v[0]) for k, v in _batches(examples, tokenizer, 1, batch_size=2)[0].items()}
-  loss, n = train.token_loss(model, model.params, b)
+  loss, n = train.token_loss(model, params, b)
   prompt_pos = (~b["loss_mask"]) & b["valid"]
   changed = dict(b, targets=jnp.where(prompt_pos, (b["targets"] + 1) % 300, b["targets"]))
-  assert float(train.token_loss(model, model.params, changed)[0]) == float(loss)
+  assert float(train.token_loss(model, params, changed)[0]) == float(loss)
   gen = dict(b, targets=jnp.where(b["loss_mask"], (b["targets"] + 1) % 300, b["targets"]))
-  assert float(train.token_loss(model, model.params, gen)[0]) != float(loss)
+  assert float(train.token_loss(model, params, gen)[0]) != float(loss)
   # the mask covers exactly the generated tokens and the closing <|im_end|>
   ex = examples[0]
   assert int(n) == int(b["loss_mask"].sum())

@@ -93,12 +93,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_export_is_a_loadable_checkpoint_of_the_trained_model(tmp_path):
   cfg = _sft_config(steps=2, save_every=2)
   summary = modes.get_mode("sft")(cfg, str(tmp_path))
-  model = lj.load_pretrained(summary["export"])
+  model, params = lj.load_pretrained(summary["export"])
   assert model.lattice == lj.LatticeConfig.default(lj.ModelConfig.preset("tiny"))
   tok = lj.Tokenizer.from_dir(summary["export"])
   assert tok.vocab_size <= model.config.vocab_size
-  fresh = lj.build_model(model.config, model.lattice, seed=0)
-  assert not np.array_equal(model.params["embed"], fresh.params["embed"])  # trained
+  fresh = model.init(seed=0)
+  assert not np.array_equal(params["embed"], fresh["embed"])  # trained
   events = os.listdir(tmp_path / "tensorboard")
   assert any(e.startswith("events.out.tfevents") for e in events), events
   assert sorted(_losses(tmp_path)) == [1, 2] and (tmp_path / "config.yaml").exists()

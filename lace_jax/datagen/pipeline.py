@@ -78,9 +78,9 @@ class Generator:
 class InProcessGenerator(Generator):
   """This project's sampler on a loaded model (each prompt one independent thread)."""
 
-  def __init__(self, model, tokenizer, *, batch_size: int = 8, top_p: float = 1.0,
+  def __init__(self, model, params, tokenizer, *, batch_size: int = 8, top_p: float = 1.0,
                top_k: int = 0):
-    self.model, self.tokenizer = model, tokenizer
+    self.model, self.params, self.tokenizer = model, params, tokenizer
     self.batch_size, self.top_p, self.top_k = batch_size, top_p, top_k
     self.tokens_used = 0
 
@@ -92,7 +92,7 @@ class InProcessGenerator(Generator):
       chunk = [self.tokenizer.encode(chat_prompt(p)) for p in prompts[i:i + self.batch_size]]
       width = -(-max(map(len, chunk)) // 128) * 128  # few distinct shapes: few compilations
       chunk += [chunk[-1]] * (self.batch_size - len(chunk))  # a fixed batch size, too
-      out = sample(self.model, self.model.params, chunk, num_threads=1, max_new_tokens=max_tokens,
+      out = sample(self.model, self.params, chunk, num_threads=1, max_new_tokens=max_tokens,
                    temperature=temperature, top_p=self.top_p, top_k=self.top_k, seed=seed + i,
                    stop_ids=(self.tokenizer.im_end_id,), pad_id=self.tokenizer.pad_id,
                    prompt_width=width)
@@ -118,7 +118,7 @@ class InProcessGenerator(Generator):
     for i, x in enumerate(ids):
       tokens[i, 0, :len(x)], valid[i, 0, :len(x)] = x, True
     _, hidden = jax.jit(lambda p, t, v: self.model.apply(p, t, valid=v, return_hidden=True))(
-        self.model.params, tokens, valid)
+        self.params, tokens, valid)
     h = jnp.sum(hidden * valid[..., None], axis=2) / jnp.maximum(valid.sum(2, keepdims=True), 1)
     return np.asarray(h[:, 0])
 
@@ -421,7 +421,6 @@ def generate(problems: Sequence[grading.Problem], gen: Generator, grader, s: Set
 def run(cfg, workdir: str | None) -> dict:
   """The `datagen` mode."""
   from lace_jax import experiment
-  from lace_jax.model import build_model
   if not workdir:
     raise ValueError("mode 'datagen' needs --workdir (the output and its report go there)")
   g = cfg.datagen
@@ -439,9 +438,8 @@ def run(cfg, workdir: str | None) -> dict:
   elif g.generator == "in_process":
     model_cfg, lattice = experiment.model_configs(cfg)
     tokenizer, _ = experiment.resolve_tokenizer(cfg)
-    model = (experiment.load_checkpoint(cfg, model_cfg, lattice)
-             or build_model(model_cfg, lattice, seed=cfg.seed))
-    gen = InProcessGenerator(model, tokenizer, batch_size=g.batch_size)
+    model, params = experiment.load_or_init(cfg, model_cfg, lattice)
+    gen = InProcessGenerator(model, params, tokenizer, batch_size=g.batch_size)
   else:
     raise ValueError(f"datagen.generator={g.generator!r}; expected 'in_process' or 'http'")
   settings = Settings(

@@ -218,7 +218,7 @@ def run(cfg, workdir: str | None) -> dict:
   else:
     start = 0
     loaded = experiment.load_checkpoint(cfg, model_cfg, lattice)
-    state = trainer.init_state(cfg.seed, loaded.params if loaded else None)
+    state = trainer.init_state(cfg.seed, loaded)
   ref_params = jax.device_get(state["params"]) if g.kl_beta else None
   model = trainer.model
   prompt_len = d.max_len  # fixed prompt width: one compiled sampler and step for the whole run

@@ -79,7 +79,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lace_jax import grading, sampling
-from lace_jax.model import Model
+from lace_jax.model import Model, Params
 from lace_jax.tokenizer import ENDOFTEXT, IM_END, IM_START, Tokenizer
 
 log = logging.getLogger("lace_jax.serve")  # not __name__: that is "__main__" under `python -m`
@@ -368,9 +368,9 @@ class Batcher:
   the exception generation raised. `start` is idempotent; `stop` fails queued jobs and joins
   the thread (bounded by `timeout_s`)."""
 
-  def __init__(self, model: Model, tokenizer: Tokenizer, *, max_batch: int,
+  def __init__(self, model: Model, params: Params, tokenizer: Tokenizer, *, max_batch: int,
                batch_window_s: float, max_prompt_tokens: int, max_new_tokens: int):
-    self.model, self.tokenizer = model, tokenizer
+    self.model, self.params, self.tokenizer = model, params, tokenizer
     self.max_batch, self.batch_window_s = max_batch, batch_window_s
     self.max_width = -(-max_prompt_tokens // MIN_BUCKET) * MIN_BUCKET
     self.max_new_tokens = max_new_tokens
@@ -462,7 +462,7 @@ class Batcher:
     steps = _bucket(max(r.max_tokens for r in requests), MIN_BUCKET, self.max_new_tokens)
     seed = first.seed if first.seed is not None else random.SystemRandom().randrange(2**31)
     out = sampling.sample(
-        self.model, self.model.params, prompts, num_threads=first.n, max_new_tokens=steps,
+        self.model, self.params, prompts, num_threads=first.n, max_new_tokens=steps,
         temperature=first.temperature, top_p=first.top_p, top_k=first.top_k, seed=seed,
         stop_ids=self.stop_ids, pad_id=self.pad_id,
         stop_sequences=[self.tokenizer.encode(s) for s in first.stop], prompt_width=width)
@@ -522,10 +522,10 @@ def _sse_chunks(c: Completion, *, completion_id: str, created: int, model: str,
   return events
 
 
-def create_app(model: Model, tokenizer: Tokenizer, *, model_name: str, max_threads: int = 8,
+def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name: str, max_threads: int = 8,
                max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, max_batch: int = 8,
                batch_window_ms: float = 50.0) -> fastapi.FastAPI:
-  """The FastAPI app serving `model` (module docstring: endpoints, batching, streaming).
+  """The FastAPI app serving `model` with `params` (module docstring: endpoints, batching, streaming).
 
   The generation thread starts with the app's lifespan (or on the first request) and stops at
   shutdown; `app.state.batcher` is the `Batcher`. Raises ValueError for a limit below 1, a
@@ -550,7 +550,8 @@ def create_app(model: Model, tokenizer: Tokenizer, *, model_name: str, max_threa
     tokenizer.token_id(token)
 
   limits = Limits(model_name, max_threads, max_prompt_tokens, max_new_tokens, cfg.vocab_size)
-  batcher = Batcher(model, tokenizer, max_batch=max_batch, batch_window_s=batch_window_ms / 1e3,
+  batcher = Batcher(model, params, tokenizer, max_batch=max_batch,
+                    batch_window_s=batch_window_ms / 1e3,
                     max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
   created_at = int(time.time())
 
@@ -685,10 +686,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(f"lace_jax.serve: {tok_path} does not exist; the server needs the checkpoint's "
              "tokenizer.json (copy it from the base model's directory)")
   tokenizer = Tokenizer.from_dir(ckpt)
-  model = load_pretrained(ckpt, lattice=None if args.lattice == "none" else "checkpoint")
+  model, params = load_pretrained(ckpt, lattice=None if args.lattice == "none" else "checkpoint")
   name = args.model_name or os.path.basename(os.path.abspath(ckpt))
   try:
-    app = create_app(model, tokenizer, model_name=name, max_threads=args.max_threads,
+    app = create_app(model, params, tokenizer, model_name=name,
+                     max_threads=args.max_threads,
                      max_prompt_tokens=args.max_prompt_tokens,
                      max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
                      batch_window_ms=args.batch_window_ms)

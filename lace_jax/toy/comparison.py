@@ -203,7 +203,7 @@ def _evaluate_stage(cfg, paths: dict, checkpoint: str, seed: int,
   from lace_jax.sampling import full_grid
   from lace_jax.tokenizer import Tokenizer
   e, t = cfg.eval, cfg.toy
-  model = load_pretrained(checkpoint, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype)
+  model, params = load_pretrained(checkpoint, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype)
   tokenizer = Tokenizer.from_file(paths["tokenizer"])
   problems = _problems(paths["test"])
   first = []  # the first batch's samples, kept for the attention picture
@@ -214,7 +214,7 @@ def _evaluate_stage(cfg, paths: dict, checkpoint: str, seed: int,
 
   with grading.Grader(num_workers=e.grader_workers, timeout_s=e.grader_timeout_s) as grader:
     metrics, records = eval_lib.evaluate(
-        model, tokenizer, problems, grader, num_threads=t.num_threads,
+        model, params, tokenizer, problems, grader, num_threads=t.num_threads,
         max_new_tokens=t.max_new_tokens, temperature=e.temperature, top_p=1.0, top_k=0,
         batch_size=e.batch_size, seed=seed, instruction="", desc=desc, on_batch=keep_first)
   with open(os.path.join(stage_dir, "predictions.jsonl"), "w") as f:
@@ -224,7 +224,7 @@ def _evaluate_stage(cfg, paths: dict, checkpoint: str, seed: int,
     out = first[0]
     tokens, valid = full_grid(out)
     summary["attention_to_other_threads"] = attention_profile(
-        model, model.params, tokens, valid, prompt_width=out.prompt_tokens.shape[-1])
+        model, params, tokens, valid, prompt_width=out.prompt_tokens.shape[-1])
   return summary
 
 

@@ -89,7 +89,7 @@ LossFn = Callable[[Model, Params, dict], tuple[jax.Array, jax.Array, dict]]
 class Trainer:
   """The model, optimizer and shardings of one run; builds the jitted step and state."""
 
-  model: Model  # params unused (None): the state carries them
+  model: Model
   tx: optax.GradientTransformation
   labels: Params
   mesh: Mesh
@@ -101,7 +101,7 @@ class Trainer:
   def create(cls, model_cfg: ModelConfig, lattice: LatticeConfig | None,
              optim: ml_collections.ConfigDict, *, total_steps: int, trainable: str, mesh: Mesh,
              rules: tuple) -> Trainer:
-    model = Model(model_cfg, lattice, None)
+    model = Model(model_cfg, lattice)
     shapes = abstract_params(model_cfg, lattice)
     labels = trainable_labels(shapes, trainable)
     tx, schedule = make_optimizer(optim, total_steps, labels)
@@ -264,7 +264,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   else:
     start = 0
     loaded = experiment.load_checkpoint(cfg, model_cfg, lattice)
-    state = trainer.init_state(cfg.seed, loaded.params if loaded else None)
+    state = trainer.init_state(cfg.seed, loaded)
 
   accum = tr.grad_accum
   local_b = tr.batch_size // jax.process_count()
@@ -365,7 +365,7 @@ def export_model(model_cfg: ModelConfig, lattice: LatticeConfig | None, params: 
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() == 0:
-    save_pretrained(Model(model_cfg, lattice, jax.device_get(params)), export_dir)
+    save_pretrained(Model(model_cfg, lattice), jax.device_get(params), export_dir)
     tokenizer.save(os.path.join(export_dir, "tokenizer.json"))
   return export_dir
 
