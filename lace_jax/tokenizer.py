@@ -4,7 +4,7 @@ chat and multi-thread prompt formats of spec section 5, written out without jinj
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import tokenizers
 
@@ -78,17 +78,26 @@ class Tokenizer:
     self._tok.save(os.fspath(path))
 
 
-def chat_prompt(user: str, *, system: str | None = None, thinking: bool = True) -> str:
-  """Qwen3's chat template for one user turn plus the assistant generation prompt.
+def render_messages(messages: Sequence[Mapping[str, str]], *, thinking: bool = True) -> str:
+  """Qwen3's chat template for a conversation of {role, content} messages plus the assistant
+  generation prompt: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message.
 
-  Equals `apply_chat_template([...], add_generation_prompt=True, enable_thinking=thinking)`;
-  with thinking off, the empty think block Qwen3 expects is appended.
+  Equals `apply_chat_template(messages, add_generation_prompt=True, enable_thinking=thinking)`
+  for text turns ending with a user turn; with thinking off, the empty think block Qwen3
+  expects is appended. Assistant turns are written verbatim (the jinja template would strip a
+  `<think>` block from them): the server passes a client's history through as given.
   """
-  text = f"{IM_START}system\n{system}{IM_END}\n" if system is not None else ""
-  text += f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n"
+  text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+  text += f"{IM_START}assistant\n"
   if not thinking:
     text += "<think>\n\n</think>\n\n"
   return text
+
+
+def chat_prompt(user: str, *, system: str | None = None, thinking: bool = True) -> str:
+  """`render_messages` of one user turn, after a system message when `system` is not None."""
+  messages = [{"role": "system", "content": system}] if system is not None else []
+  return render_messages(messages + [{"role": "user", "content": user}], thinking=thinking)
 
 
 def thread_prompts(problem: str | Sequence[str], num_threads: int, *, thinking: bool = True,

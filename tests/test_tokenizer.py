@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import lace_jax as lj
-from lace_jax.tokenizer import TAGS
+from lace_jax.tokenizer import TAGS, render_messages
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,18 @@ def test_chat_prompt_equals_the_jinja_template(hf_tok, thinking, system):
   ref = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                    enable_thinking=thinking)
   assert lj.chat_prompt(user, system=system, thinking=thinking) == ref
+
+
+def test_render_messages_pins_a_multi_turn_conversation(hf_tok):
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+              {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
+  text = render_messages(messages)
+  assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                  "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n"
+                  "<|im_start|>assistant\n")
+  assert text == hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  assert render_messages(messages[:2], thinking=False) == lj.chat_prompt(
+      "2+2?", system="Be brief.", thinking=False)
 
 
 def test_thread_prompts(tok):

@@ -51,7 +51,9 @@ Temperature 0 is greedy and needs no seed.
 
 Errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}: 400 for a bad body
 or field, 404 for an unknown model or route, 500 when generation fails (the server keeps
-serving). Unknown request fields are ignored.
+serving). The body is validated by pydantic models (`ChatCompletionRequest`): strictly typed
+("2", 2.0 or true is not an integer), a JSON null counts as absent, unknown fields are ignored,
+and it must be sent with `Content-Type: application/json` (FastAPI parses nothing else).
 """
 
 from __future__ import annotations
@@ -63,7 +65,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -71,20 +72,22 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
 import fastapi
 import numpy as np
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import (BaseModel, BeforeValidator, Field, ValidationInfo, field_validator,
+                      model_validator)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lace_jax import grading, sampling
 from lace_jax.model import Model, Params
-from lace_jax.tokenizer import ENDOFTEXT, IM_END, IM_START, Tokenizer
+from lace_jax.tokenizer import ENDOFTEXT, IM_END, Tokenizer, render_messages
 
 log = logging.getLogger("lace_jax.serve")  # not __name__: that is "__main__" under `python -m`
 
-ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 16
 MIN_BUCKET = 16
 
@@ -97,14 +100,9 @@ class ApiError(Exception):
   """A request the server refuses: answered with `status` and the OpenAI error shape."""
 
   def __init__(self, status: int, message: str, *, param: str | None = None,
-               code: str | None = None, type_: str = "invalid_request_error"):
+               code: str | None = None):
     super().__init__(message)
     self.status, self.message, self.param, self.code = status, message, param, code
-    self.type = type_
-
-  def response(self) -> JSONResponse:
-    return error_response(self.status, self.message, param=self.param, code=self.code,
-                          type_=self.type)
 
 
 def error_response(status: int, message: str, *, param: str | None = None,
@@ -115,40 +113,90 @@ def error_response(status: int, message: str, *, param: str | None = None,
 
 
 # ---------------------------------------------------------------------------------------------
-# Requests
+# Requests: FastAPI parses the body with these strict models ("2", 2.0 or true is no integer);
+# a failure's message quotes the field's `description`. What depends on the server's arguments
+# (model name, limits) is checked after parsing, by `resolve_request`.
 
 
-def render_messages(messages: Sequence[dict[str, str]]) -> str:
-  """Qwen3 chat format: `<|im_start|>{role}\\n{content}<|im_end|>\\n` per message, then the
-  assistant generation prompt. One user message gives exactly `tokenizer.chat_prompt(content)`."""
-  text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-  return text + f"{IM_START}assistant\n"
+class TextPart(BaseModel, strict=True):
+  type: Literal["text"]  # OpenAI content parts: only text parts are supported
+  text: str
 
 
-def _is_int(x: Any) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
+class Message(BaseModel, strict=True):
+  role: Literal["system", "user", "assistant"] = Field(
+      description="one of 'system', 'user', 'assistant'")
+  content: str | list[TextPart] = Field(
+      description='a string or a list of text parts {"type": "text", "text": "..."}')
+
+  @field_validator("content")
+  @classmethod
+  def _join_parts(cls, content: str | list[TextPart]) -> str:
+    return content if isinstance(content, str) else "".join(p.text for p in content)
 
 
-def _is_number(x: Any) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+class StreamOptions(BaseModel, strict=True):
+  include_usage: bool = Field(False, description="true or false")
 
 
-def _content(msg: dict, i: int) -> str:
-  content = msg.get("content")
-  if isinstance(content, str):
-    return content
-  if isinstance(content, list):  # OpenAI content parts: only text parts are supported
-    parts = []
-    for j, part in enumerate(content):
-      if not (isinstance(part, dict) and part.get("type") == "text"
-              and isinstance(part.get("text"), str)):
-        raise ApiError(400, f"messages[{i}].content[{j}] must be a text part "
-                       f'{{"type": "text", "text": "..."}}, got {json.dumps(part)[:200]}',
-                       param=f"messages[{i}].content")
-      parts.append(part["text"])
-    return "".join(parts)
-  raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, got "
-                 f"{type(content).__name__}", param=f"messages[{i}].content")
+class ChatCompletionRequest(BaseModel, strict=True):
+  """An OpenAI chat completion body (`top_k` is an extension). Unknown fields are ignored."""
+
+  model: str = Field(min_length=1, description="the served model's id (GET /v1/models)")
+  messages: list[Message] = Field(
+      min_length=1, description="a non-empty list of {role, content} objects")
+  n: int = Field(1, ge=1, description="an integer >= 1, the number of threads")
+  max_completion_tokens: int | None = Field(None, ge=1, description="an integer >= 1")
+  max_tokens: int | None = Field(
+      None, ge=1, description="an integer >= 1, equal to 'max_completion_tokens' if both given")
+  temperature: float = Field(1.0, ge=0, allow_inf_nan=False,
+                             description="a number >= 0 (0 is greedy)")
+  top_p: float = Field(1.0, gt=0, le=1, description="a number in (0, 1]")
+  top_k: int = Field(0, ge=0, description="an integer >= 0 (0 is off)")
+  seed: int | None = Field(None, ge=0, lt=2**32, description="an integer from 0 to 2**32 - 1")
+  stop: Annotated[list[Annotated[str, Field(min_length=1)]],
+                  BeforeValidator(lambda s: [s] if isinstance(s, str) else s)] = Field(
+      [], max_length=MAX_STOP_STRINGS,
+      description=f"a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings")
+  stream: bool = Field(False, description="true or false")
+  stream_options: StreamOptions = Field(default_factory=StreamOptions,
+                                        description='an object like {"include_usage": true}')
+
+  @model_validator(mode="before")
+  @classmethod
+  def _null_is_absent(cls, body: Any) -> Any:  # JSON null means absent, as in OpenAI's API
+    return {k: v for k, v in body.items() if v is not None} if isinstance(body, dict) else body
+
+  @field_validator("max_tokens")
+  @classmethod
+  def _one_budget(cls, max_tokens: int | None, info: ValidationInfo) -> int | None:
+    other = info.data.get("max_completion_tokens")  # validated first: declared first
+    if None not in (max_tokens, other) and max_tokens != other:
+      raise ValueError(f"differs from 'max_completion_tokens' {other}; give one of them")
+    return max_tokens
+
+
+def _describe(error: dict) -> tuple[str | None, str]:
+  """A pydantic error in the body -> (the OpenAI `param`, e.g. "messages[0].role", a message
+  naming that field). The walk down `loc` stops at a union member's tag (e.g. "list[TextPart]")
+  or an index into a list of strings: the param is then the field the client wrote, and the
+  bad value (deeper) is not quoted."""
+  param, expected, model = "", "a chat completion object", ChatCompletionRequest
+  for item in error["loc"][1:]:  # loc[0] is "body"
+    if isinstance(item, int) and model is not None:  # an index into a list of objects
+      param += f"[{item}]"
+    elif model is not None and item in model.model_fields:
+      field = model.model_fields[item]
+      param, expected = f"{param}.{item}" if param else item, field.description
+      model = next((t for t in (field.annotation, *get_args(field.annotation))
+                    if isinstance(t, type) and issubclass(t, BaseModel)), None)
+    else:
+      got = ""
+      break
+  else:
+    got = "" if error["type"] == "missing" else f" is {json.dumps(error['input'])[:200]}"
+  name = f"'{param}'" if param else "the request body"
+  return param or None, f"{name}{got}: {error['msg']}; expected {expected}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,99 +230,33 @@ class Limits:
   vocab_size: int
 
 
-def parse_request(body: Any, tokenizer: Tokenizer, limits: Limits) -> ChatRequest:
-  """Validates an OpenAI chat completion body; raises ApiError naming the bad field. A field
-  given as JSON null counts as absent, as in OpenAI's API."""
-  if not isinstance(body, dict):
-    raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-  model = body.get("model")
-  if not isinstance(model, str) or not model:
-    raise ApiError(400, f"'model' is required and must be a string (this server serves "
-                   f"{limits.model_name!r})", param="model")
-  if model != limits.model_name:
-    raise ApiError(404, f"the model {model!r} does not exist; this server serves "
+def resolve_request(body: ChatCompletionRequest, tokenizer: Tokenizer,
+                    limits: Limits) -> ChatRequest:
+  """A parsed body -> the request to run, with the defaults that depend on the server filled
+  in; raises ApiError naming the field that breaks one of the server's limits."""
+  if body.model != limits.model_name:
+    raise ApiError(404, f"the model {body.model!r} does not exist; this server serves "
                    f"{limits.model_name!r}", param="model", code="model_not_found")
-
-  messages = body.get("messages")
-  if not isinstance(messages, list) or not messages:
-    raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects",
-                   param="messages")
-  rendered = []
-  for i, msg in enumerate(messages):
-    if not isinstance(msg, dict):
-      raise ApiError(400, f"messages[{i}] must be an object, got {type(msg).__name__}",
-                     param=f"messages[{i}]")
-    role = msg.get("role")
-    if role not in ROLES:
-      raise ApiError(400, f"messages[{i}].role is {role!r}; expected one of {list(ROLES)}",
-                     param=f"messages[{i}].role")
-    rendered.append({"role": role, "content": _content(msg, i)})
-
-  n = body.get("n")
-  n = 1 if n is None else n
-  if not _is_int(n) or not 1 <= n <= limits.max_threads:
-    raise ApiError(400, f"'n' (the number of threads) is {n!r}; expected an integer from 1 to "
-                   f"{limits.max_threads} (the server's --max-threads)", param="n")
-
-  mt, mct = body.get("max_tokens"), body.get("max_completion_tokens")
-  if mt is not None and mct is not None and mt != mct:
-    raise ApiError(400, f"'max_tokens'={mt!r} and 'max_completion_tokens'={mct!r} differ; give "
-                   "one of them", param="max_tokens")
-  max_tokens = mct if mct is not None else mt
-  param = "max_completion_tokens" if mct is not None else "max_tokens"
-  if max_tokens is None:
-    max_tokens = limits.max_new_tokens
-  if not _is_int(max_tokens) or not 1 <= max_tokens <= limits.max_new_tokens:
-    raise ApiError(400, f"'{param}' is {max_tokens!r}; expected an integer from 1 to "
-                   f"{limits.max_new_tokens} (the server's --max-new-tokens)", param=param)
-
-  temperature = body.get("temperature")
-  temperature = 1.0 if temperature is None else temperature
-  if not _is_number(temperature) or temperature < 0:
-    raise ApiError(400, f"'temperature' is {temperature!r}; expected a number >= 0 (0 is "
-                   "greedy)", param="temperature")
-  top_p = body.get("top_p")
-  top_p = 1.0 if top_p is None else top_p
-  if not _is_number(top_p) or not 0 < top_p <= 1:
-    raise ApiError(400, f"'top_p' is {top_p!r}; expected a number in (0, 1]", param="top_p")
-  top_k = body.get("top_k")
-  top_k = 0 if top_k is None else top_k
-  if not _is_int(top_k) or not 0 <= top_k <= limits.vocab_size:
-    raise ApiError(400, f"'top_k' is {top_k!r}; expected an integer from 0 (off) to the "
-                   f"vocabulary size {limits.vocab_size}", param="top_k")
-  seed = body.get("seed")
-  if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**32):
-    raise ApiError(400, f"'seed' is {seed!r}; expected an integer from 0 to 2**32 - 1",
-                   param="seed")
-
-  stop = body.get("stop")
-  stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-  if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
-      or not all(isinstance(s, str) and s for s in stop)):
-    raise ApiError(400, f"'stop' must be a non-empty string or a list of at most "
-                   f"{MAX_STOP_STRINGS} non-empty strings, got {json.dumps(stop)[:200]}",
-                   param="stop")
-
-  stream = body.get("stream")
-  stream = False if stream is None else stream
-  if not isinstance(stream, bool):
-    raise ApiError(400, f"'stream' is {stream!r}; expected true or false", param="stream")
-  options = body.get("stream_options") or {}
-  if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-    raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}",
-                   param="stream_options")
-
-  prompt_ids = tokenizer.encode(render_messages(rendered))
+  budget = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+  max_tokens = body.max_completion_tokens or body.max_tokens or limits.max_new_tokens
+  for param, value, lo, hi, why in (
+      ("n", body.n, 1, limits.max_threads, "the server's --max-threads"),
+      (budget, max_tokens, 1, limits.max_new_tokens, "the server's --max-new-tokens"),
+      ("top_k", body.top_k, 0, limits.vocab_size, "the vocabulary size")):
+    if value > hi:
+      raise ApiError(400, f"'{param}' is {value}; expected an integer from {lo} to {hi} ({why})",
+                     param=param)
+  prompt_ids = tokenizer.encode(render_messages([m.model_dump() for m in body.messages]))
   if len(prompt_ids) > limits.max_prompt_tokens:
     raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens, more than the server's "
                    f"--max-prompt-tokens {limits.max_prompt_tokens}", param="messages",
                    code="context_length_exceeded")
-  if temperature == 0:  # greedy: the filters do not matter, so they do not split batches
-    top_p, top_k = 1.0, 0
-  return ChatRequest(prompt_ids=prompt_ids, n=n, max_tokens=max_tokens,
-                     temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-                     seed=seed, stop=tuple(stop), stream=stream,
-                     include_usage=bool(options.get("include_usage", False)))
+  greedy = body.temperature == 0  # the filters do not matter, so they do not split batches
+  return ChatRequest(prompt_ids=prompt_ids, n=body.n, max_tokens=max_tokens,
+                     temperature=body.temperature, top_p=1.0 if greedy else body.top_p,
+                     top_k=0 if greedy else body.top_k, seed=body.seed,
+                     stop=tuple(body.stop),
+                     stream=body.stream, include_usage=body.stream_options.include_usage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,9 +516,9 @@ def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name
   """
   for name, value in (("max_threads", max_threads), ("max_prompt_tokens", max_prompt_tokens),
                       ("max_new_tokens", max_new_tokens), ("max_batch", max_batch)):
-    if not _is_int(value) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{name}={value!r}; expected an integer >= 1")
-  if not _is_number(batch_window_ms) or batch_window_ms < 0:
+  if not (isinstance(batch_window_ms, (int, float)) and 0 <= batch_window_ms < float("inf")):
     raise ValueError(f"batch_window_ms={batch_window_ms!r}; expected a number >= 0")
   cfg = model.config
   if max_prompt_tokens + max_new_tokens > cfg.max_position_embeddings:
@@ -571,6 +553,25 @@ def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name
     return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                           code=code)
 
+  @app.exception_handler(ApiError)
+  async def api_error(request: fastapi.Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+
+  @app.exception_handler(RequestValidationError)
+  async def validation_error(request: fastapi.Request,
+                             exc: RequestValidationError) -> JSONResponse:
+    error = exc.errors()[0]
+    if error["type"] == "json_invalid":
+      return error_response(400, f"the request body is not valid JSON ({error['ctx']['error']} "
+                            f"at character {error['loc'][1]}); expected a chat completion "
+                            "object", code="invalid_json")
+    if isinstance(error["input"], bytes):  # FastAPI parses only a body sent as JSON
+      return error_response(400, "the request body was not sent as JSON; send it with "
+                            "Content-Type: application/json", code="invalid_json")
+    # the deepest error: for a union (`content`), the member the value was meant for
+    param, message = _describe(max(exc.errors(), key=lambda e: len(e["loc"])))
+    return error_response(400, message, param=param)
+
   @app.exception_handler(Exception)
   async def server_error(request: fastapi.Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error for %s %s", request.method, request.url.path)
@@ -596,17 +597,8 @@ def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name
     return model_card()
 
   @app.post("/v1/chat/completions")
-  async def chat_completions(request: fastapi.Request) -> Any:
-    raw = await request.body()
-    try:
-      body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      return error_response(400, f"the request body is not valid JSON ({e}); expected a chat "
-                            "completion object", code="invalid_json")
-    try:
-      req = parse_request(body, tokenizer, limits)
-    except ApiError as e:
-      return e.response()
+  async def chat_completions(body: ChatCompletionRequest) -> Any:
+    req = resolve_request(body, tokenizer, limits)
     try:
       completion: Completion = await asyncio.wrap_future(batcher.submit(req))
     except Exception as e:
