@@ -10,8 +10,35 @@ data.path at it. `:runlocal` uses the in-process sampler on the tiny random mode
 unsolved problems (a smoke test of the pipeline, not training data).
 """
 
+import ml_collections
+
 from lace_jax import experiment
 
 
 def get_config(arg=None):
-  return experiment.datagen_config("gsm8k_train", generator="http", runlocal_=arg == "runlocal")
+  cfg = experiment.base_config("datagen", "qwen3-4b")
+  cfg.datagen = ml_collections.ConfigDict({
+      "source": "gsm8k_train",  # a bundled benchmark name or a JSONL of problems with answers
+      "limit": 0,  # problems to process; 0 = all
+      "generator": "http",  # http | in_process (the model of cfg.model)
+      "endpoint": "http://127.0.0.1:8000/v1", "endpoint_model": "default",
+      "api_key_env": "",  # name of an environment variable holding the API key
+      "concurrency": 8, "retries": 4, "timeout_s": 300.0, "request_budget": 0,
+      "batch_size": 8,  # in_process: prompts per sampler call
+      "num_threads": 4,  # W: distinct solutions per problem
+      "samples_for_difficulty": 8, "min_pass_rate": 0.0, "max_pass_rate": 0.5,
+      "similarity": "jaccard",  # jaccard | embedding (in_process only)
+      "max_similarity": 0.7, "max_attempts": 4,
+      "max_tokens": 8192, "temperature": 1.0,
+      "max_trace_tokens": 8000, "target_tokens": 3000,
+      "tags": "verifier",  # verifier | judge
+      "keep_unsolved": False,  # smoke tests only
+      "grader_workers": 4, "grader_timeout_s": 10.0,
+  })
+  if arg == "runlocal":
+    experiment.runlocal(cfg)
+    cfg.datagen.update(generator="in_process", limit=4, samples_for_difficulty=2,
+                       min_pass_rate=-1.0, max_pass_rate=1.0, max_tokens=24, batch_size=4,
+                       keep_unsolved=True, grader_workers=2, max_trace_tokens=20,
+                       target_tokens=16)
+  return cfg

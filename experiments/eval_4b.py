@@ -9,9 +9,27 @@ Reports LACE accuracy (the [[best]] thread), Independent + Voting (maj@W), mean@
 format adherence, exploration diversity, tokens per query and latency (results.md / .json).
 """
 
+import ml_collections
+
 from lace_jax import experiment
 
 
 def get_config(arg=None):
-  return experiment.eval_config("qwen3-4b", num_threads=4, max_new_tokens=8192,
-                                runlocal_=arg == "runlocal")
+  cfg = experiment.base_config("eval", "qwen3-4b")
+  cfg.eval = ml_collections.ConfigDict({
+      "datasets": ("aime24", "aime25", "amc2023", "math500", "gsm8k_test"),
+      "num_threads": 4,  # W
+      "max_new_tokens": 8192,
+      "temperature": 0.6, "top_p": 0.95, "top_k": 20,  # Qwen3's thinking-mode sampling
+      "batch_size": 8,  # problems per lockstep batch (each W threads)
+      "limit": 0,  # problems per dataset; 0 = all
+      "variants": ("model", "lattice_off"),  # lattice_off: same weights, no side path
+      "checkpoints": (),  # more HF directories to compare side by side
+      "instruction": "default",  # format note appended to each prompt; "" for none
+      "thinking": True,
+      "grader_workers": 4, "grader_timeout_s": 10.0,
+  })
+  if arg == "runlocal":
+    experiment.runlocal(cfg)
+    cfg.eval.update(max_new_tokens=32, limit=4, batch_size=4, grader_workers=2)
+  return cfg

@@ -12,5 +12,13 @@ from lace_jax import experiment
 
 
 def get_config(arg=None):
-  return experiment.pretrain_config("qwen3-1.7b", lr=3e-4, steps=2000, batch_size=32, max_len=4096,
-                                    runlocal_=arg == "runlocal")
+  cfg = experiment.base_config("pretrain", "qwen3-1.7b", remat="full")
+  cfg.data = experiment.data_section(path="data/cpt/train.jsonl", num_threads=4, max_len=4096,
+                                     loss_on="all", shuffle_threads=True)
+  cfg.train = experiment.train_section(steps=2000, batch_size=32, trainable="lattice")
+  cfg.optim = experiment.optim_section(lr=3e-4, warmup_steps=100, weight_decay=0.01)
+  if arg == "runlocal":
+    experiment.runlocal(cfg)
+    cfg.train.update(steps=20, batch_size=4, save_every=10, log_every=1)
+    cfg.optim.update(lr=3e-3, warmup_steps=2)
+  return cfg

@@ -11,5 +11,13 @@ from lace_jax import experiment
 
 
 def get_config(arg=None):
-  return experiment.sft_config("qwen3-1.7b", lr=1e-5, steps=300, batch_size=16, max_len=4096,
-                               runlocal_=arg == "runlocal")
+  cfg = experiment.base_config("sft", "qwen3-1.7b", remat="full")
+  cfg.data = experiment.data_section(path="data/sft/train.jsonl", num_threads=4, max_len=4096,
+                                     loss_on="generated", shuffle_threads=True)
+  cfg.train = experiment.train_section(steps=300, batch_size=16, trainable="all")
+  cfg.optim = experiment.optim_section(lr=1e-5, warmup_steps=20, weight_decay=0.0)
+  if arg == "runlocal":
+    experiment.runlocal(cfg)
+    cfg.train.update(steps=20, batch_size=4, save_every=10, log_every=1)
+    cfg.optim.update(lr=1e-3, warmup_steps=2)
+  return cfg

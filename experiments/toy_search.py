@@ -11,17 +11,18 @@ items on the same problems. Each variant runs CPT -> SFT -> Lattice GRPO -> eval
 the table (results.md / results.json) gives mean ± std over seeds.
 """
 
-from lace_jax import experiment
+from lace_jax.toy import comparison
 
 
 def get_config(arg=None):
-  cfg = experiment.toy_config("pair_search", num_threads=4, seeds=(0, 1, 2),
+  cfg = comparison.toy_config("pair_search", num_threads=4, seeds=(0, 1, 2),
                               variants=("lace", "isolated", "independent"),
                               stages=("pretrain", "sft", "grpo", "eval"))
   if arg == "runlocal":  # a smoke run in about a minute
     cfg.toy.update(seeds=(0,), train_problems=64, test_problems=8)
-    cfg.cpt.update(steps=4, save_every=4, log_every=1)
-    cfg.sft.update(steps=4, save_every=4, log_every=1)
-    cfg.grpo.update(steps=2, questions=2, rollouts=2, save_every=2)
+    cfg.pretrain.train.update(steps=4, save_every=4, log_every=1)
+    cfg.sft.train.update(steps=4, save_every=4, log_every=1)
+    cfg.grpo.train.update(steps=2, save_every=2)
+    cfg.grpo.grpo.update(questions_per_step=2, rollouts_per_question=2)
     cfg.eval.update(batch_size=8)
   return cfg

@@ -103,7 +103,7 @@ def run(cfg, workdir: str | None) -> dict:
   from lace_jax import experiment
   from lace_jax.hf_io import load_pretrained
 
-  e, d = cfg.eval, cfg.data
+  e = cfg.eval
   model_cfg, lattice = experiment.model_configs(cfg)
   tokenizer, _ = experiment.resolve_tokenizer(cfg)
   model, params = experiment.load_or_init(cfg, model_cfg, lattice)
@@ -121,7 +121,7 @@ def run(cfg, workdir: str | None) -> dict:
   for path in e.checkpoints:
     variants[os.path.basename(os.path.normpath(path))] = load_pretrained(
         path, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype)
-  template = instruction_template(d.instruction)
+  template = instruction_template(e.instruction)
   results: dict[str, dict[str, dict]] = {}
   os.makedirs(workdir or ".", exist_ok=True)
   with grading.Grader(num_workers=e.grader_workers, timeout_s=e.grader_timeout_s) as grader:
@@ -135,7 +135,7 @@ def run(cfg, workdir: str | None) -> dict:
             vmodel, vparams, tokenizer, problems, grader, num_threads=e.num_threads,
             max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
             top_k=e.top_k, batch_size=e.batch_size, seed=cfg.seed, instruction=template,
-            thinking=d.thinking, desc=f"{vname}/{ds}")
+            thinking=e.thinking, desc=f"{vname}/{ds}")
         results[vname][ds] = metrics
         if workdir and jax.process_index() == 0:
           with open(os.path.join(workdir, f"predictions_{vname}_{ds}.jsonl"), "w") as f:

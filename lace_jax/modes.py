@@ -54,13 +54,13 @@ def run_eval(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
 
 
 def run_grpo(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
-  from lace_jax.rl import grpo
-  return grpo.run(cfg, workdir)
+  from lace_jax.rl import stage
+  return stage.run(cfg, workdir)
 
 
 def run_train(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
-  from lace_jax.training import trainer as train
-  return train.run(cfg, workdir)
+  from lace_jax.training import lm
+  return lm.run(cfg, workdir)
 
 
 def run_toy(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:

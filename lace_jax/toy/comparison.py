@@ -1,5 +1,5 @@
 """The toy-scale comparison (modes `relay` and `toy_search`): small models trained from scratch
-through the same code paths as the real runs (datagen-format JSONL -> `train.run` CPT / SFT ->
+through the same code paths as the real runs (datagen-format JSONL -> the run loop's CPT / SFT ->
 `grpo.run` -> sampler + grader), so the claim "threads that read each other beat threads that
 do not" is tested where it can be run: on a CPU.
 
@@ -134,6 +134,51 @@ def attention_profile(model, params, tokens: np.ndarray, valid: np.ndarray,
 # -------------------------------------------------------------------------------- stages
 
 
+def toy_config(task: str, *, num_threads: int, seeds: tuple[int, ...], variants: tuple[str, ...],
+               stages: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """The toy-scale comparison's config: the shared sections, `toy` (task, data sizes, budget,
+  variants, seeds), and for each training stage its sections in the schema of the real stage's
+  experiment files (`pretrain.{train,optim}`, `sft.{train,optim}`, `grpo.{train,optim,grpo}`),
+  so `--config.sft.train.steps=3000` reads like `--config.train.steps=3000` of sft_4b.py.
+
+  The lattice is wider than the tiny preset's spec default (R = 32, C = 2 heads of E = 16, in
+  layers 1 and 3 instead of R = 16, C = 4 of E = 4 in layer 2): with E = 4 every head dim is
+  rotary and a model trained from scratch did not learn to select the other thread's key.
+  """
+  mode = {"relay": "relay", "pair_search": "toy_search"}[task]
+  cfg = experiment.base_config(mode, "tiny", dtype="float32")
+  cfg.lattice = experiment.lattice_section("tiny", layers=(1, 3), width=32, heads=2)
+  cfg.toy = ml_collections.ConfigDict({
+      "task": task,  # relay | pair_search (see lace_jax.toy.tasks)
+      "num_threads": num_threads,  # W
+      "num_items": 12, "trials": 3,  # pair_search: N items, per-thread budget in trials
+      "train_problems": 4000, "test_problems": 200,
+      "max_len": 80,  # pretrain / sft grid width T (prompt + completion)
+      "prompt_width": 56,  # GRPO's sampler prompt width (data.prompt_len)
+      "max_new_tokens": 26,  # the per-thread token budget (3 trials of 7 tokens + the answer)
+      "seeds": seeds, "variants": variants, "stages": stages,
+      "headline": (),  # ((variant, metric), ...) overriding lace_acc / lace_acc / maj_acc
+      "pass_lattice": 0.9,  # relay: the accuracy the lattice must reach
+  })
+  no_decay = dict(weight_decay=0.0)
+  cfg.pretrain = ml_collections.ConfigDict({
+      "train": experiment.train_section(steps=100, batch_size=16, save_every=100),
+      "optim": experiment.optim_section(lr=1e-3, warmup_steps=30, **no_decay)})
+  cfg.sft = ml_collections.ConfigDict({
+      "train": experiment.train_section(steps=700, batch_size=16, save_every=100),
+      "optim": experiment.optim_section(lr=1e-3, warmup_steps=50, **no_decay)})
+  # max_new_tokens is the task's budget, toy.max_new_tokens, for GRPO and eval alike
+  rl = experiment.grpo_section(questions_per_step=8, rollouts_per_question=4, max_new_tokens=0)
+  del rl.max_new_tokens
+  rl.grader_workers = 2
+  cfg.grpo = ml_collections.ConfigDict({
+      "train": experiment.train_section(steps=15, save_every=5, log_every=1),
+      "optim": experiment.optim_section(lr=1e-4, warmup_steps=5, **no_decay), "grpo": rl})
+  cfg.eval = ml_collections.ConfigDict({"temperature": 1.0, "batch_size": 50,
+                                        "grader_workers": 2, "grader_timeout_s": 10.0})
+  return cfg
+
+
 def _copy(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   import copy
   c = copy.deepcopy(section)
@@ -141,43 +186,32 @@ def _copy(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def _train_config(cfg, mode: str, variant: str, paths: dict, checkpoint: str, seed: int):
+def _stage_config(cfg, mode: str, variant: str, paths: dict, checkpoint: str, seed: int):
+  """The config of one training stage (pretrain | sft | grpo) of one variant, in the schema of
+  the real experiment files, run by the same code as they are."""
   t = cfg.toy
-  s = cfg.cpt if mode == "pretrain" else cfg.sft
-  build = experiment.pretrain_config if mode == "pretrain" else experiment.sft_config
-  c = build("tiny", lr=s.lr, steps=s.steps, batch_size=s.batch_size, max_len=t.max_len)
   single = variant == "independent"
-  c.data.update(path=paths["train_single" if single else "train"], tokenizer=paths["tokenizer"],
-                num_threads=1 if single else t.num_threads, instruction="",
-                shuffle_threads=not single)
-  c.train.update(trainable="all", save_every=s.save_every, log_every=s.log_every)
-  c.optim.update(warmup_steps=s.warmup_steps, weight_decay=0.0)
-  return _common(cfg, c, variant, checkpoint, seed)
-
-
-def _common(cfg, c, variant: str, checkpoint: str, seed: int):
+  w = 1 if single else t.num_threads
+  c = experiment.base_config(mode, "tiny")
   c.seed = seed
   c.model = _copy(cfg.model)
-  c.model.checkpoint = checkpoint
+  c.model.update(checkpoint=checkpoint, tokenizer=paths["tokenizer"])
   c.lattice = _copy(cfg.lattice)
   c.lattice.enabled = variant == "lace"
   c.sharding = _copy(cfg.sharding)
   c.distributed = _copy(cfg.distributed)
+  c.train, c.optim = _copy(cfg[mode].train), _copy(cfg[mode].optim)
+  if mode == "grpo":
+    c.data = experiment.questions_section(path=paths["train"], num_threads=w,
+                                          prompt_len=t.prompt_width)
+    c.grpo = _copy(cfg.grpo.grpo)
+    c.grpo.max_new_tokens = t.max_new_tokens
+  else:
+    c.data = experiment.data_section(
+        path=paths["train_single" if single else "train"], num_threads=w, max_len=t.max_len,
+        loss_on="all" if mode == "pretrain" else "generated", shuffle_threads=not single)
+  c.data.instruction = ""
   return c
-
-
-def _grpo_config(cfg, variant: str, paths: dict, checkpoint: str, seed: int):
-  t, g = cfg.toy, cfg.grpo
-  c = experiment.grpo_config("tiny", lr=g.lr, steps=g.steps, questions_per_step=g.questions,
-                             rollouts_per_question=g.rollouts, max_new_tokens=t.max_new_tokens)
-  single = variant == "independent"
-  c.data.update(path=paths["train"], tokenizer=paths["tokenizer"], instruction="",
-                num_threads=1 if single else t.num_threads, max_len=t.prompt_width)
-  c.train.update(save_every=g.save_every)
-  c.optim.update(warmup_steps=g.warmup_steps)
-  c.grpo.update(temperature=g.temperature, lambda_div=g.lambda_div, kl_beta=0.0,
-                grader_workers=cfg.eval.grader_workers)
-  return _common(cfg, c, variant, checkpoint, seed)
 
 
 def _stage(workdir: str, name: str, fn) -> dict:
@@ -229,20 +263,18 @@ def _evaluate_stage(cfg, paths: dict, checkpoint: str, seed: int,
 
 
 def _run_variant(cfg, workdir: str, variant: str, seed: int, paths: dict, stages) -> dict:
-  from lace_jax.rl import grpo
-  from lace_jax.training import trainer as train
+  from lace_jax.rl import stage as rl_stage
+  from lace_jax.training import lm
   vdir = os.path.join(workdir, f"seed{seed}", variant)
   checkpoint = ""
   out = {}
   for stage in stages:
     label = f"seed {seed} {variant} {stage}"
     print(f"== {label}", flush=True)
-    if stage in ("pretrain", "sft"):
-      c = _train_config(cfg, stage, variant, paths, checkpoint, seed)
-      s = _stage(vdir, stage, lambda d, c=c: train.run(c, d))
-    elif stage == "grpo":
-      c = _grpo_config(cfg, variant, paths, checkpoint, seed)
-      s = _stage(vdir, stage, lambda d, c=c: grpo.run(c, d))
+    if stage in ("pretrain", "sft", "grpo"):
+      c = _stage_config(cfg, stage, variant, paths, checkpoint, seed)
+      run = rl_stage.run if stage == "grpo" else lm.run
+      s = _stage(vdir, stage, lambda d, c=c, run=run: run(c, d))
     elif stage == "eval":
       s = _stage(vdir, stage, lambda d, ck=checkpoint: _evaluate_stage(
           cfg, paths, ck, seed, d, desc=label))

@@ -12,16 +12,18 @@ training is too short to separate the systems: the full comparison is
 
 import ml_collections
 
-from lace_jax import experiment
+from lace_jax.toy import comparison
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
-  cfg = experiment.toy_config("pair_search", num_threads=4, seeds=(0,),
+  cfg = comparison.toy_config("pair_search", num_threads=4, seeds=(0,),
                               variants=("lace", "isolated", "independent"),
                               stages=("pretrain", "sft", "grpo", "eval"))
   cfg.toy.update(train_problems=2000, test_problems=100)
-  cfg.cpt.update(steps=40, save_every=40)
-  cfg.sft.update(steps=150, save_every=150, warmup_steps=15)
-  cfg.grpo.update(steps=4, questions=4, rollouts=4, save_every=4)
+  cfg.pretrain.train.update(steps=40, save_every=40)
+  cfg.sft.train.update(steps=150, save_every=150)
+  cfg.sft.optim.warmup_steps = 15
+  cfg.grpo.train.update(steps=4, save_every=4)
+  cfg.grpo.grpo.update(questions_per_step=4, rollouts_per_question=4)
   return cfg

@@ -1,4 +1,4 @@
-"""Sharded training: continued pre-training (stage 1) and SFT (stage 2).
+"""The sharded train step of every stage (CPT, SFT, Lattice GRPO): `Trainer`.
 
 The step is one pure function `train_step(state, batch, rng) -> (state, metrics)`, jitted with
 explicit in/out shardings and a donated state, and compiled ahead of time (its
@@ -6,19 +6,15 @@ explicit in/out shardings and a donated state, and compiled ahead of time (its
 `eval_shape` -> shardings -> jitted init, with no host-side full copy of a fresh model.
 
 Batch arrays are [A, B/A, W, T]: A = gradient-accumulation microbatches (a `lax.scan`), B the
-global batch of examples, W threads, T tokens. The loss is the mean over every target token of
-the global batch, so accumulation and sharding change nothing but the summation order.
+global batch of examples, W threads, T tokens. A stage's `LossFn` returns sums and a
+normaliser; the step divides the sums over the whole global batch by the summed normaliser, so
+accumulation and sharding change nothing but the summation order. The loop that drives it is
+`lace_jax.training.loop`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
-import os
-import signal
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,8 +27,6 @@ from jax.sharding import Mesh
 from lace_jax import sharding
 from lace_jax.config import LatticeConfig, ModelConfig
 from lace_jax.model import Model, Params, abstract_params, init_params, is_lattice_param
-
-log = logging.getLogger(__name__)
 
 TRAINABLE = ("all", "lattice")
 
@@ -61,22 +55,6 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, labels: P
                   weight_decay=optim.weight_decay, mask=decay_mask))
   tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule
-
-
-def token_loss(model: Model, params: Params, batch: dict[str, jax.Array]
-               ) -> tuple[jax.Array, jax.Array]:
-  """(sum of next-token cross-entropy over loss_mask, number of loss tokens) of [B, W, T]."""
-  logits = model.apply(params, batch["tokens"], valid=batch["valid"])  # [B, W, T, V] float32
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-  mask = batch["loss_mask"].astype(jnp.float32)
-  return jnp.sum((logz - target_logit) * mask), jnp.sum(mask)
-
-
-def sft_loss(model: Model, params: Params, batch: dict[str, jax.Array]):
-  """The LossFn of pretrain / sft: (loss sum, normaliser, {} extra metric sums)."""
-  total, count = token_loss(model, params, batch)
-  return total, count, {}
 
 
 # A LossFn maps (model, params, microbatch) to (loss sum, normaliser, {name: metric sum}); the
@@ -135,7 +113,7 @@ class Trainer:
     return {"step": jax.device_put(jnp.zeros((), jnp.int32), self.state_sharding["step"]),
             "params": params, "opt_state": opt_state}
 
-  def step_fn(self, loss: LossFn = sft_loss) -> Callable:
+  def step_fn(self, loss: LossFn) -> Callable:
     model, tx, labels, schedule = self.model, self.tx, self.labels, self.schedule
 
     def train_step(state, batch, rng):
@@ -175,7 +153,7 @@ class Trainer:
 
     return train_step
 
-  def compile(self, batch_shapes: dict[str, jax.ShapeDtypeStruct], loss: LossFn = sft_loss):
+  def compile(self, batch_shapes: dict[str, jax.ShapeDtypeStruct], loss: LossFn):
     """AOT-compiles the step for these [A, B, ...] batch shapes (batch axis 1 sharded);
     returns (compiled, memory stats dict)."""
     rep = sharding.replicated(self.mesh)
@@ -199,199 +177,16 @@ def memory_stats(compiled) -> dict[str, int]:
   return {f: int(getattr(m, f)) for f in fields if hasattr(m, f)}
 
 
-# ----------------------------------------------------------------------------------------------
-# The loop: `python -m lace_jax.main --config=experiments/{pretrain,sft}_*.py --workdir=DIR`
-
-
-class _Preempted(Exception):
-  pass
-
-
-def _check_batch(batch_size: int, accum: int, mesh: Mesh) -> None:
+def check_batch(batch_size: int, accum: int, mesh: Mesh, *, name: str = "train.batch_size"
+                ) -> None:
+  """Raises ValueError unless `batch_size` rows split into `accum` microbatches that divide
+  over the data-parallel ways of `mesh` and over the processes."""
   data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % accum:
-    raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum={accum}")
+    raise ValueError(f"{name}={batch_size} is not divisible by train.grad_accum={accum}")
   if (batch_size // accum) % data_ways:
-    raise ValueError(f"microbatch {batch_size // accum} (train.batch_size / grad_accum) is not "
+    raise ValueError(f"microbatch {batch_size // accum} ({name} / grad_accum) is not "
                      f"divisible by the data-parallel ways data*fsdp = {data_ways}")
   if batch_size % jax.process_count():
-    raise ValueError(f"train.batch_size={batch_size} is not divisible by the "
+    raise ValueError(f"{name}={batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
-
-
-def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
-  """Runs (or resumes) a pretrain / sft job; returns a summary dict."""
-  import numpy as np
-  from tqdm import tqdm
-
-  from lace_jax import data as data_lib
-  from lace_jax import experiment
-  from lace_jax.training.checkpointer import Checkpointer
-  from lace_jax.training.metrics import MetricsLogger
-
-  if not workdir:
-    raise ValueError(f"mode {cfg.mode!r} needs --workdir (checkpoints, logs and the export go "
-                     "there)")
-  t0 = time.perf_counter()
-  model_cfg, lattice = experiment.model_configs(cfg)
-  tokenizer, tok_path = experiment.resolve_tokenizer(cfg)
-  if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ValueError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model's "
-                     f"vocab_size is {model_cfg.vocab_size}")
-  d, tr = cfg.data, cfg.train
-  examples, report = data_lib.load_examples(
-      d.path, tokenizer, num_threads=d.num_threads, max_len=d.max_len, fmt=d.format,
-      instruction=d.instruction, thinking=d.thinking, truncate=d.truncate,
-      bad_records=d.bad_records)
-  _log0(report.summary())
-
-  mesh = sharding.make_mesh(dict(cfg.sharding.mesh))
-  rules = sharding.rules_with_overrides(cfg.sharding.rules)
-  _check_batch(tr.batch_size, tr.grad_accum, mesh)
-  trainer = Trainer.create(model_cfg, lattice, cfg.optim, total_steps=tr.steps,
-                           trainable=tr.trainable, mesh=mesh, rules=rules)
-  iterator = iter(data_lib.make_dataset(
-      examples, batch_size=tr.batch_size // jax.process_count(), max_len=d.max_len,
-      pad_id=tokenizer.pad_id, loss_on=d.loss_on, shuffle_threads=d.shuffle_threads,
-      seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count()))
-
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tr.keep_checkpoints,
-                      async_save=tr.async_checkpointing)
-  start = ckpt.latest_step()
-  if start is not None:
-    state = ckpt.restore(start, trainer.abstract_state(), iterator)
-    _log0(f"resumed from step {start} ({ckpt.directory})")
-  else:
-    start = 0
-    loaded = experiment.load_checkpoint(cfg, model_cfg, lattice)
-    state = trainer.init_state(cfg.seed, loaded)
-
-  accum = tr.grad_accum
-  local_b = tr.batch_size // jax.process_count()
-  shapes = {k: jax.ShapeDtypeStruct((accum, tr.batch_size // accum, d.num_threads, d.max_len),
-                                    jnp.int32 if k in ("tokens", "targets") else jnp.bool_)
-            for k in ("tokens", "valid", "targets", "loss_mask")}
-  compiled, mem = trainer.compile(shapes)
-  _log0(f"mesh {sharding.describe(mesh)}; compiled train step memory: "
-        + ", ".join(f"{k}={v / 2**20:.1f}MiB" for k, v in mem.items() if "code" not in k))
-
-  logger = MetricsLogger(workdir, resume_from_step=start)
-  logger.write_text("config", str(cfg))
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.yaml"), "w") as f:
-      f.write(cfg.to_yaml())
-  def next_batch():
-    local = next(iterator)
-    local = {k: v.reshape(accum, local_b // accum, *v.shape[1:]) for k, v in local.items()}
-    return sharding.global_batch(local, mesh, leading=1)
-
-  bar = tqdm(total=tr.steps, initial=start, disable=jax.process_index() != 0,
-             dynamic_ncols=True, desc=cfg.mode)
-  base_rng = jax.random.key(cfg.seed)
-  pending = None  # (step, device metrics) of the step in flight
-  last_time = time.perf_counter()
-  history = []
-
-  def finish(pending):
-    step, m = pending
-    m = {k: float(v) for k, v in jax.device_get(m).items()}  # blocks until the step is done
-    now = time.perf_counter()
-    if not np.isfinite(m["loss"]):
-      ckpt.wait()  # the last good checkpoint may still be being written: finish it first
-      raise FloatingPointError(
-          f"loss is {m['loss']} at step {step}: stopping. The last good checkpoint is step "
-          f"{ckpt.latest_step()} in {ckpt.directory}; lower optim.lr or check the data.")
-    nonlocal last_time
-    dt = now - last_time
-    last_time = now
-    m["step_time"] = dt
-    m["tokens_per_sec"] = m.pop("valid_tokens") / dt if dt > 0 else 0.0
-    if step % tr.log_every == 0 or step == tr.steps:
-      logger.write(step, m)
-    history.append((step, m["loss"]))
-    bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_sec']:.0f}",
-                    step_s=f"{dt:.2f}")
-    bar.update(1)
-
-  try:
-    with stop_requests() as preempted:
-      step = start
-      while step < tr.steps:
-        batch = next_batch()
-        state, metrics = compiled(state, batch, jax.random.fold_in(base_rng, step))
-        step += 1
-        if pending is not None:
-          finish(pending)  # step - 1, fetched while step runs
-        pending = (step, metrics)
-        if step % tr.save_every == 0 or step == tr.steps or preempted["flag"]:
-          finish(pending)  # never save a state whose loss was not checked
-          pending = None
-          ckpt.save(step, state, iterator)
-          if preempted["flag"]:
-            raise _Preempted(step)
-      if pending is not None:
-        finish(pending)
-  except _Preempted as e:
-    ckpt.close()
-    bar.close()
-    logger.close()
-    _log0(f"stopped at step {e.args[0]} on request; checkpoint saved in {ckpt.directory}. "
-          "Run the same command to resume.")
-    raise SystemExit(143)
-  except BaseException:
-    ckpt.close()  # never leave a half-written checkpoint behind an error
-    bar.close()
-    logger.close()
-    raise
-  bar.close()
-  ckpt.close()
-  logger.close()
-  export_dir = export_model(model_cfg, lattice, state["params"], tokenizer, workdir)
-  summary = {"steps": tr.steps, "start_step": start, "final_loss": history[-1][1] if history
-             else None, "export": export_dir, "data": report.summary(),
-             "seconds": time.perf_counter() - t0, "compiled_memory": mem}
-  _log0(f"done: {summary['steps']} steps, final loss {summary['final_loss']}, exported to "
-        f"{export_dir} ({summary['seconds']:.0f}s)")
-  return summary
-
-
-def export_model(model_cfg: ModelConfig, lattice: LatticeConfig | None, params: Params,
-                 tokenizer, workdir: str) -> str:
-  """Writes WORKDIR/export (an HF directory + tokenizer.json); all processes must call it
-  (the parameters are gathered across hosts), process 0 writes."""
-  from lace_jax.hf_io import save_pretrained
-  export_dir = os.path.join(workdir, "export")
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    params = multihost_utils.process_allgather(params, tiled=True)
-  if jax.process_index() == 0:
-    save_pretrained(Model(model_cfg, lattice), jax.device_get(params), export_dir)
-    tokenizer.save(os.path.join(export_dir, "tokenizer.json"))
-  return export_dir
-
-
-@contextlib.contextmanager
-def stop_requests():
-  """Yields a dict whose "flag" turns True on SIGTERM / SIGINT (main thread only), so a loop
-  can checkpoint at the next step boundary; the previous handlers are restored on exit."""
-  flag = {"flag": False}
-
-  def on_signal(signum, frame):
-    del frame
-    flag["flag"] = True
-    _log0(f"received signal {signum}: saving a checkpoint after this step")
-
-  old = {}
-  if threading.current_thread() is threading.main_thread():
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      old[sig] = signal.signal(sig, on_signal)
-  try:
-    yield flag
-  finally:
-    for sig, handler in old.items():
-      signal.signal(sig, handler)
-
-
-def _log0(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(msg, flush=True)

@@ -1,0 +1,239 @@
+"""The one run loop: continued pre-training, SFT and Lattice GRPO (and any later stage) plug
+into it by supplying how a batch is made and the loss.
+
+  python -m lace_jax.main --config=experiments/{pretrain,sft,grpo}_*.py --workdir=DIR
+
+The loop owns everything else: the workdir, resume-or-init (the train state and the stage's
+data iterator are restored together), the AOT compile with its memory log, the metrics logs
+(`metrics.jsonl` + TensorBoard), the progress bar, stop requests (SIGTERM / SIGINT: checkpoint
+at the next step boundary, exit 143; rerun the same command to resume), the NaN check, the
+checkpoints and the export of WORKDIR/export as a Hugging Face directory.
+
+Single-host and multi-host runs behave the same: every process runs every step on its share of
+the batch; only process 0 prints and writes files. The metrics of step N-1 are fetched after
+step N is dispatched, so the host never waits on the device between steps of a stage whose
+batches do not depend on the state (GRPO's do: its rollouts need the current parameters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+
+from lace_jax import experiment, sharding
+from lace_jax.model import Model, Params
+from lace_jax.tokenizer import Tokenizer
+from lace_jax.training.trainer import LossFn, Trainer, check_batch
+
+
+class Stage(Protocol):
+  """What a stage supplies to the loop.
+
+  rows: examples (for GRPO: rollouts) per optimizer update, the global batch B.
+  batch_shapes: the global batch, {name: ShapeDtypeStruct [A, B/A, ...]} (A = grad_accum).
+  loss: the stage's `LossFn` (see `lace_jax.training.trainer`).
+  updates_per_batch: optimizer updates on each batch (GRPO's inner updates mu; else 1).
+  iterator: a grain iterator checkpointed with the state, or None (a batch that is a pure
+    function of the step and the state needs none).
+  """
+
+  rows: int
+  batch_shapes: dict[str, jax.ShapeDtypeStruct]
+  loss: LossFn
+  updates_per_batch: int
+  iterator: Any
+
+  def next_batch(self, state: dict, step: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """(this process's share of the batch of `step` (0-based) as [A, b/A, ...] arrays, host
+    metrics of making it to log beside the step's metrics)."""
+
+  def summary(self) -> dict:
+    """Extra entries for the run's summary."""
+
+  def close(self) -> None:
+    """Releases what the stage holds (e.g. grader processes); called once, on every exit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What the loop builds before the stage: handed to the stage's factory."""
+
+  cfg: ml_collections.ConfigDict
+  model: Model
+  tokenizer: Tokenizer
+  mesh: jax.sharding.Mesh
+
+
+class _Preempted(Exception):
+  pass
+
+
+def log0(msg: str) -> None:
+  """Prints on process 0 only."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str | None,
+        make_stage: Callable[[Setup], Stage]) -> dict:
+  """Runs (or resumes) the training stage `make_stage` builds; returns a summary dict."""
+  from tqdm import tqdm
+
+  from lace_jax.training.checkpointer import Checkpointer
+  from lace_jax.training.metrics import MetricsLogger
+
+  if not workdir:
+    raise ValueError(f"mode {cfg.mode!r} needs --workdir (checkpoints, logs and the export go "
+                     "there)")
+  t0 = time.perf_counter()
+  tr = cfg.train
+  model_cfg, lattice = experiment.model_configs(cfg)
+  tokenizer, tok_path = experiment.resolve_tokenizer(cfg)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model's "
+                     f"vocab_size is {model_cfg.vocab_size}")
+  mesh = sharding.make_mesh(dict(cfg.sharding.mesh))
+  stage = make_stage(Setup(cfg, Model(model_cfg, lattice), tokenizer, mesh))
+  check_batch(stage.rows, tr.grad_accum, mesh)
+  trainer = Trainer.create(model_cfg, lattice, cfg.optim,
+                           total_steps=tr.steps * stage.updates_per_batch,
+                           trainable=tr.trainable, mesh=mesh,
+                           rules=sharding.rules_with_overrides(cfg.sharding.rules))
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tr.keep_checkpoints,
+                      async_save=tr.async_checkpointing)
+  start = ckpt.latest_step()
+  if start is not None:
+    state = ckpt.restore(start, trainer.abstract_state(), stage.iterator)
+    log0(f"resumed from step {start} ({ckpt.directory})")
+  else:
+    start = 0
+    state = trainer.init_state(cfg.seed, experiment.load_checkpoint(cfg, model_cfg, lattice))
+
+  compiled, mem = trainer.compile(stage.batch_shapes, stage.loss)
+  log0(f"mesh {sharding.describe(mesh)}; compiled {cfg.mode} step memory: "
+       + ", ".join(f"{k}={v / 2**20:.1f}MiB" for k, v in mem.items() if "code" not in k))
+
+  logger = MetricsLogger(workdir, resume_from_step=start)
+  logger.write_text("config", str(cfg))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.yaml"), "w") as f:
+      f.write(cfg.to_yaml())
+  bar = tqdm(total=tr.steps, initial=start, disable=jax.process_index() != 0,
+             dynamic_ncols=True, desc=cfg.mode)
+  base_rng = jax.random.key(cfg.seed)
+  history: list[dict[str, float]] = []
+  last_time = time.perf_counter()
+
+  def finish(pending) -> None:
+    """Fetches a dispatched step's metrics (blocking until it is done), checks and logs them."""
+    nonlocal last_time
+    step, device_metrics, host = pending
+    m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if not np.isfinite(m["loss"]):
+      ckpt.wait()  # the last good checkpoint may still be being written: finish it first
+      raise FloatingPointError(
+          f"loss is {m['loss']} at step {step}: stopping. The last good checkpoint is step "
+          f"{ckpt.latest_step()} in {ckpt.directory}; lower optim.lr or check the data.")
+    now = time.perf_counter()
+    dt, last_time = now - last_time, now
+    m["step_time"] = dt
+    m["tokens_per_sec"] = m.pop("valid_tokens") / dt if dt > 0 else 0.0
+    m.update(host)
+    if step % tr.log_every == 0 or step == tr.steps:
+      logger.write(step, m)
+    history.append(m)
+    bar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss", "reward", "accuracy", "tokens_per_sec")
+                     if k in m})
+    bar.update(1)
+
+  pending = None  # (step, device metrics, host metrics) of the step in flight
+  try:
+    with stop_requests() as stop:
+      step = start
+      while step < tr.steps:
+        local, host = stage.next_batch(state, step)
+        batch = sharding.global_batch(local, mesh, leading=1)
+        for mu in range(stage.updates_per_batch):
+          rng = jax.random.fold_in(base_rng, step * stage.updates_per_batch + mu)
+          state, metrics = compiled(state, batch, rng)
+        step += 1
+        if pending is not None:
+          finish(pending)  # step - 1, fetched while step runs
+        pending = (step, metrics, host)
+        if step % tr.save_every == 0 or step == tr.steps or stop["flag"]:
+          finish(pending)  # never save a state whose loss was not checked
+          pending = None
+          ckpt.save(step, state, stage.iterator)
+          if stop["flag"]:
+            raise _Preempted(step)
+  except _Preempted as e:
+    _close(ckpt, bar, logger, stage)
+    log0(f"stopped at step {e.args[0]} on request; checkpoint saved in {ckpt.directory}. "
+         "Run the same command to resume.")
+    raise SystemExit(143) from None
+  except BaseException:
+    _close(ckpt, bar, logger, stage)  # never leave a half-written checkpoint behind an error
+    raise
+  _close(ckpt, bar, logger, stage)
+  export_dir = export(Model(model_cfg, lattice), state["params"], tokenizer, workdir)
+  summary = {"steps": tr.steps, "start_step": start,
+             "final_loss": history[-1]["loss"] if history else None,
+             "last": history[-1] if history else {}, "export": export_dir,
+             "seconds": time.perf_counter() - t0, "compiled_memory": mem, **stage.summary()}
+  log0(f"done: {tr.steps} steps, final loss {summary['final_loss']}, exported to {export_dir} "
+       f"({summary['seconds']:.0f}s)")
+  return summary
+
+
+def _close(ckpt, bar, logger, stage) -> None:
+  ckpt.close()  # waits for in-flight saves
+  bar.close()
+  logger.close()
+  stage.close()
+
+
+def export(model: Model, params: Params, tokenizer: Tokenizer, workdir: str) -> str:
+  """Writes WORKDIR/export (an HF directory + tokenizer.json); all processes must call it
+  (the parameters are gathered across hosts), process 0 writes."""
+  from lace_jax.hf_io import save_pretrained
+  export_dir = os.path.join(workdir, "export")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(params, tiled=True)
+  if jax.process_index() == 0:
+    save_pretrained(model, jax.device_get(params), export_dir)
+    tokenizer.save(os.path.join(export_dir, "tokenizer.json"))
+  return export_dir
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[dict[str, bool]]:
+  """Yields a dict whose "flag" turns True on SIGTERM / SIGINT (main thread only), so a loop
+  can checkpoint at the next step boundary; the previous handlers are restored on exit."""
+  flag = {"flag": False}
+
+  def on_signal(signum, frame):
+    del frame
+    flag["flag"] = True
+    log0(f"received signal {signum}: saving a checkpoint after this step")
+
+  old = {}
+  if threading.current_thread() is threading.main_thread():
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      old[sig] = signal.signal(sig, on_signal)
+  try:
+    yield flag
+  finally:
+    for sig, handler in old.items():
+      signal.signal(sig, handler)
