@@ -133,38 +133,6 @@ def lattice_rewards(texts: list[list[str]], golds: list[str], mean_hidden: np.nd
   return out
 
 
-def load_questions(path_or_name: str) -> list[dict]:
-  """Questions with gold answers: a bundled benchmark name (see grading.BENCHMARKS), or a JSONL
-  of {"id", "problem": str | [str] * W, "answer"} (the multi-thread schema works as is)."""
-  import json
-  import os
-
-  from lace_jax import grading
-  if path_or_name in grading.BENCHMARKS:
-    return [{"id": p.id, "problem": p.problem, "answer": p.answer}
-            for p in grading.load_benchmark(path_or_name)]
-  if not os.path.isfile(path_or_name):
-    raise FileNotFoundError(f"questions file {path_or_name} does not exist (nor is it one of "
-                            f"the bundled benchmarks {sorted(grading.BENCHMARKS)})")
-  out = []
-  with open(path_or_name) as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path_or_name}:{i}: invalid JSON ({e.msg})") from e
-      missing = [k for k in ("problem", "answer") if k not in rec]
-      if missing:
-        raise ValueError(f"{path_or_name}:{i}: missing field(s) {missing}")
-      out.append({"id": str(rec.get("id", i)), "problem": rec["problem"],
-                  "answer": str(rec["answer"])})
-  if not out:
-    raise ValueError(f"{path_or_name}: no questions")
-  return out
-
-
 def question_order(num: int, step: int, per_step: int, seed: int) -> list[int]:
   """Indices of the questions of `step`: epochs of seeded permutations, a pure function of the
   step, so a resumed run draws the same questions."""
@@ -194,12 +162,12 @@ def run(cfg, workdir: str | None) -> dict:
   g, tr, d = cfg.grpo, cfg.train, cfg.data
   model_cfg, lattice = experiment.model_configs(cfg)
   tokenizer, _ = experiment.resolve_tokenizer(cfg)
-  questions = load_questions(d.path)
+  questions = grading.read_problems(d.path)
   w, gsize, nq = d.num_threads, g.rollouts_per_question, tr.batch_size
   template = instruction_template(d.instruction)
 
   def prompts_of(q):
-    return tokenizer.encode_batch(thread_prompts(q["problem"], w, thinking=d.thinking,
+    return tokenizer.encode_batch(thread_prompts(q.problem, w, thinking=d.thinking,
                                                  instruction=template))
 
   mesh = sharding.make_mesh(dict(cfg.sharding.mesh))
@@ -256,7 +224,7 @@ def run(cfg, workdir: str | None) -> dict:
                      prompt_width=prompt_len)
         texts = out.texts(tokenizer)
         rollout_s = time.perf_counter() - t0
-        r = lattice_rewards(texts, [q["answer"] for q in qs for _ in range(gsize)],
+        r = lattice_rewards(texts, [q.answer for q in qs for _ in range(gsize)],
                             out.mean_hidden, grader, lambda_div=g.lambda_div, mode=g.reward_mode)
         rewards = r["reward"].reshape(nq, gsize, *r["reward"].shape[1:])
         adv = np.asarray(group_advantages(jnp.asarray(rewards), kind=g.advantage))
