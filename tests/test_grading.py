@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,6 +19,7 @@ from lace_jax.grading import (BENCHMARKS, Grader, LatticeAnswer, Problem, extrac
                               extract_tag, is_equivalent, load_benchmark, majority_vote,
                               parse_lattice, pass_at_k, read_problems)
 from lace_jax.tokenizer import TAGS
+from tests import grading_hooks
 
 # Sympy never finishes this one (it expands the 10^10-digit integer): > 45 s in process.
 SLOW = "10^{10^{10}}"
@@ -289,13 +292,37 @@ def test_grader_survives_killed_worker():
     assert grader.stats["crashes"] == 2
 
 
-def test_grader_crash_hook_among_other_calls():
-  with Grader(num_workers=2, timeout_s=30.0, _test_hooks=True) as grader:
-    results = grader.grade_many([("2", "2"), ("__lace_crash__", "1"), ("3", "3"), ("4", "5"),
-                                 ("__lace_sleep__:0.1", "1"), ("0.5", r"\frac12")])
+def test_grader_injected_crash_among_other_calls():
+  with Grader(num_workers=2, timeout_s=30.0, grade_fn=grading_hooks.hang_or_crash) as grader:
+    results = grader.grade_many([("2", "2"), (grading_hooks.CRASH, "1"), ("3", "3"), ("4", "5"),
+                                 ("sleep:0.1", "1"), ("0.5", r"\frac12")])
     assert results == [True, False, True, False, False, True]
-    assert grader.stats["crashes"] == 1 and grader.stats["restarts"] == 1
+    assert grader.stats["crashes"] == 1 and grader.stats["restarts"] == 1, grader.stats
+    assert grader.stats["timeouts"] == 0
     assert grader.grade("7", "7.0") is True
+
+
+def test_grader_injected_hang_times_out_alone():
+  pairs = [("sleep:60", "1")] + [(str(i), f"{i}.0") for i in range(6)]
+  with Grader(num_workers=2, timeout_s=1.0, grade_fn=grading_hooks.hang_or_crash) as grader:
+    _wait_ready(grader)
+    start = time.monotonic()
+    assert grader.grade_many(pairs) == [False] + [True] * 6
+    assert 1.0 <= time.monotonic() - start < 5.0  # the other worker graded the rest meanwhile
+    assert grader.stats["timeouts"] == 1 and grader.stats["restarts"] == 1, grader.stats
+    assert grader.stats["crashes"] == 0
+    assert grader.grade("sleep:0", "1") is False and grader.grade("1/2", "0.5") is True
+
+
+def test_grader_rejects_unsendable_grade_fn():
+  with pytest.raises(TypeError, match="module-level function"):
+    Grader(grade_fn=lambda p, g: True)
+
+
+def test_grader_reports_missing_math_verify(monkeypatch):
+  monkeypatch.setitem(sys.modules, "math_verify", None)  # find_spec then finds nothing
+  with pytest.raises(RuntimeError, match="math-verify is not installed"):
+    Grader(num_workers=1)
 
 
 def test_grader_recycles_workers():
@@ -389,3 +416,51 @@ def test_read_problems_missing_or_empty(tmp_path):
   (tmp_path / "empty.jsonl").write_text("\n")
   with pytest.raises(ValueError, match="no problems"):
     read_problems(str(tmp_path / "empty.jsonl"))
+
+
+def test_read_problems_is_the_one_reader(tmp_path):
+  """GSM8K golds, the instruction stripped, per-thread problems (the toy tasks' and GRPO's
+  files) and bundled names, all through read_problems."""
+  path = tmp_path / "train.jsonl"
+  instruction = "Please reason step by step, and put your final answer within \\boxed{}."
+  path.write_text("\n".join([
+      json.dumps({"question": f"Ann has 1,000 apples. How many?\n{instruction}",
+                  "answer": "She keeps them all.\n#### 1,000"}),
+      json.dumps({"id": "relay-3", "problem": ["clue A", f"clue B {instruction}", "clue C"],
+                  "answer": "7", "threads": ["ignored"]}),
+  ]) + "\n")
+  gsm, relay = read_problems(str(path))
+  assert gsm == Problem("train-0", "Ann has 1,000 apples. How many?", "1000", "train")
+  assert relay == Problem("relay-3", ("clue A", "clue B", "clue C"), "7", "train")
+  assert read_problems("aime24") == load_benchmark("aime24")
+  with pytest.raises(FileNotFoundError, match="nor is it one of the bundled benchmarks"):
+    read_problems("aime23")
+
+
+@pytest.mark.parametrize("line,error", [
+    ("{not json", r"bad.jsonl:2: invalid JSON"),
+    (json.dumps({"problem": [], "answer": "1"}), r"bad.jsonl:2: field 'problem' is an empty list"),
+    (json.dumps({"problem": ["a", 3], "answer": "1"}),
+     r"bad.jsonl:2: field 'problem'\[1\] is 3"),
+])
+def test_read_problems_bad_per_thread_line(tmp_path, line, error):
+  path = tmp_path / "bad.jsonl"
+  path.write_text(json.dumps({"problem": ["a", "b"], "answer": "1"}) + "\n" + line + "\n")
+  with pytest.raises(ValueError, match=error):
+    read_problems(str(path))
+
+
+def test_grading_modules_import_no_heavy_stack():
+  """The grading modules (what a Grader worker imports) pull in no jax, torch, fastapi or
+  matplotlib, nor sympy before the first equivalence check. The package's own __init__ is
+  bypassed: whether `import lace_jax` is light is that module's concern."""
+  import lace_jax
+  code = ("import sys, types\n"
+          "pkg = types.ModuleType('lace_jax')\n"
+          f"pkg.__path__ = [{os.path.dirname(lace_jax.__file__)!r}]\n"
+          "sys.modules['lace_jax'] = pkg\n"
+          "import lace_jax.grading\n"
+          "print(sorted(m for m in ('jax', 'torch', 'fastapi', 'matplotlib', 'sympy') "
+          "if m in sys.modules))\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -424,10 +424,9 @@ def run(cfg, workdir: str | None) -> dict:
   if not workdir:
     raise ValueError("mode 'datagen' needs --workdir (the output and its report go there)")
   g = cfg.datagen
-  if g.source in grading.BENCHMARKS:
-    problems = grading.load_benchmark(g.source)
-  else:
-    problems = grading.read_problems(g.source)
+  problems = grading.read_problems(g.source)
+  if any(not isinstance(p.problem, str) for p in problems):  # the prompts hold one problem
+    raise ValueError(f"datagen.source={g.source}: per-thread (list) problems are not supported")
   if g.limit:
     problems = problems[:g.limit]
   if g.generator == "http":

@@ -131,35 +131,3 @@ def lattice_rewards(texts: list[list[str]], golds: list[str], mean_hidden: np.nd
     out["thread_accuracy"] = per
     out["reward"] = per + lambda_div * div[:, None]
   return out
-
-
-def load_questions(path_or_name: str) -> list[dict]:
-  """Questions with gold answers: a bundled benchmark name (see grading.BENCHMARKS), or a JSONL
-  of {"id", "problem": str | [str] * W, "answer"} (the multi-thread schema works as is)."""
-  import json
-  import os
-
-  from lace_jax import grading
-  if path_or_name in grading.BENCHMARKS:
-    return [{"id": p.id, "problem": p.problem, "answer": p.answer}
-            for p in grading.load_benchmark(path_or_name)]
-  if not os.path.isfile(path_or_name):
-    raise FileNotFoundError(f"questions file {path_or_name} does not exist (nor is it one of "
-                            f"the bundled benchmarks {sorted(grading.BENCHMARKS)})")
-  out = []
-  with open(path_or_name) as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path_or_name}:{i}: invalid JSON ({e.msg})") from e
-      missing = [k for k in ("problem", "answer") if k not in rec]
-      if missing:
-        raise ValueError(f"{path_or_name}:{i}: missing field(s) {missing}")
-      out.append({"id": str(rec.get("id", i)), "problem": rec["problem"],
-                  "answer": str(rec["answer"])})
-  if not out:
-    raise ValueError(f"{path_or_name}: no questions")
-  return out

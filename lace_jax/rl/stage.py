@@ -47,7 +47,7 @@ class GRPOStage:
   cfg: ml_collections.ConfigDict
   model: Model
   tokenizer: Tokenizer
-  questions: list[dict]
+  questions: list[grading.Problem]
   prompts: list[list[list[int]]]  # per question, W token-id lists
   grader: grading.Grader
   ref_params: Any  # None unless grpo.kl_beta > 0
@@ -85,7 +85,7 @@ class GRPOStage:
                  prompt_width=p)
     rollout_s = time.perf_counter() - t0
     r = grpo.lattice_rewards(out.texts(self.tokenizer),
-                             [q["answer"] for q in qs for _ in range(gsize)], out.mean_hidden,
+                             [q.answer for q in qs for _ in range(gsize)], out.mean_hidden,
                              self.grader, lambda_div=g.lambda_div, mode=g.reward_mode)
     rewards = r["reward"].reshape(nq, gsize, *r["reward"].shape[1:])
     adv = np.asarray(grpo.group_advantages(jnp.asarray(rewards), kind=g.advantage))
@@ -123,9 +123,9 @@ def make_stage(setup: loop.Setup) -> GRPOStage:
   if jax.process_count() > 1:
     raise NotImplementedError("grpo rollouts are sampled on one process; multi-host GRPO needs "
                               "the sampler's batch split over processes")
-  questions = grpo.load_questions(d.path)
+  questions = grading.read_problems(d.path)
   template = instruction_template(d.instruction)
-  prompts = [tok.encode_batch(thread_prompts(q["problem"], d.num_threads, thinking=d.thinking,
+  prompts = [tok.encode_batch(thread_prompts(q.problem, d.num_threads, thinking=d.thinking,
                                              instruction=template)) for q in questions]
   longest = max(len(x) for p in prompts for x in p)
   if longest > d.prompt_len:

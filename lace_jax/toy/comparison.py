@@ -45,9 +45,7 @@ def _write_jsonl(path: str, records) -> None:
 
 
 def _problems(path: str) -> list[grading.Problem]:
-  from lace_jax.rl.grpo import load_questions  # reads per-thread (list) problems too
-  return [grading.Problem(q["id"], q["problem"], q["answer"], os.path.basename(path))
-          for q in load_questions(path)]
+  return grading.read_problems(path, name=os.path.basename(path))  # per-thread problems too
 
 
 def make_data(cfg: ml_collections.ConfigDict, data_dir: str) -> dict[str, str]:
