@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lace_jax.rl import grpo
+from lace_jax.rl import stage as rl_stage
 
 
 def test_group_advantages_by_hand():
@@ -76,8 +77,8 @@ def test_loss_token_mean_and_dr_grpo_by_hand():
 
 
 def test_question_order_is_a_pure_function_of_the_step():
-  a = [grpo.question_order(10, s, 4, seed=1) for s in range(5)]
-  b = [grpo.question_order(10, s, 4, seed=1) for s in range(5)]
+  a = [rl_stage.question_order(10, s, 4, seed=1) for s in range(5)]
+  b = [rl_stage.question_order(10, s, 4, seed=1) for s in range(5)]
   assert a == b
   first_epoch = sum(a, [])[:10]
   assert sorted(first_epoch) == list(range(10))  # every question once per epoch

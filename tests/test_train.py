@@ -11,6 +11,7 @@ import pytest
 import lace_jax as lj
 from lace_jax import data, experiment, sharding
 from lace_jax import bundled as toydata
+from lace_jax.training import lm
 from lace_jax.training import trainer as train
 from lace_jax.training.checkpointer import Checkpointer
 
@@ -50,7 +51,7 @@ def _train(batches, mesh_spec, *, devices=None, trainable="all", lattice=LAT, ac
   state = tr.init_state(seed=0)
   init = jax.device_get(state["params"])
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches[0].items()}
-  step, _ = tr.compile(shapes)
+  step, _ = tr.compile(shapes, lm.lm_loss)
   losses = []
   for i, b in enumerate(batches):
     state, m = step(state, sharding.global_batch(b, mesh, leading=1), jax.random.key(i))
@@ -82,7 +83,8 @@ def test_grad_accumulation_equals_full_batch(examples, tokenizer):
                               total_steps=10, trainable="all", mesh=mesh,
                               rules=sharding.DEFAULT_RULES)
     batches = _batches(examples, tokenizer, 2, accum=accum)
-    step, _ = tr.compile({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches[0].items()})
+    step, _ = tr.compile({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches[0].items()},
+                         lm.lm_loss)
     state, out = tr.init_state(0), []
     for i, b in enumerate(batches):
       state, m = step(state, sharding.global_batch(b, mesh, leading=1), jax.random.key(i))
@@ -109,12 +111,12 @@ def test_trainable_lattice_leaves_backbone_bit_identical(examples, tokenizer):
 def test_sft_loss_ignores_prompt_tokens(examples, tokenizer):
   model, params = lj.build_model(CFG, LAT, seed=0)
   b = {k: jnp.asarray(v[0]) for k, v in _batches(examples, tokenizer, 1, batch_size=2)[0].items()}
-  loss, n = train.token_loss(model, params, b)
+  loss, n = lm.token_loss(model, params, b)
   prompt_pos = (~b["loss_mask"]) & b["valid"]
   changed = dict(b, targets=jnp.where(prompt_pos, (b["targets"] + 1) % 300, b["targets"]))
-  assert float(train.token_loss(model, params, changed)[0]) == float(loss)
+  assert float(lm.token_loss(model, params, changed)[0]) == float(loss)
   gen = dict(b, targets=jnp.where(b["loss_mask"], (b["targets"] + 1) % 300, b["targets"]))
-  assert float(train.token_loss(model, params, gen)[0]) != float(loss)
+  assert float(lm.token_loss(model, params, gen)[0]) != float(loss)
   # the mask covers exactly the generated tokens and the closing <|im_end|>
   ex = examples[0]
   assert int(n) == int(b["loss_mask"].sum())
