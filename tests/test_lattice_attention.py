@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.lattice_attention import lattice_attention, lattice_mask
+from kernels.lattice_attention import MASK_MODES, lattice_attention, lattice_mask
+from kernels.lattice_attention.mask import Mode, may_attend, validate_mode
 
 # Rows/columns are (w, t) flattened as w * T + t, for W = 2 threads and T = 2 columns.
 LITERAL = {
@@ -40,6 +41,50 @@ def test_invalid_keys_are_never_read():
   assert not bool(m[:, 1].any())  # key (w=0, s=1) is read by nobody
   np.testing.assert_array_equal(np.asarray(m[:, [0, 2, 3]], int),
                                 np.array(LITERAL["causal"])[:, [0, 2, 3]])
+
+
+# `may_attend` itself, W = 2 threads and T = S = 3 columns, rows/columns flattened as w * 3 + t.
+LITERAL_W2_T3 = {
+    "causal": [[1, 0, 0, 1, 0, 0],
+               [1, 1, 0, 1, 1, 0],
+               [1, 1, 1, 1, 1, 1],
+               [1, 0, 0, 1, 0, 0],
+               [1, 1, 0, 1, 1, 0],
+               [1, 1, 1, 1, 1, 1]],
+    "other_threads": [[0, 0, 0, 1, 0, 0],
+                      [0, 0, 0, 1, 1, 0],
+                      [0, 0, 0, 1, 1, 1],
+                      [1, 0, 0, 0, 0, 0],
+                      [1, 1, 0, 0, 0, 0],
+                      [1, 1, 1, 0, 0, 0]],
+    "same_position": [[1, 0, 0, 1, 0, 0],
+                      [0, 1, 0, 0, 1, 0],
+                      [0, 0, 1, 0, 0, 1],
+                      [1, 0, 0, 1, 0, 0],
+                      [0, 1, 0, 0, 1, 0],
+                      [0, 0, 1, 0, 0, 1]],
+}
+
+
+@pytest.mark.parametrize("mode", sorted(LITERAL_W2_T3))
+def test_may_attend_matches_literal_matrix(mode):
+  thr = jnp.array([0, 0, 0, 1, 1, 1])
+  col = jnp.array([0, 1, 2, 0, 1, 2])
+  want = np.array(LITERAL_W2_T3[mode])
+  # the static id the Pallas kernels receive means the same as the name
+  for m in (mode, validate_mode(mode)):
+    got = may_attend(m, thr[:, None], col[:, None], thr[None, :], col[None, :])
+    np.testing.assert_array_equal(np.asarray(got, int), want)
+
+
+def test_mask_modes_and_their_validation():
+  assert MASK_MODES == ("causal", "other_threads", "same_position")
+  assert [validate_mode(m) for m in MASK_MODES] == [Mode.CAUSAL, Mode.OTHER_THREADS,
+                                                    Mode.SAME_POSITION]
+  for bad in ("everything", "CAUSAL", 0, None):
+    with pytest.raises(ValueError, match=r"lattice mask mode .*; expected one of \('causal', "
+                       r"'other_threads', 'same_position'\)"):
+      validate_mode(bad)
 
 
 def _loop_reference(q, k, v, valid, mode):

@@ -16,10 +16,10 @@ from __future__ import annotations
 import jax
 
 from kernels.lattice_attention import decode as _decode
+from kernels.lattice_attention.mask import MASK_MODES, validate_mode
 from kernels.lattice_attention.pallas_gpu import BlockSizes as PallasBlockSizes
 from kernels.lattice_attention.pallas_gpu import lattice_attention_pallas
-from kernels.lattice_attention.reference import (MASK_MODES, lattice_attention_reference,
-                                                 lattice_mask, validate)
+from kernels.lattice_attention.reference import lattice_attention_reference, lattice_mask, validate
 from kernels.lattice_attention.xla_chunked import BlockSizes as ChunkedBlockSizes
 from kernels.lattice_attention.xla_chunked import lattice_attention_chunked
 
@@ -50,8 +50,7 @@ def lattice_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: ja
   impl = _check(implementation)
   if impl == "pallas_interpret":
     impl, interpret = "pallas", True
-  if mask not in MASK_MODES:
-    raise ValueError(f"lattice mask mode {mask!r}; expected one of {MASK_MODES}")
+  validate_mode(mask)
   validate(q, k, v, key_valid)
   kw = dict(key_valid=key_valid, mask=mask, q_cols=q_cols, k_cols=k_cols, scale=scale)
   if impl == "reference":
@@ -69,6 +68,7 @@ def lattice_decode_attention(q, k_cache, v_cache, cache_valid, length, k_new, v_
   impl = _check(implementation)
   if impl == "pallas_interpret":
     impl, interpret = "pallas", True
+  validate_mode(mask)
   args = (q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid)
   if impl == "reference":
     return _decode.decode_reference(*args, mask=mask, scale=scale)

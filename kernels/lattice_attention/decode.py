@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels.attention.reference import NEG_INF
+from kernels.lattice_attention.mask import Mode, may_attend, validate_mode
 from kernels.lattice_attention.reference import lattice_attention_reference
 
 
@@ -56,15 +57,13 @@ def decode_xla(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid
   b, w, c, e = q.shape
   s = k_cache.shape[1] // w
   scale = e**-0.5 if scale is None else scale
-  own = jnp.arange(w)[:, None] == jnp.repeat(jnp.arange(w), s)[None, :]  # [W, W*S]
-  cache_ok = _cache_mask(cache_valid, length, w, s)[:, None, None, :]  # [B, 1, 1, W*S]
-  if mask == "same_position":
-    cache_ok = jnp.zeros_like(cache_ok)
-  elif mask == "other_threads":
-    cache_ok = cache_ok & ~own[None, None]
-  new_ok = new_valid[:, None, None, :]  # [B, 1, 1, W]
-  if mask == "other_threads":
-    new_ok = new_ok & ~jnp.eye(w, dtype=bool)[None, None]
+  # query and new entries sit at grid column `length`, cache row w * S + s at column s
+  q_thr, q_col = jnp.arange(w)[:, None], length[:, None, None, None]  # [W, 1], [B, 1, 1, 1]
+  k_thr, k_col = jnp.repeat(jnp.arange(w), s), jnp.tile(jnp.arange(s), w)  # [W*S]
+  cache_ok = (may_attend(mask, q_thr, q_col, k_thr, k_col)
+              & _cache_mask(cache_valid, length, w, s)[:, None, None, :])  # [B, 1, 1 or W, W*S]
+  new_ok = (may_attend(mask, q_thr, q_col, jnp.arange(w), q_col)
+            & new_valid[:, None, None, :])  # [B, 1, 1 or W, W]
   sc = jnp.einsum("BWCE,BKCE->BCWK", q, k_cache, preferred_element_type=jnp.float32) * scale
   sn = jnp.einsum("BWCE,BVCE->BCWV", q, k_new, preferred_element_type=jnp.float32) * scale
   sc = jnp.where(cache_ok, sc, NEG_INF)
@@ -78,9 +77,6 @@ def decode_xla(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid
   out = (jnp.einsum("BCWK,BKCE->BWCE", pc, v_cache.astype(jnp.float32))
          + jnp.einsum("BCWV,BVCE->BWCE", pn, v_new.astype(jnp.float32)))
   return (out / jnp.moveaxis(denom, 1, 2)).astype(q.dtype)  # denom [B, C, W, 1] -> [B, W, C, 1]
-
-
-_MODES = {"causal": 0, "other_threads": 1, "same_position": 2}
 
 
 def _decode_kernel(q_ref, kc_ref, vc_ref, cvalid_ref, len_ref, kn_ref, vn_ref, nvalid_ref, o_ref,
@@ -112,23 +108,22 @@ def _decode_kernel(q_ref, kc_ref, vc_ref, cvalid_ref, len_ref, kn_ref, vn_ref, n
       k = pltriton.load(kc_ref.at[pl.ds(start, bk), pl.ds(0, ep)], mask=kv_mask, other=0.0)
       v = pltriton.load(vc_ref.at[pl.ds(start, bk), pl.ds(0, ep)], mask=kv_mask, other=0.0)
       valid = pltriton.load(cvalid_ref.at[pl.ds(start, bk)], mask=ok, other=0) > 0
-      allowed = (valid & ok)[None, :] & row_ok[:, None]
-      if mode == 1:
-        allowed = allowed & (rows[:, None] != wk)
+      allowed = (may_attend(mode, rows[:, None], length, wk, pos[None, :])
+                 & (valid & ok)[None, :] & row_ok[:, None])
       return update(carry, k, v, allowed)
 
     return jax.lax.fori_loop(0, pl.cdiv(jnp.minimum(length, s), bk), block_body, carry)
 
   carry = (jnp.zeros((wp, ep), jnp.float32), jnp.full((wp,), NEG_INF, jnp.float32),
            jnp.zeros((wp,), jnp.float32))
-  if mode != 2:
+  if mode != Mode.SAME_POSITION:  # every cache entry is at an earlier column than the query
     carry = jax.lax.fori_loop(0, w, thread_body, carry)
   kn = pltriton.load(kn_ref.at[pl.ds(0, wp), pl.ds(0, ep)], mask=qmask, other=0.0)
   vn = pltriton.load(vn_ref.at[pl.ds(0, wp), pl.ds(0, ep)], mask=qmask, other=0.0)
   nvalid = pltriton.load(nvalid_ref.at[pl.ds(0, wp)], mask=row_ok, other=0) > 0
-  allowed = nvalid[None, :] & row_ok[:, None]
-  if mode == 1:
-    allowed = allowed & (rows[:, None] != rows[None, :])
+  # the new entries sit at the query's own column, `length`
+  allowed = (may_attend(mode, rows[:, None], length, rows[None, :], length)
+             & nvalid[None, :] & row_ok[:, None])
   acc, m, l = update(carry, kn, vn, allowed)
   out = acc / jnp.where(l == 0.0, 1.0, l)[:, None]
   pltriton.store(o_ref.at[pl.ds(0, wp), pl.ds(0, ep)], out.astype(o_ref.dtype), mask=qmask)
@@ -141,7 +136,7 @@ def decode_pallas(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_va
   ep = max(16, 1 << (e - 1).bit_length())
   wp = max(16, 1 << (w - 1).bit_length())
   scale = e**-0.5 if scale is None else float(scale)
-  kernel = functools.partial(_decode_kernel, mode=_MODES[mask], scale=scale, w=w, s=s, e=e,
+  kernel = functools.partial(_decode_kernel, mode=validate_mode(mask), scale=scale, w=w, s=s, e=e,
                              wp=wp, ep=ep, bk=block_k, precise=q.dtype == jnp.float32)
   per_thread = pl.BlockSpec((None, w, None, e), lambda bb, cc: (bb, 0, cc, 0))
   cache = pl.BlockSpec((None, w * s, None, e), lambda bb, cc: (bb, 0, cc, 0))

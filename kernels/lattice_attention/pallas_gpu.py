@@ -26,8 +26,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from kernels.lattice_attention.mask import Mode, may_attend, validate_mode
+
 NEG_INF = -1e30
-MODES = {"causal": 0, "other_threads": 1, "same_position": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +45,7 @@ def _pow2(n: int) -> int:
 
 def _mask(mode, q_thr, q_col, k_thr, k_col, k_ok):
   """[BQ, BK] bool from row ids [BQ] and key ids [BK]."""
-  if mode == 2:
-    allowed = k_col[None, :] == q_col[:, None]
-  else:
-    allowed = k_col[None, :] <= q_col[:, None]
-    if mode == 1:
-      allowed = allowed & (k_thr[None, :] != q_thr[:, None])
+  allowed = may_attend(mode, q_thr[:, None], q_col[:, None], k_thr[None, :], k_col[None, :])
   return allowed & k_ok[None, :]
 
 
@@ -84,7 +80,9 @@ def _key_block(k_ref, v_ref, kcol_ref, kvalid_ref, wk, j, *, s, bk, ep, mode, q_
 
 def _num_key_blocks(mode, col_max, s, bk):
   """Blocks of one thread's keys that queries up to column col_max can see."""
-  return pl.cdiv(s, bk) if mode == 2 else pl.cdiv(jnp.clip(col_max + 1, 0, s), bk)
+  if mode == Mode.SAME_POSITION:
+    return pl.cdiv(s, bk)
+  return pl.cdiv(jnp.clip(col_max + 1, 0, s), bk)
 
 
 # ---------------------------------------------------------------- forward
@@ -150,7 +148,7 @@ def _call_fwd(qf, kf, vf, q_cols, k_cols, kvalid, *, mode, scale, w, t, s, e, bl
       out_shape=out_shape, input_output_aliases=aliases, interpret=interpret,
       compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps,
                                               num_stages=blocks.num_stages),
-      name=f"lattice_fwd_{mode}")(*args)
+      name=f"lattice_fwd_{mode.name.lower()}")(*args)
 
 
 def _ignore_extra(kernel, n):
@@ -208,7 +206,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qcol_ref, kcol_
 
   def thread_body(wq, carry):
     # queries of thread wq at rows [wq*t, wq*t + t); only columns >= col_min can see these keys
-    first = jnp.clip(col_min, 0, t) // bq if mode != 2 else 0
+    first = jnp.clip(col_min, 0, t) // bq if mode != Mode.SAME_POSITION else 0
 
     def block_body(j, carry):
       dk, dv = carry
@@ -257,14 +255,16 @@ def _call_bwd(qf, kf, vf, do, lse, delta, q_cols, k_cols, kvalid, *, mode, scale
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, **common), grid=(pl.cdiv(nq, bq), b, c), in_specs=in_specs,
       out_specs=full(nq), out_shape=jax.ShapeDtypeStruct(qf.shape, qf.dtype),
-      interpret=interpret, compiler_params=params, name=f"lattice_dq_{mode}")(*args)
+      interpret=interpret, compiler_params=params,
+      name=f"lattice_dq_{mode.name.lower()}")(*args)
   kcol_full = jnp.tile(k_cols, w)  # the dk/dv kernel indexes keys by flattened position
   in_specs[7] = pl.BlockSpec((kcol_full.shape[0],), lambda i, bb, cc: (0,))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, **common), grid=(pl.cdiv(nk, bk), b, c),
       in_specs=in_specs, out_specs=[full(nk), full(nk)],
       out_shape=[jax.ShapeDtypeStruct(kf.shape, kf.dtype)] * 2, interpret=interpret,
-      compiler_params=params, name=f"lattice_dkv_{mode}")(*args[:7], kcol_full, args[8])
+      compiler_params=params,
+      name=f"lattice_dkv_{mode.name.lower()}")(*args[:7], kcol_full, args[8])
   return dq, dk, dv
 
 
@@ -296,8 +296,8 @@ def _attn_fwd(q, k, v, key_valid, q_cols, k_cols, mode, scale, blocks, interpret
   ep = max(16, _pow2(e))
   qf, kf, vf, kvalid = _flatten(q, k, v, key_valid, ep)
   qcol_rows = jnp.tile(q_cols, w)
-  out, lse = _call_fwd(qf, kf, vf, qcol_rows, k_cols, kvalid, mode=MODES[mode], scale=scale,
-                       w=w, t=t, s=s, e=e, blocks=blocks, interpret=interpret)
+  out, lse = _call_fwd(qf, kf, vf, qcol_rows, k_cols, kvalid, mode=mode, scale=scale, w=w,
+                       t=t, s=s, e=e, blocks=blocks, interpret=interpret)
   return _unflatten(out, b, w, t, c, e), (q, k, v, key_valid, q_cols, k_cols, out, lse)
 
 
@@ -310,7 +310,7 @@ def _attn_bwd(mode, scale, blocks, interpret, res, g):
   do = jnp.pad(g.reshape(b, w * t, c, e).transpose(0, 2, 1, 3), [(0, 0)] * 3 + [(0, ep - e)])
   delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, C, Q]
   dq, dk, dv = _call_bwd(qf, kf, vf, do.astype(qf.dtype), lse, delta, jnp.tile(q_cols, w),
-                         k_cols, kvalid, mode=MODES[mode], scale=scale, w=w, t=t, s=s,
+                         k_cols, kvalid, mode=mode, scale=scale, w=w, t=t, s=s,
                          blocks=blocks, interpret=interpret)
   return (_unflatten(dq, b, w, t, c, e), _unflatten(dk, b, w, s, c, e),
           _unflatten(dv, b, w, s, c, e), None, None, None)
@@ -331,7 +331,8 @@ def lattice_attention_pallas(q, k, v, *, key_valid, mask="causal", q_cols=None, 
   q_cols = jnp.arange(t, dtype=jnp.int32)
   k_cols = jnp.arange(s, dtype=jnp.int32)
   scale = e**-0.5 if scale is None else float(scale)
-  return _attn(q, k, v, key_valid, q_cols, k_cols, mask, scale, block_sizes, interpret)
+  return _attn(q, k, v, key_valid, q_cols, k_cols, validate_mode(mask), scale, block_sizes,
+               interpret)
 
 
 def forward_into_buffers(q, k, v, *, key_valid, mask, o_buffer, lse_buffer,
@@ -343,8 +344,8 @@ def forward_into_buffers(q, k, v, *, key_valid, mask, o_buffer, lse_buffer,
   ep = o_buffer.shape[-1]
   qf, kf, vf, kvalid = _flatten(q, k, v, key_valid, ep)
   return _call_fwd(qf, kf, vf, jnp.tile(jnp.arange(t, dtype=jnp.int32), w),
-                   jnp.arange(s, dtype=jnp.int32), kvalid, mode=MODES[mask], scale=e**-0.5, w=w,
-                   t=t, s=s, e=e, blocks=block_sizes, interpret=interpret,
+                   jnp.arange(s, dtype=jnp.int32), kvalid, mode=validate_mode(mask), scale=e**-0.5,
+                   w=w, t=t, s=s, e=e, blocks=block_sizes, interpret=interpret,
                    out=(o_buffer, lse_buffer))
 
 

@@ -12,9 +12,10 @@ Query (w, t) may read key (w', s) iff key_valid[w', s] and
   causal:         k_cols[s] <= q_cols[t]                  (any thread w')
   other_threads:  k_cols[s] <= q_cols[t] and w' != w
   same_position:  k_cols[s] == q_cols[t]                  (any thread w')
-Scores are scaled by E ** -0.5 unless `scale` is given. Queries with no readable key return
-zeros (e.g. `other_threads` at W = 1). Columns count lockstep generation steps, so `causal` is
-exactly what exists during decoding: a token at step t can see every thread's tokens up to t.
+(every implementation takes this table from `mask.may_attend`). Scores are scaled by
+E ** -0.5 unless `scale` is given. Queries with no readable key return zeros (e.g.
+`other_threads` at W = 1). Columns count lockstep generation steps, so `causal` is exactly what
+exists during decoding: a token at step t can see every thread's tokens up to t.
 """
 
 from __future__ import annotations
@@ -23,22 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.attention.reference import masked_softmax_weights
-
-MASK_MODES = ("causal", "other_threads", "same_position")
-
-
-def mask_from_ids(mode: str, q_thr: jax.Array, q_col: jax.Array, k_thr: jax.Array,
-                  k_col: jax.Array) -> jax.Array:
-  """[Q, K] bool: which flattened keys each flattened query may read, from (thread id, grid
-  column) of the queries [Q] and of the keys [K]; key validity is applied by the caller."""
-  if mode not in MASK_MODES:
-    raise ValueError(f"lattice mask mode {mode!r}; expected one of {MASK_MODES}")
-  if mode == "same_position":
-    return k_col[None, :] == q_col[:, None]
-  allowed = k_col[None, :] <= q_col[:, None]
-  if mode == "other_threads":
-    allowed &= k_thr[None, :] != q_thr[:, None]
-  return allowed
+from kernels.lattice_attention.mask import may_attend
 
 
 def lattice_mask(num_threads: int, q_cols: jax.Array, k_cols: jax.Array, key_valid: jax.Array,
@@ -46,8 +32,9 @@ def lattice_mask(num_threads: int, q_cols: jax.Array, k_cols: jax.Array, key_val
   """[B, W*T, W*S] bool mask over the flattened grid (row = w * T + t, column = w' * S + s)."""
   w = num_threads
   t, s = q_cols.shape[0], k_cols.shape[0]
-  allowed = mask_from_ids(mode, jnp.repeat(jnp.arange(w), t), jnp.tile(q_cols, w),
-                          jnp.repeat(jnp.arange(w), s), jnp.tile(k_cols, w))
+  q_thr, q_col = jnp.repeat(jnp.arange(w), t), jnp.tile(q_cols, w)  # [W*T]
+  k_thr, k_col = jnp.repeat(jnp.arange(w), s), jnp.tile(k_cols, w)  # [W*S]
+  allowed = may_attend(mode, q_thr[:, None], q_col[:, None], k_thr[None, :], k_col[None, :])
   b = key_valid.shape[0]
   return allowed[None] & key_valid.reshape(b, 1, w * s)
 

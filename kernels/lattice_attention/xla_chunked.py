@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.attention.reference import NEG_INF
-from kernels.lattice_attention.reference import mask_from_ids
+from kernels.lattice_attention.mask import may_attend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +36,7 @@ def _grid_ids(num_threads: int, cols: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _block_mask(mode, q_thr, q_col, k_thr, k_col, k_valid):
   """[B, 1, Qb, Kb] mask of one block from ids: q_* [Qb], k_* [Kb], k_valid [B, Kb]."""
-  allowed = mask_from_ids(mode, q_thr, q_col, k_thr, k_col)
+  allowed = may_attend(mode, q_thr[:, None], q_col[:, None], k_thr[None, :], k_col[None, :])
   return allowed[None, None] & k_valid[:, None, None, :]
 
 
