@@ -276,9 +276,16 @@ class LatticeConfig:
 
   @classmethod
   def default(cls, model: ModelConfig, **overrides) -> LatticeConfig:
-    """The spec's defaults: R = D/8, C = 4, every other layer from L/2 to L-1."""
-    kwargs = dict(layers=tuple(range(model.num_layers // 2, model.num_layers, 2)),
-                  width=model.d_model // 8, heads=4)
+    """The spec's defaults: R = D/8, C = 4, every other layer from L/2 to L-1.
+
+    R is rounded so that each head's dim E = R/C is even and at least 4: the rotary sections
+    (token 3/4, thread 1/4 of E) then each get an even number >= 2 of dims, for every model
+    width (Qwen3-1.7B: R = 128, E = 32; 4B: R = 160, E = 40; a width-96 model: R = 16, E = 4).
+    """
+    heads = overrides.pop("heads", 4)
+    if "width" not in overrides:
+      overrides["width"] = heads * max(4, 2 * round(model.d_model / (16 * heads)))
+    kwargs = dict(layers=tuple(range(model.num_layers // 2, model.num_layers, 2)), heads=heads)
     kwargs.update(overrides)
     return cls(**kwargs)
 
