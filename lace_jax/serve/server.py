@@ -74,7 +74,10 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any, Literal, get_args
 
-import fastapi
+try:
+  import fastapi
+except ImportError as e:  # an optional dependency: say which extra brings it
+  raise ImportError("lace_jax.serve needs FastAPI: pip install 'lace_jax[serve]'") from e
 import numpy as np
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse

@@ -14,7 +14,10 @@ import glob
 import json
 import os
 
-import matplotlib
+try:
+  import matplotlib
+except ImportError as e:  # an optional dependency: say which extra brings it
+  raise ImportError("lace_jax.toy.plots needs matplotlib: pip install 'lace_jax[plots]'") from e
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
