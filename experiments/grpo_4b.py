@@ -6,23 +6,17 @@
 
 One rollout = one W-thread lattice; G rollouts per question; reward = verified accuracy of the
 [[best]] thread + lambda_div * thread diversity, shared by every token of the rollout.
+
+The recipe of `grpo_1p7b.py` on the 4B preset (its lattice band: layers 18, 20, ..., 34), with
+the learning rate for the larger model.
 """
 
 from lace_jax import experiment
 
 
 def get_config(arg=None):
-  cfg = experiment.base_config("grpo", "qwen3-4b", remat="full")
-  cfg.data = experiment.questions_section(path="gsm8k_train", num_threads=4, prompt_len=512)
-  cfg.grpo = experiment.grpo_section(questions_per_step=16, rollouts_per_question=8,
-                                     max_new_tokens=4096)
-  cfg.train = experiment.train_section(steps=500, trainable="all", save_every=50, log_every=1)
-  cfg.optim = experiment.optim_section(lr=5e-7, warmup_steps=10, weight_decay=0.0)
-  if arg == "runlocal":
-    experiment.runlocal(cfg)
-    cfg.data.prompt_len = 96
-    cfg.grpo.update(questions_per_step=2, rollouts_per_question=2, max_new_tokens=32,
-                    grader_workers=2)
-    cfg.train.update(steps=3, save_every=3)
-    cfg.optim.update(lr=1e-4, warmup_steps=1)
+  cfg = experiment.sibling(__file__, "grpo_1p7b").get_config(arg)
+  if arg != "runlocal":
+    experiment.with_preset(cfg, "qwen3-4b")
+    cfg.optim.lr = 5e-7
   return cfg

@@ -6,19 +6,17 @@
 
 Only the freshly inserted lattice parameters train (train.trainable=lattice): the backbone is
 untouched while the lattice learns to communicate; --config.train.trainable=all is the ablation.
+
+The recipe of `pretrain_1p7b.py` on the 4B preset (its lattice band: layers 18, 20, ..., 34), with
+the learning rate for the larger model.
 """
 
 from lace_jax import experiment
 
 
 def get_config(arg=None):
-  cfg = experiment.base_config("pretrain", "qwen3-4b", remat="full")
-  cfg.data = experiment.data_section(path="data/cpt/train.jsonl", num_threads=4, max_len=4096,
-                                     loss_on="all", shuffle_threads=True)
-  cfg.train = experiment.train_section(steps=2000, batch_size=32, trainable="lattice")
-  cfg.optim = experiment.optim_section(lr=2e-4, warmup_steps=100, weight_decay=0.01)
-  if arg == "runlocal":
-    experiment.runlocal(cfg)
-    cfg.train.update(steps=20, batch_size=4, save_every=10, log_every=1)
-    cfg.optim.update(lr=3e-3, warmup_steps=2)
+  cfg = experiment.sibling(__file__, "pretrain_1p7b").get_config(arg)
+  if arg != "runlocal":
+    experiment.with_preset(cfg, "qwen3-4b")
+    cfg.optim.lr = 2e-4
   return cfg

@@ -5,19 +5,17 @@
   python -m lace_jax.main --config=experiments/sft_4b.py:runlocal --workdir=/tmp/sft
 
 Loss on generated tokens only; the order of an example's threads is permuted on every draw.
+
+The recipe of `sft_1p7b.py` on the 4B preset (its lattice band: layers 18, 20, ..., 34), with
+the learning rate for the larger model.
 """
 
 from lace_jax import experiment
 
 
 def get_config(arg=None):
-  cfg = experiment.base_config("sft", "qwen3-4b", remat="full")
-  cfg.data = experiment.data_section(path="data/sft/train.jsonl", num_threads=4, max_len=4096,
-                                     loss_on="generated", shuffle_threads=True)
-  cfg.train = experiment.train_section(steps=300, batch_size=16, trainable="all")
-  cfg.optim = experiment.optim_section(lr=5e-6, warmup_steps=20, weight_decay=0.0)
-  if arg == "runlocal":
-    experiment.runlocal(cfg)
-    cfg.train.update(steps=20, batch_size=4, save_every=10, log_every=1)
-    cfg.optim.update(lr=1e-3, warmup_steps=2)
+  cfg = experiment.sibling(__file__, "sft_1p7b").get_config(arg)
+  if arg != "runlocal":
+    experiment.with_preset(cfg, "qwen3-4b")
+    cfg.optim.lr = 5e-6
   return cfg

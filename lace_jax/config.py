@@ -174,23 +174,21 @@ def read_hf_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
-# Published shapes from the Hugging Face config.json of each Qwen3 release.
+# Published shapes from the Hugging Face config.json of each Qwen3 release:
+# name: (d_model D, layers L, heads N, kv heads K, MLP hidden F, tied embeddings); V 151936, H 128
+_QWEN3 = {
+    "qwen3-0.6b": (1024, 28, 16, 8, 3072, True),
+    "qwen3-1.7b": (2048, 28, 16, 8, 6144, True),
+    "qwen3-4b": (2560, 36, 32, 8, 9728, True),
+    "qwen3-8b": (4096, 36, 32, 8, 12288, False),
+}
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=1024, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2,
                         head_dim=32, mlp_dim=256, rope_theta=10_000.0, max_position_embeddings=4096,
                         name="tiny"),
-    "qwen3-0.6b": ModelConfig(vocab_size=151936, d_model=1024, num_layers=28, num_heads=16,
-                              num_kv_heads=8, head_dim=128, mlp_dim=3072, tie_embeddings=True,
-                              name="qwen3-0.6b"),
-    "qwen3-1.7b": ModelConfig(vocab_size=151936, d_model=2048, num_layers=28, num_heads=16,
-                              num_kv_heads=8, head_dim=128, mlp_dim=6144, tie_embeddings=True,
-                              name="qwen3-1.7b"),
-    "qwen3-4b": ModelConfig(vocab_size=151936, d_model=2560, num_layers=36, num_heads=32,
-                            num_kv_heads=8, head_dim=128, mlp_dim=9728, tie_embeddings=True,
-                            name="qwen3-4b"),
-    "qwen3-8b": ModelConfig(vocab_size=151936, d_model=4096, num_layers=36, num_heads=32,
-                            num_kv_heads=8, head_dim=128, mlp_dim=12288, tie_embeddings=False,
-                            name="qwen3-8b"),
+    **{name: ModelConfig(vocab_size=151936, d_model=d, num_layers=layers, num_heads=n,
+                         num_kv_heads=k, head_dim=128, mlp_dim=f, tie_embeddings=tied, name=name)
+       for name, (d, layers, n, k, f, tied) in _QWEN3.items()},
 }
 
 GateMode = Literal["elementwise", "head", "none"]
@@ -280,7 +278,7 @@ class LatticeConfig:
 
     R is rounded so that each head's dim E = R/C is even and at least 4: the rotary sections
     (token 3/4, thread 1/4 of E) then each get an even number >= 2 of dims, for every model
-    width (Qwen3-1.7B: R = 128, E = 32; 4B: R = 160, E = 40; a width-96 model: R = 16, E = 4).
+    width (Qwen3-1.7B: R = 256, E = 64; 4B: R = 320, E = 80; a width-96 model: R = 16, E = 4).
     """
     heads = overrides.pop("heads", 4)
     if "width" not in overrides:

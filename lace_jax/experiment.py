@@ -162,6 +162,25 @@ def runlocal(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return cfg
 
 
+def with_preset(cfg: ml_collections.ConfigDict, preset: str) -> ml_collections.ConfigDict:
+  """The same recipe on another model preset: model.preset and the lattice's spec defaults
+  for that preset (its layer band and width)."""
+  cfg.model.preset = preset
+  cfg.lattice = lattice_section(preset)
+  return cfg
+
+
+def sibling(experiment_file: str, name: str):
+  """The experiment file `name`.py in the same folder as `experiment_file` (pass `__file__`),
+  as a module: a variant of a recipe (e.g. the 4B run of the 1.7B recipe) starts from it."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.abspath(experiment_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"lace_experiment_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 # -------------------------------------------------------------------- from config to objects
 
 
