@@ -50,3 +50,14 @@ def test_eval_runlocal_produces_the_full_table(tmp_path):
   assert "| lattice_off | gsm8k_test | 4 |" in r.stdout
   preds = [json.loads(l) for l in open(tmp_path / "predictions_model_aime24.jsonl")]
   assert len(preds) == 4 and all(len(p["threads"]) == 4 for p in preds)
+
+
+def test_grpo_with_kl_to_the_starting_weights(tmp_path):
+  """kl_beta > 0: the reference is the weights the run started from, on the parameter mesh;
+  at the first step the policy is those weights (KL 0), after an update it has moved."""
+  _run("experiments/grpo_4b.py:runlocal", tmp_path, "--config.grpo.kl_beta=0.1",
+       "--config.train.steps=2", "--config.train.save_every=2")
+  rows = read_metrics(str(tmp_path))
+  assert [r["step"] for r in rows] == [1, 2]
+  assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0.0
+  assert all(r["update_time"] > 0 and r["batch_time"] >= r["rollout_time"] for r in rows)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lace_jax import experiment, grading
+from lace_jax import experiment, grading, sharding
 from lace_jax.model import Model
 from lace_jax.rl import grpo
 from lace_jax.sampling import full_grid, sample
@@ -52,6 +52,8 @@ class GRPOStage:
   grader: grading.Grader
   ref_params: Any  # None unless grpo.kl_beta > 0
   iterator = None
+  rows_key = "grpo.questions_per_step x grpo.rollouts_per_question"
+  pipelined = False  # rollouts need the updated parameters anyway
   loss: Any = None
   rows: int = 0
   batch_shapes: dict = dataclasses.field(default_factory=dict)
@@ -106,7 +108,6 @@ class GRPOStage:
     host = {"reward": float(r["reward"].mean()), "accuracy": float(r["accuracy"].mean()),
             "format_rate": float(r["format"].mean()), "diversity": float(r["diversity"].mean()),
             "response_length": float(out.lengths.mean()), "rollout_time": rollout_s,
-            "update_time": time.perf_counter() - t0 - rollout_s,
             "grader_timeouts": float(self.grader.stats.get("timeouts", 0))}
     return local, host
 
@@ -132,8 +133,11 @@ def make_stage(setup: loop.Setup) -> GRPOStage:
     raise ValueError(f"a prompt of {d.path} has {longest} tokens, more than data.prompt_len="
                      f"{d.prompt_len}; raise it")
   ref = None
-  if g.kl_beta:  # the frozen reference: the weights this run started from, on the param mesh
+  if g.kl_beta:  # the frozen reference: the weights the run started from (also on a resume)
     ref = experiment.load_or_init(cfg, setup.model.config, setup.model.lattice)[1]
+    rules = sharding.rules_with_overrides(cfg.sharding.rules)
+    ref = jax.device_put(ref, sharding.logical_to_sharding(setup.model.logical_axes(),
+                                                           setup.mesh, rules))
   grader = grading.Grader(num_workers=g.grader_workers, timeout_s=g.grader_timeout_s)
   return GRPOStage(cfg, setup.model, tok, questions, prompts, grader, ref)
 

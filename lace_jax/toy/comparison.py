@@ -1,6 +1,6 @@
 """The toy-scale comparison (modes `relay` and `toy_search`): small models trained from scratch
-through the same code paths as the real runs (datagen-format JSONL -> the run loop's CPT / SFT ->
-`grpo.run` -> sampler + grader), so the claim "threads that read each other beat threads that
+through the same code paths as the real runs (datagen-format JSONL -> the run loop's CPT, SFT
+and Lattice GRPO stages -> sampler + grader), so the claim "threads that read each other beat threads that
 do not" is tested where it can be run: on a CPU.
 
 Variants (spec section 8's baselines), all trained on the same problems and token budget:

@@ -48,7 +48,9 @@ class LanguageModelStage:
   grad_accum: int
   report: Any  # data.LoadReport
   loss = staticmethod(lm_loss)
-  updates_per_batch: int = 1
+  rows_key = "train.batch_size"
+  updates_per_batch = 1
+  pipelined = True  # batches come from the iterator, independent of the state
 
   def next_batch(self, state: dict, step: int) -> tuple[dict[str, np.ndarray], dict]:
     del state, step  # the iterator's position is the step

@@ -12,7 +12,8 @@ checkpoints and the export of WORKDIR/export as a Hugging Face directory.
 Single-host and multi-host runs behave the same: every process runs every step on its share of
 the batch; only process 0 prints and writes files. The metrics of step N-1 are fetched after
 step N is dispatched, so the host never waits on the device between steps of a stage whose
-batches do not depend on the state (GRPO's do: its rollouts need the current parameters).
+batches do not depend on the state (GRPO's do: its rollouts need the current parameters, so
+it fetches each step's metrics at once; see `Stage.pipelined`).
 """
 
 from __future__ import annotations
@@ -39,19 +40,26 @@ from lace_jax.training.trainer import LossFn, Trainer, check_batch
 class Stage(Protocol):
   """What a stage supplies to the loop.
 
-  rows: examples (for GRPO: rollouts) per optimizer update, the global batch B.
+  rows: examples (for GRPO: rollouts) per optimizer update, the global batch B; rows_key
+    names the config key(s) that set it, for error messages.
   batch_shapes: the global batch, {name: ShapeDtypeStruct [A, B/A, ...]} (A = grad_accum).
   loss: the stage's `LossFn` (see `lace_jax.training.trainer`).
   updates_per_batch: optimizer updates on each batch (GRPO's inner updates mu; else 1).
   iterator: a grain iterator checkpointed with the state, or None (a batch that is a pure
     function of the step and the state needs none).
+  pipelined: fetch step N-1's metrics after step N is dispatched (the host never waits
+    between steps). False for a stage whose batch needs the updated state anyway (GRPO's
+    rollouts): each step's metrics are then fetched right after its dispatch, so its NaN check
+    comes before the next rollouts and `update_time` is the updates' own time.
   """
 
   rows: int
+  rows_key: str
   batch_shapes: dict[str, jax.ShapeDtypeStruct]
   loss: LossFn
   updates_per_batch: int
   iterator: Any
+  pipelined: bool
 
   def next_batch(self, state: dict, step: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """(this process's share of the batch of `step` (0-based) as [A, b/A, ...] arrays, host
@@ -72,10 +80,6 @@ class Setup:
   model: Model
   tokenizer: Tokenizer
   mesh: jax.sharding.Mesh
-
-
-class _Preempted(Exception):
-  pass
 
 
 def log0(msg: str) -> None:
@@ -103,89 +107,98 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
     raise ValueError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model's "
                      f"vocab_size is {model_cfg.vocab_size}")
   mesh = sharding.make_mesh(dict(cfg.sharding.mesh))
-  stage = make_stage(Setup(cfg, Model(model_cfg, lattice), tokenizer, mesh))
-  check_batch(stage.rows, tr.grad_accum, mesh)
-  trainer = Trainer.create(model_cfg, lattice, cfg.optim,
-                           total_steps=tr.steps * stage.updates_per_batch,
-                           trainable=tr.trainable, mesh=mesh,
-                           rules=sharding.rules_with_overrides(cfg.sharding.rules))
+  preempted_at = None
+  # everything opened below is closed on every exit, in reverse order; the checkpointer's close
+  # waits for in-flight saves, so no error leaves a half-written checkpoint behind
+  with contextlib.ExitStack() as cleanup:
+    stage = make_stage(Setup(cfg, Model(model_cfg, lattice), tokenizer, mesh))
+    cleanup.callback(stage.close)
+    check_batch(stage.rows, tr.grad_accum, mesh, name=stage.rows_key)
+    trainer = Trainer.create(model_cfg, lattice, cfg.optim,
+                             total_steps=tr.steps * stage.updates_per_batch,
+                             trainable=tr.trainable, mesh=mesh,
+                             rules=sharding.rules_with_overrides(cfg.sharding.rules))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tr.keep_checkpoints,
+                        async_save=tr.async_checkpointing)
+    cleanup.callback(ckpt.close)
+    start = ckpt.latest_step()
+    if start is not None:
+      state = ckpt.restore(start, trainer.abstract_state(), stage.iterator)
+      log0(f"resumed from step {start} ({ckpt.directory})")
+    else:
+      start = 0
+      state = trainer.init_state(cfg.seed, experiment.load_checkpoint(cfg, model_cfg, lattice))
 
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tr.keep_checkpoints,
-                      async_save=tr.async_checkpointing)
-  start = ckpt.latest_step()
-  if start is not None:
-    state = ckpt.restore(start, trainer.abstract_state(), stage.iterator)
-    log0(f"resumed from step {start} ({ckpt.directory})")
-  else:
-    start = 0
-    state = trainer.init_state(cfg.seed, experiment.load_checkpoint(cfg, model_cfg, lattice))
+    compiled, mem = trainer.compile(stage.batch_shapes, stage.loss)
+    log0(f"mesh {sharding.describe(mesh)}; compiled {cfg.mode} step memory: "
+         + ", ".join(f"{k}={v / 2**20:.1f}MiB" for k, v in mem.items() if "code" not in k))
 
-  compiled, mem = trainer.compile(stage.batch_shapes, stage.loss)
-  log0(f"mesh {sharding.describe(mesh)}; compiled {cfg.mode} step memory: "
-       + ", ".join(f"{k}={v / 2**20:.1f}MiB" for k, v in mem.items() if "code" not in k))
+    logger = MetricsLogger(workdir, resume_from_step=start)
+    cleanup.callback(logger.close)
+    logger.write_text("config", str(cfg))
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.yaml"), "w") as f:
+        f.write(cfg.to_yaml())
+    bar = tqdm(total=tr.steps, initial=start, disable=jax.process_index() != 0,
+               dynamic_ncols=True, desc=cfg.mode)
+    cleanup.callback(bar.close)
+    base_rng = jax.random.key(cfg.seed)
+    history: list[dict[str, float]] = []
+    last_time = time.perf_counter()
 
-  logger = MetricsLogger(workdir, resume_from_step=start)
-  logger.write_text("config", str(cfg))
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.yaml"), "w") as f:
-      f.write(cfg.to_yaml())
-  bar = tqdm(total=tr.steps, initial=start, disable=jax.process_index() != 0,
-             dynamic_ncols=True, desc=cfg.mode)
-  base_rng = jax.random.key(cfg.seed)
-  history: list[dict[str, float]] = []
-  last_time = time.perf_counter()
+    def finish(pending) -> None:
+      """Fetches a dispatched step's metrics (blocking until it is done), checks, logs them."""
+      nonlocal last_time
+      step, device_metrics, host, batch_time, dispatched = pending
+      m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+      if not np.isfinite(m["loss"]):
+        ckpt.wait()  # the last good checkpoint may still be being written: finish it first
+        raise FloatingPointError(
+            f"loss is {m['loss']} at step {step}: stopping. The last good checkpoint is step "
+            f"{ckpt.latest_step()} in {ckpt.directory}; lower optim.lr or check the data.")
+      now = time.perf_counter()
+      dt, last_time = now - last_time, now
+      m["step_time"] = dt
+      m["batch_time"] = batch_time  # making the batch on the host (GRPO: rollouts, rewards)
+      if not stage.pipelined:  # fetched right after dispatch: the updates' own time
+        m["update_time"] = now - dispatched
+      m["tokens_per_sec"] = m.pop("valid_tokens") / dt if dt > 0 else 0.0
+      m.update(host)
+      if step % tr.log_every == 0 or step == tr.steps:
+        logger.write(step, m)
+      history.append(m)
+      bar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss", "reward", "accuracy",
+                                                  "tokens_per_sec") if k in m})
+      bar.update(1)
 
-  def finish(pending) -> None:
-    """Fetches a dispatched step's metrics (blocking until it is done), checks and logs them."""
-    nonlocal last_time
-    step, device_metrics, host = pending
-    m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    if not np.isfinite(m["loss"]):
-      ckpt.wait()  # the last good checkpoint may still be being written: finish it first
-      raise FloatingPointError(
-          f"loss is {m['loss']} at step {step}: stopping. The last good checkpoint is step "
-          f"{ckpt.latest_step()} in {ckpt.directory}; lower optim.lr or check the data.")
-    now = time.perf_counter()
-    dt, last_time = now - last_time, now
-    m["step_time"] = dt
-    m["tokens_per_sec"] = m.pop("valid_tokens") / dt if dt > 0 else 0.0
-    m.update(host)
-    if step % tr.log_every == 0 or step == tr.steps:
-      logger.write(step, m)
-    history.append(m)
-    bar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss", "reward", "accuracy", "tokens_per_sec")
-                     if k in m})
-    bar.update(1)
-
-  pending = None  # (step, device metrics, host metrics) of the step in flight
-  try:
+    pending = None  # (step, device metrics, host metrics, batch time, dispatch time)
     with stop_requests() as stop:
       step = start
       while step < tr.steps:
+        t_batch = time.perf_counter()
         local, host = stage.next_batch(state, step)
         batch = sharding.global_batch(local, mesh, leading=1)
+        dispatched = time.perf_counter()
         for mu in range(stage.updates_per_batch):
           rng = jax.random.fold_in(base_rng, step * stage.updates_per_batch + mu)
           state, metrics = compiled(state, batch, rng)
         step += 1
         if pending is not None:
           finish(pending)  # step - 1, fetched while step runs
-        pending = (step, metrics, host)
-        if step % tr.save_every == 0 or step == tr.steps or stop["flag"]:
-          finish(pending)  # never save a state whose loss was not checked
+        pending = (step, metrics, host, dispatched - t_batch, dispatched)
+        if (not stage.pipelined or step % tr.save_every == 0 or step == tr.steps
+            or stop["flag"]):
+          finish(pending)  # and never save a state whose loss was not checked
           pending = None
+        if step % tr.save_every == 0 or step == tr.steps or stop["flag"]:
           ckpt.save(step, state, stage.iterator)
           if stop["flag"]:
-            raise _Preempted(step)
-  except _Preempted as e:
-    _close(ckpt, bar, logger, stage)
-    log0(f"stopped at step {e.args[0]} on request; checkpoint saved in {ckpt.directory}. "
+            preempted_at = step
+            break
+  if preempted_at is not None:
+    log0(f"stopped at step {preempted_at} on request; checkpoint saved in {ckpt.directory}. "
          "Run the same command to resume.")
-    raise SystemExit(143) from None
-  except BaseException:
-    _close(ckpt, bar, logger, stage)  # never leave a half-written checkpoint behind an error
-    raise
-  _close(ckpt, bar, logger, stage)
+    raise SystemExit(143)
   export_dir = export(Model(model_cfg, lattice), state["params"], tokenizer, workdir)
   summary = {"steps": tr.steps, "start_step": start,
              "final_loss": history[-1]["loss"] if history else None,
@@ -194,13 +207,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
   log0(f"done: {tr.steps} steps, final loss {summary['final_loss']}, exported to {export_dir} "
        f"({summary['seconds']:.0f}s)")
   return summary
-
-
-def _close(ckpt, bar, logger, stage) -> None:
-  ckpt.close()  # waits for in-flight saves
-  bar.close()
-  logger.close()
-  stage.close()
 
 
 def export(model: Model, params: Params, tokenizer: Tokenizer, workdir: str) -> str:
