@@ -76,3 +76,19 @@ def test_cli_overhead_runlocal(tmp_path):
   row = result["overhead"][0]
   assert row["preset"] == "tiny" and row["num_threads"] == 2 and row["lattice_params"] > 0
   assert row["lattice_flops"] > row["base_flops"]
+
+
+def test_every_lattice_field_is_a_config_key():
+  """One schema: the lattice section is derived from LatticeConfig, so each field overrides."""
+  import dataclasses
+
+  import lace_jax as lj
+  cfg = _load(os.path.join(ROOT, "experiments", "sft_4b.py"))
+  assert set(cfg.lattice.keys()) == {f.name for f in dataclasses.fields(lj.LatticeConfig)} | {
+      "enabled"}
+  cfg.lattice.init_std = 0.05
+  cfg.lattice.implementation = "xla_chunked"
+  lat = experiment.model_configs(cfg)[1]
+  assert lat.init_std == 0.05 and lat.implementation == "xla_chunked"
+  assert lat == lj.LatticeConfig.default(lj.ModelConfig.preset("qwen3-4b"), init_std=0.05,
+                                         implementation="xla_chunked")
