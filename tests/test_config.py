@@ -83,15 +83,16 @@ _HIDDEN = list(range(64, 4097, 32))
 
 @pytest.mark.parametrize("chunk", range(8))
 def test_default_lattice_is_valid_and_runs_for_every_model_shape(chunk):
-  """LatticeConfig.default for hidden sizes 64..4096 (step 32) x lattice heads 1..8: valid
-  (each rotary section of E an even number >= 2 of dims), R close to D/8, and a forward runs.
-  Each hidden size's 8 models are compiled as one program (XLA:CPU compiles are the cost)."""
+  """LatticeConfig.default for hidden sizes 64..4096 (step 32) x head counts 1..8 (the model's
+  attention heads N and the lattice heads C both = c): valid (each rotary section of E an even
+  number >= 2 of dims), R close to D/8, and a forward runs. Each hidden size's 8 models are
+  compiled as one program (XLA:CPU compiles are the cost)."""
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 32, (1, 2, 3)), jnp.int32)
   for d in _HIDDEN[chunk::8]:
-    cfg = lj.ModelConfig(vocab_size=32, d_model=d, num_layers=1, num_heads=2, num_kv_heads=1,
-                         head_dim=8, mlp_dim=16, attention="reference")
     models, params = [], []
     for c in range(1, 9):
+      cfg = lj.ModelConfig(vocab_size=32, d_model=d, num_layers=1, num_heads=c, num_kv_heads=1,
+                           head_dim=8, mlp_dim=16, attention="reference")
       lat = lj.LatticeConfig.default(cfg, heads=c, layers=(0,), implementation="reference")
       e = lat.head_dim
       assert e % 2 == 0 and e >= 4 and all(n >= 2 and n % 2 == 0 for n in lat.rope_sections)
