@@ -82,3 +82,20 @@ def test_question_order_is_a_pure_function_of_the_step():
   assert a == b
   first_epoch = sum(a, [])[:10]
   assert sorted(first_epoch) == list(range(10))  # every question once per epoch
+
+
+def test_registered_variants_are_chosen_by_name():
+  """A new advantage estimator is one decorated function, selectable by its config name."""
+  @grpo.register_advantage_estimator("rank_for_test")
+  def rank(rewards, axes, eps):
+    del axes, eps
+    return jnp.argsort(jnp.argsort(rewards, axis=-1), axis=-1).astype(jnp.float32)
+
+  try:
+    out = grpo.group_advantages(jnp.array([[3.0, 1.0, 2.0]]), kind="rank_for_test")
+    np.testing.assert_array_equal(np.asarray(out), [[2.0, 0.0, 1.0]])
+  finally:
+    del grpo.ADVANTAGE_ESTIMATORS["rank_for_test"]
+  assert set(grpo.LOSS_AGGREGATIONS) == {"token_mean", "dr_grpo"}
+  with pytest.raises(ValueError, match=r"loss aggregation \(grpo.loss_agg\) 'sum'"):
+    grpo.make_loss(eps_low=0.2, eps_high=0.2, kl_beta=0.0, aggregation="sum", max_new_tokens=4)

@@ -15,26 +15,73 @@ the question.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lace_jax.model import Model, Params
 
-ADVANTAGES = ("grpo", "dr_grpo")
-AGGREGATIONS = ("token_mean", "dr_grpo")
+# Advantage estimators and loss aggregations are small registered functions, chosen by name
+# (`grpo.advantage`, `grpo.loss_agg`); a new variant is one decorated function.
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., jax.Array]] = {}
+LOSS_AGGREGATIONS: dict[str, Callable[..., jax.Array]] = {}
+
+
+def register_advantage_estimator(name: str):
+  def register(fn):
+    ADVANTAGE_ESTIMATORS[name] = fn
+    return fn
+  return register
+
+
+def register_loss_aggregation(name: str):
+  def register(fn):
+    LOSS_AGGREGATIONS[name] = fn
+    return fn
+  return register
+
+
+def _lookup(table: dict, name: str, key: str):
+  if name not in table:
+    raise ValueError(f"{key} {name!r}; expected one of {tuple(table)}")
+  return table[name]
+
+
+@register_advantage_estimator("grpo")
+def grpo_advantage(rewards: jax.Array, axes: tuple[int, ...], eps: float) -> jax.Array:
+  """A_i = (r_i - mean_j r_j) / (std_j r_j + eps) over the group axes."""
+  centred = rewards - jnp.mean(rewards, axis=axes, keepdims=True)
+  return centred / (jnp.std(rewards, axis=axes, keepdims=True) + eps)
+
+
+@register_advantage_estimator("dr_grpo")
+def dr_grpo_advantage(rewards: jax.Array, axes: tuple[int, ...], eps: float) -> jax.Array:
+  """Dr.GRPO: A_i = r_i - mean_j r_j (no division by the group's std)."""
+  del eps
+  return rewards - jnp.mean(rewards, axis=axes, keepdims=True)
 
 
 def group_advantages(rewards: jax.Array, *, kind: str = "grpo", eps: float = 1e-6) -> jax.Array:
   """rewards [Q, G, ...] -> advantages of the same shape, normalised over every axis after Q
-  (the G rollouts, and their W threads for per-thread rewards)."""
-  if kind not in ADVANTAGES:
-    raise ValueError(f"advantage kind {kind!r}; expected one of {ADVANTAGES}")
-  axes = tuple(range(1, rewards.ndim))
-  centred = rewards - jnp.mean(rewards, axis=axes, keepdims=True)
-  if kind == "dr_grpo":
-    return centred
-  return centred / (jnp.std(rewards, axis=axes, keepdims=True) + eps)
+  (the G rollouts, and their W threads for per-thread rewards), by the registered `kind`."""
+  estimator = _lookup(ADVANTAGE_ESTIMATORS, kind, "advantage kind (grpo.advantage)")
+  return estimator(rewards, tuple(range(1, rewards.ndim)), eps)
+
+
+@register_loss_aggregation("token_mean")
+def token_mean_normaliser(mask: jax.Array, max_new_tokens: int) -> jax.Array:
+  """The number of generated tokens in the batch: the loss is a token mean."""
+  del max_new_tokens
+  return jnp.sum(mask)
+
+
+@register_loss_aggregation("dr_grpo")
+def dr_grpo_normaliser(mask: jax.Array, max_new_tokens: int) -> jax.Array:
+  """Dr.GRPO's constant: rollouts x W x max new tokens, whatever the lengths."""
+  r, w = mask.shape[:2]
+  return jnp.asarray(r * w * max_new_tokens, jnp.float32)
 
 
 def clipped_surrogate(logp: jax.Array, old_logp: jax.Array, adv: jax.Array, *, eps_low: float,
@@ -77,8 +124,7 @@ def make_loss(*, eps_low: float, eps_high: float, kl_beta: float, aggregation: s
   """The GRPO LossFn for `Trainer.step_fn`. Batch (per rollout r, thread w, column t):
   tokens, valid, targets, loss_mask [R, W, T]; old_logp, ref_logp [R, W, T];
   advantages [R, W] (thread-aggregated rewards repeat A_i over w)."""
-  if aggregation not in AGGREGATIONS:
-    raise ValueError(f"grpo.loss_agg={aggregation!r}; expected one of {AGGREGATIONS}")
+  normaliser = _lookup(LOSS_AGGREGATIONS, aggregation, "loss aggregation (grpo.loss_agg)")
 
   def loss(model: Model, params: Params, batch: dict):
     logp, entropy = token_logprobs(model, params, batch)
@@ -89,11 +135,7 @@ def make_loss(*, eps_low: float, eps_high: float, kl_beta: float, aggregation: s
     kl = k3_kl(logp, batch["ref_logp"])
     if kl_beta:
       per_token = per_token + kl_beta * kl
-    if aggregation == "token_mean":
-      count = jnp.sum(mask)
-    else:
-      r, w = mask.shape[:2]
-      count = jnp.asarray(r * w * max_new_tokens, jnp.float32)
+    count = normaliser(mask, max_new_tokens)  # [R, W, T] mask -> the loss's denominator
     tokens = jnp.maximum(jnp.sum(mask), 1.0)
     # metrics are divided by `count` by the step; rescale so they are per-token means
     per_tok = lambda x: jnp.sum(x * mask) * count / tokens
