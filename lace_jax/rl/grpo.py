@@ -29,18 +29,17 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[..., jax.Array]] = {}
 LOSS_AGGREGATIONS: dict[str, Callable[..., jax.Array]] = {}
 
 
-def register_advantage_estimator(name: str):
-  def register(fn):
-    ADVANTAGE_ESTIMATORS[name] = fn
-    return fn
-  return register
+def _registrar(table: dict):
+  def register_as(name: str):
+    def register(fn):
+      table[name] = fn
+      return fn
+    return register
+  return register_as
 
 
-def register_loss_aggregation(name: str):
-  def register(fn):
-    LOSS_AGGREGATIONS[name] = fn
-    return fn
-  return register
+register_advantage_estimator = _registrar(ADVANTAGE_ESTIMATORS)
+register_loss_aggregation = _registrar(LOSS_AGGREGATIONS)
 
 
 def _lookup(table: dict, name: str, key: str):

@@ -54,10 +54,11 @@ class GRPOStage:
   iterator = None
   rows_key = "grpo.questions_per_step x grpo.rollouts_per_question"
   pipelined = False  # rollouts need the updated parameters anyway
-  loss: Any = None
-  rows: int = 0
-  batch_shapes: dict = dataclasses.field(default_factory=dict)
-  updates_per_batch: int = 1
+  # derived from cfg in __post_init__
+  loss: Any = dataclasses.field(init=False)
+  rows: int = dataclasses.field(init=False)
+  batch_shapes: dict = dataclasses.field(init=False)
+  updates_per_batch: int = dataclasses.field(init=False)
 
   def __post_init__(self):
     g, d, tr = self.cfg.grpo, self.cfg.data, self.cfg.train
