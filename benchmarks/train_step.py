@@ -33,7 +33,7 @@ def bench(cfg: lj.ModelConfig, lattice, *, batch: int, threads: int, seq: int, s
   local["loss_mask"] = local["valid"].copy()
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in local.items()}
   t = time.perf_counter()
-  step, mem = tr.compile(shapes, lm.lm_loss)
+  step, mem = tr.compile(shapes, lm.make_loss())
   compile_s = time.perf_counter() - t
   b = sharding.global_batch(local, mesh, leading=1)
   for i in range(2):  # warm-up

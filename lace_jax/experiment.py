@@ -72,12 +72,24 @@ def base_config(mode: str, preset: str, **model_kwargs) -> ml_collections.Config
       "mesh": {"data": 1, "fsdp": -1, "tensor": 1},  # product = device count; one may be -1
       "rules": (),  # overrides of lace_jax.sharding.DEFAULT_RULES, e.g. (("mlp", None),)
   })
+  cfg.plan = plan_section()
   cfg.distributed = ml_collections.ConfigDict({
       "initialize": "auto",  # auto | yes | no (see lace_jax.distributed)
       "coordinator_address": "", "num_processes": -1, "process_id": -1,
       "cpu_collectives": config_dict.placeholder(str),  # "gloo" for multi-process CPU runs
   })
   return cfg
+
+
+def plan_section(*targets: str, prompt_len: int = 512) -> ml_collections.ConfigDict:
+  """The plan mode (`lace_jax.plan`): `--config.plan.target=tpu:v5p:2x2x2` (or cuda:h100x8,
+  local, several comma-separated, `default` = `targets`) compiles the stage's functions for that
+  target instead of running them."""
+  return ml_collections.ConfigDict({
+      "target": "",  # "" = run the experiment; else plan it for these targets
+      "targets": tuple(targets),  # the accelerators this experiment is made to fit
+      "prompt_len": prompt_len,  # eval: the prompt width planned for (prompts vary)
+  })
 
 
 def optim_section(*, lr: float, warmup_steps: int, weight_decay: float = 0.1,
@@ -95,6 +107,7 @@ def train_section(*, steps: int, trainable: str = "all", grad_accum: int = 1,
   return ml_collections.ConfigDict({
       "steps": steps, **extra,
       "grad_accum": grad_accum,  # microbatches per optimizer step (a lax.scan)
+      "logits_chunk": 256,  # loss over the vocabulary this many columns at a time (0 = dense)
       "trainable": trainable,  # all | lattice
       "save_every": save_every, "keep_checkpoints": 3, "async_checkpointing": True,
       "log_every": log_every})
@@ -130,7 +143,10 @@ def grpo_section(*, questions_per_step: int, rollouts_per_question: int,
       "reward_mode": "thread_aggregated",  # thread_aggregated | per_thread
       "loss_agg": "token_mean",  # token_mean | dr_grpo
       "advantage": "grpo",  # grpo (mean/std over the group) | dr_grpo (mean only)
-      "inner_updates": 1,  # mu: optimizer updates per batch of rollouts
+      "inner_updates": 1,  # mu: optimizer updates per batch of rollouts (mu = 1: the
+      # sampler's own log-probs are the old policy's; mu > 1: a teacher-forced pass)
+      "rollout_batch": 0,  # rollouts per sampler call (0 = all of a step's at once)
+      "logprob_batch": 0,  # rollouts per log-prob pass (0 = the train step's microbatch)
       "grader_workers": 4, "grader_timeout_s": 10.0,
   })
 

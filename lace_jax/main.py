@@ -3,7 +3,9 @@
   python -m lace_jax.main --config=experiments/<file>.py[:arg] --workdir=DIR [--config.a.b=v]
 
 With no --config it runs the embedded quickstart (`lace_jax/toy/quickstart.py`). TPU pod
-jobs run the same command on every host.
+jobs run the same command on every host. `--config.plan.target=tpu:v5p:2x2x2` (or cuda:h100x8,
+local, ...) compiles the experiment's functions for that target instead of running them
+(`lace_jax.plan`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if "plan" in cfg and cfg.plan.target:
+    from lace_jax import plan
+    print(f"lace_jax: plan of mode {cfg.mode} for {cfg.plan.target}, workdir {workdir}",
+          flush=True)
+    plan.run(cfg, workdir, name=os.path.basename(config_flags.get_config_filename(
+        flags.FLAGS["config"])).split(":")[0])
+    return
   if "distributed" in cfg:
     distributed.maybe_initialize(cfg.distributed)
   print(f"lace_jax: mode {cfg.mode}, workdir {workdir}", flush=True)

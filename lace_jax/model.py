@@ -246,9 +246,11 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array,
                extra_coords: Mapping[str, jax.Array] | None = None, cache: dict | None = None,
-               cur: jax.Array | None = None):
+               cur: jax.Array | None = None, logits: str = "all"):
     """cache None: training forward. Otherwise prefill (cur None: these T columns are written
-    at 0..T-1) or one decoding column at `cur`; the updated cache is returned third."""
+    at 0..T-1) or one decoding column at `cur`; the updated cache is returned third.
+    logits: "all" columns, the "last" column only ([B, W, 1, V]), or "none" (None returned:
+    the caller unembeds the hidden states itself, e.g. chunked, `lace_jax.losses`)."""
     cfg, lat = self.cfg, self.lat
     dt = jnp.dtype(cfg.dtype)
     embed = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
@@ -271,14 +273,24 @@ class Transformer(nn.Module):
       if cache is not None:
         new_cache["layers"][i] = new_layer
     x = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.param_dtype, name="final_norm")(x)
-    if cfg.tie_embeddings:
-      logits = jnp.einsum("BWTD,VD->BWTV", x, embed.astype(dt),
-                          preferred_element_type=jnp.float32)
-    else:
+    unembed = embed  # [V, D]
+    if not cfg.tie_embeddings:
       head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                     nn.initializers.normal(cfg.init_std), cfg.param_dtype)
-      logits = jnp.einsum("BWTD,DV->BWTV", x, head.astype(dt), preferred_element_type=jnp.float32)
-    return logits.astype(jnp.float32), x, new_cache
+      unembed = head.T
+    if logits not in ("all", "last", "none"):
+      raise ValueError(f"logits={logits!r}; expected 'all', 'last' or 'none'")
+    out = None
+    if logits != "none":
+      out = unembed_logits(x[:, :, -1:] if logits == "last" else x, unembed, dt)
+    return out, x, new_cache
+
+
+def unembed_logits(hidden: jax.Array, unembed: jax.Array, dtype) -> jax.Array:
+  """hidden [..., D] @ unembed [V, D]^T -> float32 logits [..., V] (matmul in `dtype`, float32
+  accumulation)."""
+  return jnp.einsum("...D,VD->...V", hidden.astype(dtype), unembed.astype(dtype),
+                    preferred_element_type=jnp.float32).astype(jnp.float32)
 
 
 def _lattice_coords(lat: LatticeConfig, positions: jax.Array,
@@ -354,6 +366,25 @@ class Model:
                                           extra_coords)
     return (logits, hidden) if return_hidden else logits
 
+  def hidden_states(self, params: Params, tokens: jax.Array, *,
+                    positions: jax.Array | None = None, valid: jax.Array | None = None,
+                    extra_coords: Mapping[str, jax.Array] | None = None) -> jax.Array:
+    """The final normalised hidden states [B, W, T, D], without forming any logits (inputs as
+    in `apply`); `unembed(params)` maps them to the vocabulary, e.g. chunked by
+    `lace_jax.losses.token_logprobs`."""
+    tokens, positions, valid = _check_inputs(self.config, tokens, positions, valid)
+    _, hidden, _ = self.module.apply({"params": params}, tokens, positions, valid, extra_coords,
+                                     logits="none")
+    return hidden
+
+  def unembed(self, params: Params) -> jax.Array:
+    """The output embedding [V, D]: the tied input embedding, or the transposed lm_head."""
+    return params["embed"] if self.config.tie_embeddings else params["lm_head"].T
+
+  def logits(self, params: Params, hidden: jax.Array) -> jax.Array:
+    """float32 logits [..., V] of hidden states [..., D]."""
+    return unembed_logits(hidden, self.unembed(params), jnp.dtype(self.config.dtype))
+
   def init_cache(self, batch: int, num_threads: int, max_len: int) -> dict:
     """Empty decoding caches for [batch, num_threads] threads of up to max_len columns:
     backbone k/v [B, W, S, K, H] per layer, lattice k/v [B, W, S, C, E] per lattice layer,
@@ -361,10 +392,12 @@ class Model:
     return init_cache(self.config, self.lattice, batch, num_threads, max_len)
 
   def prefill(self, params: Params, cache: dict, tokens: jax.Array, positions: jax.Array,
-              valid: jax.Array):
+              valid: jax.Array, *, logits: str = "all"):
     """Runs the prompt grid [B, W, P] (columns 0..P-1) and fills the caches.
-    Returns (logits [B, W, P, V], hidden [B, W, P, D], cache)."""
-    return self.module.apply({"params": params}, tokens, positions, valid, None, cache)
+    Returns (logits [B, W, P, V] (logits="last": [B, W, 1, V]; "none": None),
+    hidden [B, W, P, D], cache)."""
+    return self.module.apply({"params": params}, tokens, positions, valid, None, cache,
+                             logits=logits)
 
   def decode_step(self, params: Params, cache: dict, tokens: jax.Array, positions: jax.Array,
                   valid: jax.Array, cur: jax.Array):

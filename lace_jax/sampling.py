@@ -13,6 +13,7 @@ loop exits early once every thread has stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -123,20 +124,31 @@ def _choose(rng, logits, temperature, top_k, top_p):
 
 
 _STATIC = ("model", "max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "pad_id",
-           "stop_sequences")
+           "stop_sequences", "mesh", "rules")
+
+
+def _constrain_cache(cache: dict, mesh, rules) -> dict:
+  """The cache laid out on `mesh` by the rule table (batch over data/fsdp, kv heads over
+  tensor); unchanged without a mesh (one device, or GSPMD's own choice)."""
+  if mesh is None:
+    return cache
+  from lace_jax import sharding
+  return jax.lax.with_sharding_constraint(cache, sharding.cache_sharding(cache, mesh, rules))
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _prefill(model: Model, params: Params, prompt: jax.Array, prompt_valid: jax.Array,
              rng: jax.Array, *, max_new_tokens: int, temperature: float, top_k: int,
              top_p: float, stop_ids: tuple[int, ...], pad_id: int,
-             stop_sequences: tuple[tuple[int, ...], ...]):
+             stop_sequences: tuple[tuple[int, ...], ...], mesh=None, rules=()):
   """Prompt grid -> (filled caches, first emitted token and its logprob, next positions)."""
   b, w, p = prompt.shape
-  cache = model.init_cache(b, w, p + max_new_tokens)
+  cache = _constrain_cache(model.init_cache(b, w, p + max_new_tokens), mesh, rules)
   positions = ops.default_positions(prompt_valid)
-  logits, _, cache = model.prefill(params, cache, prompt, positions, prompt_valid)
-  last = logits[:, :, -1]  # [B, W, V]: left padding puts every prompt's end in column P-1
+  # left padding puts every prompt's end in column P-1: only its logits are formed
+  logits, _, cache = model.prefill(params, cache, prompt, positions, prompt_valid, logits="last")
+  cache = _constrain_cache(cache, mesh, rules)
+  last = logits[:, :, -1]  # [B, W, V]
   first = _choose(rng, last, temperature, top_k, top_p)
   first_lp = jnp.take_along_axis(jax.nn.log_softmax(last), first[..., None], -1)[..., 0]
   next_pos = jnp.max(jnp.where(prompt_valid, positions + 1, 0), axis=-1)  # [B, W]
@@ -147,7 +159,7 @@ def _prefill(model: Model, params: Params, prompt: jax.Array, prompt_valid: jax.
 def _decode(model: Model, params: Params, cache: dict, first: jax.Array, first_lp: jax.Array,
             next_pos: jax.Array, rng: jax.Array, *, prompt_len: int, max_new_tokens: int,
             temperature: float, top_k: int, top_p: float, stop_ids: tuple[int, ...],
-            pad_id: int, stop_sequences: tuple[tuple[int, ...], ...]):
+            pad_id: int, stop_sequences: tuple[tuple[int, ...], ...], mesh=None, rules=()):
   """The lockstep loop: column P + i feeds token i of every live thread and emits token i+1."""
   b, w = first.shape
   n, p = max_new_tokens, prompt_len
@@ -163,6 +175,7 @@ def _decode(model: Model, params: Params, cache: dict, first: jax.Array, first_l
     token = jax.lax.dynamic_index_in_dim(out, i, axis=2, keepdims=False)
     live = lengths > i  # token i was emitted while the thread was live: a valid key
     logits, hidden, cache = model.decode_step(params, cache, token, pos, live, p + i)
+    cache = _constrain_cache(cache, mesh, rules)
     hidden_sum = hidden_sum + jnp.where(live[..., None], hidden.astype(jnp.float32), 0.0)
     return logits, cache, hidden_sum
 
@@ -197,7 +210,8 @@ def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_t
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
            stop_ids: Sequence[int] = (), pad_id: int = 0,
            stop_sequences: Sequence[Sequence[int]] = (),
-           prompt_width: int | None = None) -> SampleOutput:
+           prompt_width: int | None = None, mesh=None, rules=None,
+           batch_chunk: int = 0) -> SampleOutput:
   """Generates W threads per prompt in lockstep.
 
   prompts: B entries, each a list of token ids (the same prompt for every thread) or W lists
@@ -207,26 +221,58 @@ def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_t
   stop_sequences: token-id sequences that end a thread once it has emitted them (stop strings:
     pass `tokenizer.encode(s)`; a string the model spells with other tokens is not caught).
   prompt_width: pad every prompt to exactly this many tokens (one compilation for many calls).
+  mesh, rules: lay the batch and the caches out on a device mesh (batch over data/fsdp, kv
+    heads over tensor, by `rules`, default `lace_jax.sharding.DEFAULT_RULES`); the params
+    should already be sharded on it (e.g. a train state's). B (or batch_chunk) must divide
+    over the data-parallel ways.
+  batch_chunk: generate at most this many prompts per sampler call (0 = all at once): bounds
+    the caches' memory; one compilation serves every chunk. Chunk i samples with
+    fold_in(key(seed), i) (chunk 0 with key(seed) itself).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
     raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], "
                      f"top_k={top_k} >= 0")
+  if batch_chunk < 0:
+    raise ValueError(f"batch_chunk={batch_chunk} must be >= 0 (0 = the whole batch)")
   tokens, valid = left_pad(prompts, num_threads, pad_id, width=prompt_width)
+  b = tokens.shape[0]
+  chunk = b if batch_chunk == 0 else min(batch_chunk, b)
+  if b % chunk:
+    raise ValueError(f"{b} prompts do not split into chunks of batch_chunk={batch_chunk}")
+  if mesh is not None:
+    from lace_jax import sharding
+    rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if chunk % ways:
+      raise ValueError(f"sampler batch {chunk} is not divisible by the data-parallel ways "
+                       f"data*fsdp = {ways} of mesh {dict(mesh.shape)}")
   static = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                 top_p=float(top_p), stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
-                stop_sequences=tuple(tuple(int(t) for t in q) for q in stop_sequences if len(q)))
-  rng_prefill, rng_decode = jax.random.split(jax.random.key(seed))
-  cache, first, first_lp, next_pos = _prefill(model, params, jnp.asarray(tokens),
-                                              jnp.asarray(valid), rng_prefill, **static)
-  out, lps, lengths, done, mean_hidden, _ = _decode(
-      model, params, cache, first, first_lp, next_pos, rng_decode, prompt_len=tokens.shape[-1],
-      **static)
-  out, lps, lengths, done, mean_hidden = jax.device_get((out, lps, lengths, done, mean_hidden))
-  reasons = [["stop" if d else "length" for d in row] for row in np.asarray(done)]
-  return SampleOutput(np.asarray(out), np.asarray(lps), np.asarray(lengths), reasons, tokens,
-                      valid, np.asarray(mean_hidden))
+                stop_sequences=tuple(tuple(int(t) for t in q) for q in stop_sequences if len(q)),
+                mesh=mesh, rules=rules if mesh is not None else ())
+  parts = []
+  for i, start in enumerate(range(0, b, chunk)):
+    key = jax.random.key(seed)
+    key = key if i == 0 else jax.random.fold_in(key, i)
+    rng_prefill, rng_decode = jax.random.split(key)
+    prompt, prompt_valid = tokens[start:start + chunk], valid[start:start + chunk]
+    if mesh is not None:
+      put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
+      prompt, prompt_valid = put(prompt), put(prompt_valid)
+    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+      cache, first, first_lp, next_pos = _prefill(model, params, jnp.asarray(prompt),
+                                                  jnp.asarray(prompt_valid), rng_prefill,
+                                                  **static)
+      out, lps, lengths, done, mean_hidden, _ = _decode(
+          model, params, cache, first, first_lp, next_pos, rng_decode,
+          prompt_len=tokens.shape[-1], **static)
+    parts.append(jax.device_get((out, lps, lengths, done, mean_hidden)))
+  out, lps, lengths, done, mean_hidden = (np.concatenate([np.asarray(p[j]) for p in parts])
+                                          for j in range(5))
+  reasons = [["stop" if d else "length" for d in row] for row in done]
+  return SampleOutput(out, lps, lengths, reasons, tokens, valid, mean_hidden)
 
 
 def teacher_forced_logprobs(model: Model, params: Params, out: SampleOutput) -> np.ndarray:
@@ -247,3 +293,32 @@ def full_grid(out: SampleOutput) -> tuple[np.ndarray, np.ndarray]:
   tokens = np.concatenate([out.prompt_tokens, out.tokens], axis=-1)
   valid = np.concatenate([out.prompt_valid, gen_valid], axis=-1)
   return tokens, valid
+
+
+def abstract_calls(model: Model, params, *, batch: int, num_threads: int, prompt_len: int,
+                   max_new_tokens: int, mesh, rules, temperature: float = 1.0, top_k: int = 0,
+                   top_p: float = 1.0, stop_ids: Sequence[int] = (0,)) -> list[tuple]:
+  """The sampler's two jitted calls for one chunk of `batch` prompts, with abstract arguments
+  laid out on `mesh` (nothing allocated): [(name, jitted, args, kwargs, arg groups)], for the
+  plan mode (`lace_jax.plan`). `params`: ShapeDtypeStructs carrying their shardings."""
+  from lace_jax import sharding
+  rules = tuple(rules)
+  b, w, p, n = batch, num_threads, prompt_len, max_new_tokens
+  bs = lambda ndim: sharding.batch_sharding(mesh, ndim)
+  sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=bs(len(shape)))
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
+  static = dict(max_new_tokens=n, temperature=float(temperature), top_k=int(top_k),
+                top_p=float(top_p), stop_ids=tuple(stop_ids), pad_id=0, stop_sequences=(),
+                mesh=mesh, rules=rules)
+  prompt, prompt_valid = sd((b, w, p), jnp.int32), sd((b, w, p), jnp.bool_)
+  cache = jax.eval_shape(lambda: model.init_cache(b, w, p + n))
+  cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache,
+                       sharding.cache_sharding(cache, mesh, rules))
+  first, first_lp, next_pos = sd((b, w), jnp.int32), sd((b, w), jnp.float32), sd((b, w), jnp.int32)
+  return [
+      ("prefill", _prefill, (model, params, prompt, prompt_valid, rng), static,
+       {"params": params, "batch": (prompt, prompt_valid)}),
+      ("decode", _decode, (model, params, cache, first, first_lp, next_pos, rng),
+       dict(static, prompt_len=p), {"params": params, "cache": cache,
+                                    "batch": (first, first_lp, next_pos)}),
+  ]

@@ -111,6 +111,30 @@ def check_divisible(shapes: Any, shardings: Any, what: str = "parameter") -> Non
             "sharding.rules")
 
 
+# logical axes of the decoding caches (`Model.init_cache`), by the cache entry's name
+CACHE_AXES = {
+    "valid": ("batch", "thread", "seq"),
+    "attn": ("batch", "thread", "seq", "kv_heads", "head_dim"),
+    "lattice": ("batch", "thread", "seq", "lattice_heads", "lattice_head_dim"),
+}
+
+
+def cache_sharding(cache: Any, mesh: Mesh, rules) -> Any:
+  """Shardings of a decoding cache (shapes or arrays) through the rule table: the batch over
+  data/fsdp, kv heads over tensor (by the default rules)."""
+
+  def pick(path, leaf):
+    keys = [_key(k) for k in path]
+    kind = next((k for k in ("attn", "lattice") if k in keys), "valid")
+    axes = CACHE_AXES[kind]
+    if len(leaf.shape) != len(axes):
+      raise ValueError(f"cache entry {jax.tree_util.keystr(path)} of shape {leaf.shape}: "
+                       f"expected {len(axes)} axes {axes}")
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(axes, rules))
+
+  return jax.tree_util.tree_map_with_path(pick, cache)
+
+
 def batch_sharding(mesh: Mesh, ndim: int, *, leading: int = 0) -> NamedSharding:
   """Sharding of a [..leading dims.., B, ...] array: B over the batch axes, the rest replicated."""
   return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES, *([None] * (ndim - leading - 1))))

@@ -58,7 +58,7 @@ def test_loss_token_mean_and_dr_grpo_by_hand():
            "ref_logp": jnp.zeros((1, 1, 3)), "advantages": jnp.array([[1.0]]),
            "valid": jnp.ones((1, 1, 3), bool)}
   original = grpo.token_logprobs
-  grpo.token_logprobs = lambda model, params, b: (logp, jnp.ones_like(logp))
+  grpo.token_logprobs = lambda model, params, b, **kw: (logp, jnp.ones_like(logp))
   try:
     loss = grpo.make_loss(eps_low=0.2, eps_high=0.28, kl_beta=0.5, aggregation="token_mean",
                           max_new_tokens=3)

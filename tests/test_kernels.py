@@ -195,7 +195,7 @@ def test_decode_reference_is_the_last_row_of_the_full_reference():
 
 # ----- backbone attention -----
 
-@pytest.mark.parametrize("impl", ["xla", "xla_chunked"])
+@pytest.mark.parametrize("impl", ["xla", "xla_chunked", "flash", "flash_pallas_interpret"])
 def test_backbone_attention_equals_reference(impl):
   b, t, n, kh, h = 2, 11, 4, 2, 16
   ks = jax.random.split(jax.random.key(0), 4)
@@ -213,12 +213,44 @@ def test_backbone_attention_equals_reference(impl):
   if impl == "xla_chunked":  # small blocks so several are used
     from kernels import attention as att
     fn = lambda q, k, v: att._chunked(q, k, v, valid, True, 0, 16**-0.5, block=4)
+  elif impl == "flash_pallas_interpret":  # the GPU flash path, run by the Pallas interpreter
+    import kernels.lattice_attention as la
+    real = la.lattice_attention
+    fn = lambda q, k, v: attention(q, k, v, key_valid=valid, implementation="flash")
+    la.lattice_attention = lambda *a, **kw: real(*a, **kw, implementation="pallas_interpret")
+    try:
+      got, got_g = run(fn)
+    finally:
+      la.lattice_attention = real
+    assert rel_err(np.asarray(got)[rows], np.asarray(ref)[rows]) <= 1e-4
+    for a, r in zip(got_g, ref_g):
+      assert rel_err(a, r) <= 1e-4
+    return
   else:
     fn = lambda q, k, v: attention(q, k, v, key_valid=valid, implementation=impl)
   got, got_g = run(fn)
   assert rel_err(np.asarray(got)[rows], np.asarray(ref)[rows]) <= 1e-5
   for a, r in zip(got_g, ref_g):
     assert rel_err(a, r) <= 1e-5
+
+
+def test_backbone_default_follows_the_target_platform():
+  """Kernels are chosen for the platform compiled for: a `target_platform` context overrides
+  the host's backend; one query column always goes to the cache-friendly chunked path."""
+  import kernels
+  from kernels.attention import default_implementation
+  assert default_implementation(jnp.float32, 64) == "xla"  # this CPU host
+  with kernels.target_platform("tpu"):
+    assert kernels.backend() == "tpu"
+    assert default_implementation(jnp.bfloat16, 4096) == "pallas_tpu"
+    assert default_implementation(jnp.bfloat16, 100) == "xla"
+  with kernels.target_platform("cuda"):
+    assert default_implementation(jnp.bfloat16, 4096) == "flash"
+    assert default_implementation(jnp.bfloat16, 1) == "xla_chunked"
+  assert kernels.backend() == "cpu"
+  with pytest.raises(ValueError, match="target platform"):
+    with kernels.target_platform("ipu"):
+      pass
 
 
 # ----- lowering for accelerators, on this CPU machine -----

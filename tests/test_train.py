@@ -51,7 +51,7 @@ def _train(batches, mesh_spec, *, devices=None, trainable="all", lattice=LAT, ac
   state = tr.init_state(seed=0)
   init = jax.device_get(state["params"])
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches[0].items()}
-  step, _ = tr.compile(shapes, lm.lm_loss)
+  step, _ = tr.compile(shapes, lm.make_loss())
   losses = []
   for i, b in enumerate(batches):
     state, m = step(state, sharding.global_batch(b, mesh, leading=1), jax.random.key(i))
@@ -84,7 +84,7 @@ def test_grad_accumulation_equals_full_batch(examples, tokenizer):
                               rules=sharding.DEFAULT_RULES)
     batches = _batches(examples, tokenizer, 2, accum=accum)
     step, _ = tr.compile({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches[0].items()},
-                         lm.lm_loss)
+                         lm.make_loss())
     state, out = tr.init_state(0), []
     for i, b in enumerate(batches):
       state, m = step(state, sharding.global_batch(b, mesh, leading=1), jax.random.key(i))

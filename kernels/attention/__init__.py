@@ -7,8 +7,13 @@
                 segment ids; kv heads repeated to the query heads)
   "xla_chunked" online softmax over key blocks (a lax.scan): memory linear in S, and only one
                 block of a bf16 cache is ever widened to f32; for decoding (T = 1)
-  None          auto: cudnn on GPU for bf16/fp16; else xla_chunked for one query column
-                (decoding), pallas_tpu on TPU when T is a multiple of 128, xla otherwise
+  "flash"       the lattice attention kernels with one thread (`kernels.lattice_attention`,
+                mask "causal" over one thread = causal attention): flash forward and backward,
+                no [T, S] tensor in memory; Pallas (Triton) on GPU, blockwise XLA elsewhere.
+                For training and prefill (q_offset 0); one query column goes to xla_chunked
+  None          auto, for the platform compiled for (`kernels.backend()`): xla_chunked for one
+                query column (decoding); flash on GPU; pallas_tpu on TPU when T is a multiple
+                of 128; xla otherwise
 
 The mask is structured, never passed in: query t (grid column q_offset + t) reads key s iff
 key_valid[s] and (not causal or s <= q_offset + t). Outputs at query rows that are padding are
@@ -20,18 +25,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+import kernels
 from kernels.attention.reference import attention_reference
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn", "pallas_tpu", "xla_chunked")
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "pallas_tpu", "xla_chunked", "flash")
 DECODE_BLOCK = 512
 
 
 def default_implementation(dtype, seq_len: int, backend: str | None = None) -> str:
-  backend = backend or jax.default_backend()
-  if backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-    return "cudnn"
-  if seq_len == 1:
+  del dtype  # every automatic choice serves float32 and bf16 alike
+  backend = backend or kernels.backend()
+  if seq_len == 1:  # decoding: one query column against a long cache
     return "xla_chunked"
+  if backend in ("gpu", "cuda", "rocm"):
+    return "flash"
   if backend == "tpu" and seq_len % 128 == 0:
     return "pallas_tpu"
   return "xla"
@@ -58,8 +65,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array,
   if impl == "reference":
     return attention_reference(q, k, v, structured_mask(t, key_valid, causal, q_offset),
                                scale=scale)
+  if impl == "flash" and t == 1 and not (isinstance(q_offset, int) and q_offset == 0):
+    impl = "xla_chunked"  # one decoding column: the flash kernels start queries at column 0
   if impl == "xla_chunked":
     return _chunked(q, k, v, key_valid, causal, q_offset, scale)
+  if impl == "flash":
+    return _flash(q, k, v, key_valid, causal, q_offset, scale)
   if impl in ("xla", "cudnn"):
     mask = structured_mask(t, key_valid, causal, q_offset)[:, None]  # [B, 1, T, S]
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
@@ -68,17 +79,39 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array,
   return _pallas_tpu(q, k, v, key_valid, causal, scale)
 
 
+def _flash(q, k, v, key_valid, causal, q_offset, scale):
+  """Causal GQA as one-thread lattice attention: kv heads repeated to the query heads."""
+  from kernels.lattice_attention import lattice_attention
+  if not causal or not (isinstance(q_offset, int) and q_offset == 0):
+    raise ValueError("attention implementation 'flash' serves causal attention from column 0 "
+                     "(training, prefill); decode with 'xla_chunked'")
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f"attention implementation 'flash': T={q.shape[1]} queries need as many "
+                     f"keys, got S={k.shape[1]}")
+  g = q.shape[2] // k.shape[2]
+  k = jnp.repeat(k, g, axis=2)[:, None]  # [B, 1, S, N, H]
+  v = jnp.repeat(v, g, axis=2)[:, None]
+  out = lattice_attention(q[:, None], k, v, key_valid=key_valid[:, None], mask="causal",
+                          scale=scale)
+  return out[:, 0]
+
+
 def _pallas_tpu(q, k, v, key_valid, causal, scale):
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
   b, t, n, h = q.shape
   g = n // k.shape[2]
   k = jnp.repeat(k, g, axis=2)  # the TPU kernel has no GQA
   v = jnp.repeat(v, g, axis=2)
-  seg = key_valid.astype(jnp.int32)
-  out = fa.flash_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
-                           v.transpose(0, 2, 1, 3), segment_ids=fa.SegmentIds(q=seg, kv=seg),
-                           causal=causal, sm_scale=scale)
-  return out.transpose(0, 2, 1, 3)
+
+
+  def run(q, k, v, key_valid):
+    seg = key_valid.astype(jnp.int32)
+    out = fa.flash_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
+                             v.transpose(0, 2, 1, 3), segment_ids=fa.SegmentIds(q=seg, kv=seg),
+                             causal=causal, sm_scale=scale)
+    return out.transpose(0, 2, 1, 3)
+
+  return kernels.batch_parallel(run, q, k, v, key_valid)  # Mosaic calls need a shard_map
 
 
 def _chunked(q, k, v, key_valid, causal, q_offset, scale, block: int = DECODE_BLOCK):

@@ -13,8 +13,7 @@ Decoding (one new query per thread against the lattice cache) has the same switc
 
 from __future__ import annotations
 
-import jax
-
+import kernels
 from kernels.lattice_attention import decode as _decode
 from kernels.lattice_attention.mask import MASK_MODES, validate_mode
 from kernels.lattice_attention.pallas_gpu import BlockSizes as PallasBlockSizes
@@ -27,7 +26,8 @@ IMPLEMENTATIONS = ("reference", "xla_chunked", "pallas", "pallas_interpret")
 
 
 def default_implementation(backend: str | None = None) -> str:
-  backend = backend or jax.default_backend()
+  """"pallas" when compiling for GPUs (see `kernels.backend`), "xla_chunked" elsewhere."""
+  backend = backend or kernels.backend()
   return "pallas" if backend in ("gpu", "cuda", "rocm") else "xla_chunked"
 
 
@@ -57,7 +57,11 @@ def lattice_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: ja
     return lattice_attention_reference(q, k, v, **kw)
   if impl == "xla_chunked":
     return lattice_attention_chunked(q, k, v, **kw)
-  return lattice_attention_pallas(q, k, v, interpret=interpret, **kw)
+  if q_cols is not None or k_cols is not None:
+    return lattice_attention_pallas(q, k, v, interpret=interpret, **kw)
+  run = lambda q, k, v, key_valid: lattice_attention_pallas(
+      q, k, v, key_valid=key_valid, mask=mask, scale=scale, interpret=interpret)
+  return kernels.batch_parallel(run, q, k, v, key_valid)  # one kernel per device's examples
 
 
 def lattice_decode_attention(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid,
@@ -74,7 +78,8 @@ def lattice_decode_attention(q, k_cache, v_cache, cache_valid, length, k_new, v_
     return _decode.decode_reference(*args, mask=mask, scale=scale)
   if impl == "xla_chunked":
     return _decode.decode_xla(*args, mask=mask, scale=scale)
-  return _decode.decode_pallas(*args, mask=mask, scale=scale, interpret=interpret)
+  run = lambda *a: _decode.decode_pallas(*a, mask=mask, scale=scale, interpret=interpret)
+  return kernels.batch_parallel(run, *args)  # one kernel per device's examples
 
 
 __all__ = ["ChunkedBlockSizes", "IMPLEMENTATIONS", "MASK_MODES", "PallasBlockSizes",

@@ -109,24 +109,25 @@ def diversity(mean_hidden: np.ndarray) -> np.ndarray:
   return np.mean(1.0 - cos[..., iu[0], iu[1]], axis=-1)
 
 
-def token_logprobs(model: Model, params: Params, batch: dict) -> tuple[jax.Array, jax.Array]:
-  """(log pi(target) [B, W, T], entropy [B, W, T]) of the policy on the batch's grid."""
-  logits = model.apply(params, batch["tokens"], valid=batch["valid"])
-  logp_all = jax.nn.log_softmax(logits)
-  logp = jnp.take_along_axis(logp_all, batch["targets"][..., None], -1)[..., 0]
-  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
-  return logp, entropy
+def token_logprobs(model: Model, params: Params, batch: dict, *, chunk: int = 256
+                   ) -> tuple[jax.Array, jax.Array]:
+  """(log pi(target) [B, W, T], entropy [B, W, T]) of the policy on the batch's grid; the
+  vocabulary projection runs `chunk` columns at a time (`lace_jax.losses`), so the float32
+  [B, W, T, V] logits never exist (chunk <= 0: the dense form)."""
+  from lace_jax import losses
+  hidden = model.hidden_states(params, batch["tokens"], valid=batch["valid"])
+  return losses.token_logprobs(hidden, model.unembed(params), batch["targets"], chunk=chunk)
 
 
 def make_loss(*, eps_low: float, eps_high: float, kl_beta: float, aggregation: str,
-              max_new_tokens: int):
+              max_new_tokens: int, logits_chunk: int = 256):
   """The GRPO LossFn for `Trainer.step_fn`. Batch (per rollout r, thread w, column t):
   tokens, valid, targets, loss_mask [R, W, T]; old_logp, ref_logp [R, W, T];
   advantages [R, W] (thread-aggregated rewards repeat A_i over w)."""
   normaliser = _lookup(LOSS_AGGREGATIONS, aggregation, "loss aggregation (grpo.loss_agg)")
 
   def loss(model: Model, params: Params, batch: dict):
-    logp, entropy = token_logprobs(model, params, batch)
+    logp, entropy = token_logprobs(model, params, batch, chunk=logits_chunk)
     mask = batch["loss_mask"].astype(jnp.float32)
     adv = batch["advantages"][..., None]  # [R, W, 1]
     per_token, clipped = clipped_surrogate(logp, batch["old_logp"], adv, eps_low=eps_low,

@@ -50,7 +50,8 @@ class GRPOStage:
   questions: list[grading.Problem]
   prompts: list[list[list[int]]]  # per question, W token-id lists
   grader: grading.Grader
-  ref_params: Any  # None unless grpo.kl_beta > 0
+  ref_params: Any  # None unless grpo.kl_beta > 0; sharded on the mesh like the state's
+  mesh: jax.sharding.Mesh
   iterator = None
   rows_key = "grpo.questions_per_step x grpo.rollouts_per_question"
   pipelined = False  # rollouts need the updated parameters anyway
@@ -61,18 +62,26 @@ class GRPOStage:
   updates_per_batch: int = dataclasses.field(init=False)
 
   def __post_init__(self):
-    g, d, tr = self.cfg.grpo, self.cfg.data, self.cfg.train
+    g = self.cfg.grpo
     self.rows = g.questions_per_step * g.rollouts_per_question
     self.updates_per_batch = g.inner_updates
-    self.loss = grpo.make_loss(eps_low=g.eps_low, eps_high=g.eps_high, kl_beta=g.kl_beta,
-                               aggregation=g.loss_agg, max_new_tokens=g.max_new_tokens)
-    a, w, t = tr.grad_accum, d.num_threads, d.prompt_len + g.max_new_tokens
-    self.batch_shapes = {k: jax.ShapeDtypeStruct((a, self.rows // a, w, t), dt) for k, dt in (
-        ("tokens", jnp.int32), ("valid", jnp.bool_), ("targets", jnp.int32),
-        ("loss_mask", jnp.bool_), ("old_logp", jnp.float32), ("ref_logp", jnp.float32))}
-    self.batch_shapes["advantages"] = jax.ShapeDtypeStruct((a, self.rows // a, w), jnp.float32)
-    model = self.model
-    self._logp = jax.jit(lambda p, b: grpo.token_logprobs(model, p, b)[0])
+    self.loss = make_loss(self.cfg)
+    self.batch_shapes = batch_shapes(self.cfg)
+    self._logp = None
+    if logprob_passes(self.cfg):
+      rules = sharding.rules_with_overrides(self.cfg.sharding.rules)
+      self._logp, self._logp_micro = jit_logprobs(self.cfg, self.model, self.mesh, rules)
+
+  def logprobs(self, params, batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Teacher-forced log pi(target) [R, W, T] under `params` (sharded on the mesh), in
+    micro-batches of `grpo.logprob_batch` rollouts."""
+    m = self._logp_micro
+    cut = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])
+    local = {k: cut(batch[k]) for k in ("tokens", "valid", "targets")}
+    with jax.set_mesh(self.mesh):  # kernels see the mesh (`kernels.batch_parallel`)
+      out = self._logp(params, sharding.global_batch(local, self.mesh, leading=1))
+    out = np.asarray(jax.device_get(out))
+    return out.reshape(-1, *out.shape[2:])
 
   def next_batch(self, state: dict, step: int) -> tuple[dict[str, np.ndarray], dict]:
     cfg, g, d = self.cfg, self.cfg.grpo, self.cfg.data
@@ -85,7 +94,9 @@ class GRPOStage:
                  max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                  top_k=g.top_k, seed=cfg.seed * 100_003 + step,
                  stop_ids=(self.tokenizer.im_end_id,), pad_id=self.tokenizer.pad_id,
-                 prompt_width=p)
+                 prompt_width=p, mesh=self.mesh,
+                 rules=sharding.rules_with_overrides(cfg.sharding.rules),
+                 batch_chunk=g.rollout_batch)
     rollout_s = time.perf_counter() - t0
     r = grpo.lattice_rewards(out.texts(self.tokenizer),
                              [q.answer for q in qs for _ in range(gsize)], out.mean_hidden,
@@ -99,9 +110,12 @@ class GRPOStage:
     gen = np.zeros_like(valid)
     gen[:, :, p - 1:-1] = valid[:, :, p:]  # targets that are generated
     batch = {"tokens": tokens, "valid": valid, "targets": targets, "loss_mask": gen}
-    batch["old_logp"] = np.asarray(self._logp(state["params"], batch))
-    batch["ref_logp"] = (np.asarray(self._logp(self.ref_params, batch))
-                         if self.ref_params is not None else batch["old_logp"])
+    if g.inner_updates > 1:  # the policy moves between updates: score it once, teacher-forced
+      batch["old_logp"] = self.logprobs(state["params"], batch)
+    else:  # one update: the sampler's own log-probs are the old policy's
+      batch["old_logp"] = sampler_logprobs_grid(out)
+    batch["ref_logp"] = (self.logprobs(self.ref_params, batch) if self.ref_params is not None
+                         else batch["old_logp"])
     batch["advantages"] = adv.astype(np.float32)
     a = cfg.train.grad_accum
     local = {k: np.asarray(v).reshape(a, self.rows // a, *np.shape(v)[1:])
@@ -119,6 +133,82 @@ class GRPOStage:
     self.grader.close()
 
 
+def batch_shapes(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+  """A step's global batch, [A, R/A, W, T] per array (R = questions x rollouts, T = prompt +
+  new tokens); advantages [A, R/A, W]."""
+  g, d, tr = cfg.grpo, cfg.data, cfg.train
+  rows = g.questions_per_step * g.rollouts_per_question
+  a, w, t = tr.grad_accum, d.num_threads, d.prompt_len + g.max_new_tokens
+  shapes = {k: jax.ShapeDtypeStruct((a, rows // a, w, t), dt) for k, dt in (
+      ("tokens", jnp.int32), ("valid", jnp.bool_), ("targets", jnp.int32),
+      ("loss_mask", jnp.bool_), ("old_logp", jnp.float32), ("ref_logp", jnp.float32))}
+  shapes["advantages"] = jax.ShapeDtypeStruct((a, rows // a, w), jnp.float32)
+  return shapes
+
+
+def make_loss(cfg: ml_collections.ConfigDict):
+  g = cfg.grpo
+  return grpo.make_loss(eps_low=g.eps_low, eps_high=g.eps_high, kl_beta=g.kl_beta,
+                        aggregation=g.loss_agg, max_new_tokens=g.max_new_tokens,
+                        logits_chunk=cfg.train.logits_chunk)
+
+
+def logprob_passes(cfg: ml_collections.ConfigDict) -> int:
+  """Teacher-forced log-prob passes per step: the old policy's when inner_updates > 1, the
+  reference's when kl_beta > 0."""
+  return int(cfg.grpo.inner_updates > 1) + int(bool(cfg.grpo.kl_beta))
+
+
+def _logprob_micro(cfg: ml_collections.ConfigDict) -> int:
+  """Micro-batches of one log-prob pass."""
+  g = cfg.grpo
+  rows = g.questions_per_step * g.rollouts_per_question
+  per = g.logprob_batch or rows // cfg.train.grad_accum
+  if per <= 0 or rows % per:
+    raise ValueError(f"grpo.logprob_batch={g.logprob_batch}: {rows} rollouts per step do not "
+                     f"split into passes of {per}")
+  return rows // per
+
+
+def jit_logprobs(cfg: ml_collections.ConfigDict, model: Model, mesh, rules):
+  """(jitted f(params, batch [M, R/M, W, T]) -> log pi(target) [M, R/M, W, T], M): the
+  teacher-forced pass, one micro-batch after another (`lax.map`), batch axis 1 sharded over
+  data/fsdp, the params as the train state's."""
+  chunk, m = cfg.train.logits_chunk, _logprob_micro(cfg)
+
+  def logprobs(params, batch):
+    one = lambda b: grpo.token_logprobs(model, params, b, chunk=chunk)[0]
+    return jax.lax.map(one, batch)
+
+  params_sh = sharding.logical_to_sharding(model.logical_axes(), mesh, rules)
+  batch_sh = sharding.batch_sharding(mesh, 4, leading=1)
+  jitted = jax.jit(logprobs, in_shardings=(params_sh, batch_sh), out_shardings=batch_sh)
+  return jitted, m
+
+
+def abstract_logprob_call(cfg: ml_collections.ConfigDict, model: Model, mesh, rules, params):
+  """(jitted, abstract args, arg groups, micro-batches) of the log-prob pass, for the plan."""
+  jitted, m = jit_logprobs(cfg, model, mesh, rules)
+  g, d = cfg.grpo, cfg.data
+  rows = g.questions_per_step * g.rollouts_per_question
+  shape = (m, rows // m, d.num_threads, d.prompt_len + g.max_new_tokens)
+  sh = sharding.batch_sharding(mesh, 4, leading=1)
+  batch = {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
+           "valid": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sh),
+           "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh)}
+  return jitted, (params, batch), {"params": params, "batch": batch}, m
+
+
+def sampler_logprobs_grid(out) -> np.ndarray:
+  """The sampler's log-probs of its tokens (temperature 1, unfiltered), placed where the
+  teacher-forced pass puts them: [R, W, P + N], column p - 1 + i scoring generated token i."""
+  r, w, p = out.prompt_tokens.shape
+  grid = np.zeros((r, w, p + out.tokens.shape[-1]), np.float32)
+  gen_valid = np.arange(out.tokens.shape[-1])[None, None] < out.lengths[..., None]
+  grid[:, :, p - 1:-1] = np.where(gen_valid, out.logprobs, 0.0)
+  return grid
+
+
 def make_stage(setup: loop.Setup) -> GRPOStage:
   cfg, tok = setup.cfg, setup.tokenizer
   g, d = cfg.grpo, cfg.data
@@ -134,13 +224,19 @@ def make_stage(setup: loop.Setup) -> GRPOStage:
     raise ValueError(f"a prompt of {d.path} has {longest} tokens, more than data.prompt_len="
                      f"{d.prompt_len}; raise it")
   ref = None
-  if g.kl_beta:  # the frozen reference: the weights the run started from (also on a resume)
-    ref = experiment.load_or_init(cfg, setup.model.config, setup.model.lattice)[1]
+  if g.kl_beta:  # the frozen reference: the weights the run started from (also on a resume),
+    # placed once on the mesh with the state's shardings and kept there
     rules = sharding.rules_with_overrides(cfg.sharding.rules)
-    ref = jax.device_put(ref, sharding.logical_to_sharding(setup.model.logical_axes(),
-                                                           setup.mesh, rules))
+    shardings = sharding.logical_to_sharding(setup.model.logical_axes(), setup.mesh, rules)
+    ref = experiment.load_checkpoint(cfg, setup.model.config, setup.model.lattice)
+    if ref is None:  # fresh weights: made sharded on the devices, as the train state's are
+      from lace_jax.model import init_params
+      m = setup.model
+      ref = jax.jit(lambda: init_params(m.config, m.lattice, cfg.seed), out_shardings=shardings)()
+    else:
+      ref = jax.device_put(ref, shardings)
   grader = grading.Grader(num_workers=g.grader_workers, timeout_s=g.grader_timeout_s)
-  return GRPOStage(cfg, setup.model, tok, questions, prompts, grader, ref)
+  return GRPOStage(cfg, setup.model, tok, questions, prompts, grader, ref, setup.mesh)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:

@@ -22,20 +22,26 @@ from lace_jax.model import Model, Params
 from lace_jax.training import loop
 
 
-def token_loss(model: Model, params: Params, batch: dict[str, jax.Array]
+def token_loss(model: Model, params: Params, batch: dict[str, jax.Array], *, chunk: int = 256
                ) -> tuple[jax.Array, jax.Array]:
-  """(sum of next-token cross-entropy over loss_mask, number of loss tokens) of [B, W, T]."""
-  logits = model.apply(params, batch["tokens"], valid=batch["valid"])  # [B, W, T, V] float32
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+  """(sum of next-token cross-entropy over loss_mask, number of loss tokens) of [B, W, T].
+  The vocabulary projection runs `chunk` columns at a time (`lace_jax.losses`): the float32
+  [B, W, T, V] logits never exist (chunk <= 0: the dense form)."""
+  from lace_jax import losses
+  hidden = model.hidden_states(params, batch["tokens"], valid=batch["valid"])  # [B, W, T, D]
+  logp, _ = losses.token_logprobs(hidden, model.unembed(params), batch["targets"], chunk=chunk)
   mask = batch["loss_mask"].astype(jnp.float32)
-  return jnp.sum((logz - target_logit) * mask), jnp.sum(mask)
+  return -jnp.sum(logp * mask), jnp.sum(mask)
 
 
-def lm_loss(model: Model, params: Params, batch: dict[str, jax.Array]):
+def make_loss(chunk: int = 256):
   """The LossFn of pretrain / sft: (loss sum, normaliser, {} extra metric sums)."""
-  total, count = token_loss(model, params, batch)
-  return total, count, {}
+
+  def lm_loss(model: Model, params: Params, batch: dict[str, jax.Array]):
+    total, count = token_loss(model, params, batch, chunk=chunk)
+    return total, count, {}
+
+  return lm_loss
 
 
 @dataclasses.dataclass
@@ -47,7 +53,7 @@ class LanguageModelStage:
   iterator: Any
   grad_accum: int
   report: Any  # data.LoadReport
-  loss = staticmethod(lm_loss)
+  loss: Any  # the LossFn
   rows_key = "train.batch_size"
   updates_per_batch = 1
   pipelined = True  # batches come from the iterator, independent of the state
@@ -78,12 +84,18 @@ def make_stage(setup: loop.Setup) -> LanguageModelStage:
       examples, batch_size=tr.batch_size // jax.process_count(), max_len=d.max_len,
       pad_id=tokenizer.pad_id, loss_on=d.loss_on, shuffle_threads=d.shuffle_threads,
       seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count()))
+  return LanguageModelStage(rows=tr.batch_size, batch_shapes=batch_shapes(cfg),
+                            iterator=iterator, grad_accum=tr.grad_accum, report=report,
+                            loss=make_loss(tr.logits_chunk))
+
+
+def batch_shapes(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch of one step, [A, B/A, W, T] per array (A = train.grad_accum)."""
+  d, tr = cfg.data, cfg.train
   a = tr.grad_accum
-  shapes = {k: jax.ShapeDtypeStruct((a, tr.batch_size // a, d.num_threads, d.max_len),
-                                    jnp.int32 if k in ("tokens", "targets") else jnp.bool_)
-            for k in ("tokens", "valid", "targets", "loss_mask")}
-  return LanguageModelStage(rows=tr.batch_size, batch_shapes=shapes, iterator=iterator,
-                            grad_accum=a, report=report)
+  return {k: jax.ShapeDtypeStruct((a, tr.batch_size // a, d.num_threads, d.max_len),
+                                  jnp.int32 if k in ("tokens", "targets") else jnp.bool_)
+          for k in ("tokens", "valid", "targets", "loss_mask")}
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:

@@ -153,9 +153,10 @@ class Trainer:
 
     return train_step
 
-  def compile(self, batch_shapes: dict[str, jax.ShapeDtypeStruct], loss: LossFn):
-    """AOT-compiles the step for these [A, B, ...] batch shapes (batch axis 1 sharded);
-    returns (compiled, memory stats dict)."""
+  def jit_step(self, batch_shapes: dict[str, jax.ShapeDtypeStruct], loss: LossFn):
+    """(the jitted step with its shardings, its abstract arguments (state, batch, rng)) for
+    these [A, B, ...] batch shapes (batch axis 1 sharded): what `compile` and the plan mode
+    (`lace_jax.plan`) compile, with nothing allocated."""
     rep = sharding.replicated(self.mesh)
     batch_sh = {k: sharding.batch_sharding(self.mesh, len(v.shape), leading=1)
                 for k, v in batch_shapes.items()}
@@ -164,7 +165,14 @@ class Trainer:
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k])
              for k, v in batch_shapes.items()}
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep)
-    compiled = jitted.trace(self.abstract_state(), batch, rng).lower().compile()
+    return jitted, (self.abstract_state(), batch, rng)
+
+  def compile(self, batch_shapes: dict[str, jax.ShapeDtypeStruct], loss: LossFn):
+    """AOT-compiles the step for these [A, B, ...] batch shapes (batch axis 1 sharded);
+    returns (compiled, memory stats dict)."""
+    jitted, args = self.jit_step(batch_shapes, loss)
+    with jax.set_mesh(self.mesh):  # kernels see the mesh (`kernels.batch_parallel`)
+      compiled = jitted.trace(*args).lower().compile()
     return compiled, memory_stats(compiled)
 
 
