@@ -29,6 +29,8 @@ def get_config(arg=None):
       "thinking": True,
       "grader_workers": 4, "grader_timeout_s": 10.0,
   })
+  # the accelerators this recipe is made to fit: --config.plan.target=default plans them
+  cfg.plan = experiment.plan_section("cuda:h100x8", "tpu:v5p:2x2x2", "cuda:rtx6000pro")
   if arg == "runlocal":
     experiment.runlocal(cfg)
     cfg.eval.update(max_new_tokens=32, limit=4, batch_size=4, grader_workers=2)

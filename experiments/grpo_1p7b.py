@@ -18,6 +18,8 @@ def get_config(arg=None):
                                      max_new_tokens=4096)
   cfg.train = experiment.train_section(steps=500, trainable="all", save_every=50, log_every=1)
   cfg.optim = experiment.optim_section(lr=1e-6, warmup_steps=10, weight_decay=0.0)
+  # the accelerators this recipe is made to fit: --config.plan.target=default plans them
+  cfg.plan = experiment.plan_section("cuda:h100x8", "tpu:v5p:2x2x2")
   if arg == "runlocal":
     experiment.runlocal(cfg)
     cfg.data.prompt_len = 96

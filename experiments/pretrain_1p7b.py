@@ -17,6 +17,8 @@ def get_config(arg=None):
                                      loss_on="all", shuffle_threads=True)
   cfg.train = experiment.train_section(steps=2000, batch_size=32, trainable="lattice")
   cfg.optim = experiment.optim_section(lr=3e-4, warmup_steps=100, weight_decay=0.01)
+  # the accelerators this recipe is made to fit: --config.plan.target=default plans them
+  cfg.plan = experiment.plan_section("cuda:h100x8", "tpu:v5p:2x2x2")
   if arg == "runlocal":
     experiment.runlocal(cfg)
     cfg.train.update(steps=20, batch_size=4, save_every=10, log_every=1)

@@ -16,6 +16,8 @@ def get_config(arg=None):
                                      loss_on="generated", shuffle_threads=True)
   cfg.train = experiment.train_section(steps=300, batch_size=16, trainable="all")
   cfg.optim = experiment.optim_section(lr=1e-5, warmup_steps=20, weight_decay=0.0)
+  # the accelerators this recipe is made to fit: --config.plan.target=default plans them
+  cfg.plan = experiment.plan_section("cuda:h100x8", "tpu:v5p:2x2x2")
   if arg == "runlocal":
     experiment.runlocal(cfg)
     cfg.train.update(steps=20, batch_size=4, save_every=10, log_every=1)

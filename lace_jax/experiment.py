@@ -89,6 +89,8 @@ def plan_section(*targets: str, prompt_len: int = 512) -> ml_collections.ConfigD
       "target": "",  # "" = run the experiment; else plan it for these targets
       "targets": tuple(targets),  # the accelerators this experiment is made to fit
       "prompt_len": prompt_len,  # eval: the prompt width planned for (prompts vary)
+      "device_memory": 0.0,  # bytes per device to plan against (0 = the device's own), e.g.
+      # 0.9 x the device's to keep 10% headroom
   })
 
 

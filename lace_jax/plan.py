@@ -383,7 +383,8 @@ def plan_call(call: Call, target: Target, mesh) -> dict:
       raise RuntimeError(f"plan: compiling {call.name} for {target.spec} failed: "
                          f"{str(e).splitlines()[0]}") from e
     temp, available = parsed
-    row.update(temp_bytes=temp, total_bytes=sum(groups.values()) + temp, capacity=available,
+    row.update(temp_bytes=temp, total_bytes=sum(groups.values()) + temp,
+               capacity=min(available, target.chip.memory),
                compile_error="out of memory (XLA)", flops=None, bytes_accessed=None)
   else:
     mem = compiled.memory_analysis()
@@ -437,6 +438,8 @@ def format_table(report: dict) -> str:
 def plan_target(cfg: ml_collections.ConfigDict, spec: str, *, name: str = "", log=print) -> dict:
   """Plans every function of cfg's stage on one target; returns the report dict."""
   target = resolve_target(spec)
+  if cfg.plan.device_memory:
+    target.chip = dataclasses.replace(target.chip, memory=float(cfg.plan.device_memory))
   mesh = sharding.make_mesh(dict(cfg.sharding.mesh), target.devices)
   log(f"plan: {cfg.mode} on {spec} ({target.describe()}, {target.chip.memory / 1e9:.1f} GB "
       f"each), mesh {sharding.describe(mesh)}")
@@ -473,6 +476,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None, *, name: str = "") 
     # compile-only GPUs on a machine without one: the CUDA plugin's start-up check would
     # otherwise fail on cuInit and leave the plugin unregistered (set before JAX starts)
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+  if any(s.startswith("tpu:") for s in specs):
+    # compile-only TPUs need no exclusive hold on libtpu: plan beside other jobs that load it
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   reports = []
   for spec in specs:
     report = plan_target(cfg, spec, name=name)

@@ -8,6 +8,11 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 
+# the tests run on CPU: never initialise libtpu (installed for the compile-only TPU tests) in a
+# test process; tests that compile for TPUs start `python -m lace_jax.main` without this
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 import jax  # noqa: E402
 import pytest
 

@@ -27,7 +27,7 @@ def _load(path_with_arg):
 def test_there_are_experiments():
   names = {os.path.basename(f) for f in FILES}
   assert {"pretrain_1p7b.py", "pretrain_4b.py", "sft_1p7b.py", "sft_4b.py", "grpo_1p7b.py",
-          "grpo_4b.py", "eval_4b.py", "overhead.py"} <= names
+          "grpo_4b.py", "eval_1p7b.py", "eval_4b.py", "overhead.py"} <= names
 
 
 @pytest.mark.parametrize("path", FILES, ids=os.path.basename)
@@ -42,6 +42,22 @@ def test_experiment_loads(path, arg):
   assert os.path.basename(path)[:-3] in open(path).read()  # the docstring names its command
   with pytest.raises(AttributeError):
     cfg.no_such_field = 1  # locked: a typo cannot add a field
+
+
+REAL = ("pretrain_1p7b", "pretrain_4b", "sft_1p7b", "sft_4b", "grpo_1p7b", "grpo_4b",
+        "eval_1p7b", "eval_4b")
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_experiments_name_their_targets(name):
+  """Every shipped real-scale recipe names the accelerators it is made for (plan mode's
+  `--config.plan.target=default`), and runs normally unless a plan target is given."""
+  from lace_jax import plan
+  cfg = _load(os.path.join(ROOT, "experiments", f"{name}.py"))
+  assert cfg.plan.target == ""
+  assert "cuda:h100x8" in cfg.plan.targets and "tpu:v5p:2x2x2" in cfg.plan.targets
+  cfg.plan.target = "default"
+  assert plan.targets_of(cfg) == list(cfg.plan.targets)
 
 
 def test_isolated_parallel_ablation_is_an_override():

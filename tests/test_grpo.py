@@ -99,3 +99,45 @@ def test_registered_variants_are_chosen_by_name():
   assert set(grpo.LOSS_AGGREGATIONS) == {"token_mean", "dr_grpo"}
   with pytest.raises(ValueError, match=r"loss aggregation \(grpo.loss_agg\) 'sum'"):
     grpo.make_loss(eps_low=0.2, eps_high=0.2, kl_beta=0.0, aggregation="sum", max_new_tokens=4)
+
+
+def test_sampler_logprobs_are_the_old_policy_logprobs():
+  """With one update per batch the sampler's own log-probs stand in for a teacher-forced pass:
+  placed on the grid they equal `token_logprobs` at every generated target (float32), and the
+  micro-batched, sharded log-prob pass of the stage gives the same numbers."""
+  import jax
+  import lace_jax as lj
+  from lace_jax import experiment, sharding
+  from lace_jax.rl import stage as grpo_stage
+  from lace_jax.sampling import full_grid, sample
+  from tests.conftest import randomize
+  cfg = lj.ModelConfig.preset("tiny")
+  model, params = lj.build_model(cfg, lj.LatticeConfig(layers=(1, 3), width=16, heads=2))
+  params = randomize(params, seed=2, scale=0.1)
+  out = sample(model, params, [[5, 6, 7, 8], [3, 4, 5], [7, 7], [9, 1, 2]], num_threads=2,
+               max_new_tokens=7, temperature=1.0, seed=1, prompt_width=8)
+  tokens, valid = full_grid(out)
+  targets = np.concatenate([tokens[:, :, 1:], np.zeros_like(tokens[:, :, :1])], -1)
+  p = out.prompt_tokens.shape[-1]
+  gen = np.zeros_like(valid)
+  gen[:, :, p - 1:-1] = valid[:, :, p:]
+  assert gen.sum() > 10 and (~gen).sum() > 10  # generated targets and masked ones
+  batch = {"tokens": tokens, "valid": valid, "targets": targets}
+  tf = np.asarray(grpo.token_logprobs(model, params, batch, chunk=3)[0])
+  grid = grpo_stage.sampler_logprobs_grid(out)
+  np.testing.assert_allclose(grid[gen], tf[gen], atol=1e-4)
+  assert np.all(grid[~gen] == 0)
+  # the stage's pass: 2 micro-batches of 2 rollouts on a mesh of 2 devices
+  exp = experiment.base_config("grpo", "tiny")
+  exp.data = experiment.questions_section(path="x", num_threads=2, prompt_len=p)
+  exp.grpo = experiment.grpo_section(questions_per_step=2, rollouts_per_question=2,
+                                     max_new_tokens=7)
+  exp.grpo.update(inner_updates=2, logprob_batch=2)
+  exp.train = experiment.train_section(steps=1)
+  mesh = sharding.make_mesh({"fsdp": 2}, jax.devices()[:2])
+  fn, micro = grpo_stage.jit_logprobs(exp, model, mesh, sharding.DEFAULT_RULES)
+  assert micro == 2
+  cut = {k: v.reshape(2, 2, *v.shape[1:]) for k, v in batch.items()}
+  with jax.set_mesh(mesh):
+    staged = np.asarray(fn(params, sharding.global_batch(cut, mesh, leading=1))).reshape(tf.shape)
+  np.testing.assert_allclose(staged, tf, atol=1e-5)

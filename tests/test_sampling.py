@@ -1,6 +1,7 @@
 """Lockstep sampling: decode == teacher-forced forward, early-stopping threads, left padding,
 per-thread prompts, sampling filters."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -116,3 +117,32 @@ def test_mean_hidden_matches_the_forward_pass():
   gen = valid[:, :, p:, None]
   ref = (np.asarray(hidden[:, :, p:]) * gen).sum(2) / gen.sum(2)
   np.testing.assert_allclose(out.mean_hidden, ref, atol=1e-4)
+
+
+def test_sharded_sampler_equals_unsharded_and_chunks_are_seeded_calls():
+  """The sampler on a mesh of 8 (fake CPU) devices, batch and caches sharded over fsdp, gives
+  the unsharded result; generating in batch chunks = one call per chunk with its own key."""
+  from lace_jax import sharding
+  m, params = _model(True)
+  prompts = [[5, 6, 7, 8, 9], [3, 4, 5], [9, 8, 7, 6], [1, 2]] * 2  # B = 8
+  kw = dict(num_threads=2, max_new_tokens=6, temperature=1.0, seed=3)
+  ref = sampling.sample(m, params, prompts, **kw)
+  mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+  assert mesh.shape["fsdp"] == 8
+  rules = sharding.DEFAULT_RULES
+  sharded_params = jax.device_put(params, sharding.logical_to_sharding(m.logical_axes(), mesh,
+                                                                       rules))
+  got = sampling.sample(m, sharded_params, prompts, mesh=mesh, **kw)
+  np.testing.assert_array_equal(got.tokens, ref.tokens)
+  np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+  # chunks: chunk 0 is the first half sampled alone with key(seed); chunk 1 uses fold_in(.., 1)
+  chunked = sampling.sample(m, params, prompts, batch_chunk=4, **kw)
+  first = sampling.sample(m, params, prompts[:4], **kw)
+  np.testing.assert_array_equal(chunked.tokens[:4], first.tokens)
+  greedy = dict(kw, temperature=0.0)
+  np.testing.assert_array_equal(sampling.sample(m, params, prompts, batch_chunk=2, **greedy).tokens,
+                                sampling.sample(m, params, prompts, **greedy).tokens)
+  with pytest.raises(ValueError, match="data-parallel ways"):
+    sampling.sample(m, sharded_params, prompts[:4], mesh=mesh, **kw)
+  with pytest.raises(ValueError, match="batch_chunk=3"):
+    sampling.sample(m, params, prompts, batch_chunk=3, **kw)

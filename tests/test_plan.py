@@ -1,0 +1,90 @@
+"""The plan mode (`lace_jax.plan`): every jitted function of a stage compiled, with no weights
+allocated, for this machine and for compile-only TPU devices (libtpu, installed by .ci/run)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lace_jax import plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args, timeout=900):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's machine
+  env.pop("JAX_PLATFORMS", None)  # as a user runs it (the test process pins "cpu")
+  return subprocess.run([sys.executable, "-m", "lace_jax.main", *args], capture_output=True,
+                        text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("experiment,functions", [
+    ("sft_1p7b", ["train_step"]),
+    ("grpo_1p7b", ["rollout_prefill", "rollout_decode", "logprobs", "train_step"]),
+    ("eval_4b", ["prefill", "decode"]),
+])
+def test_plan_local_runlocal(tmp_path, experiment, functions):
+  """Each stage's functions compile for this machine; a table and plan.json come out; GRPO
+  with a KL term plans its log-prob pass too."""
+  extra = ["--config.grpo.kl_beta=0.1"] if experiment.startswith("grpo") else []
+  r = _main(f"--config=experiments/{experiment}.py:runlocal", "--config.plan.target=local",
+            f"--workdir={tmp_path}", *extra)
+  assert r.returncode == 0, r.stderr[-3000:]
+  report = json.load(open(tmp_path / "plan.json"))
+  (rep,) = report["plans"]
+  assert [f["function"] for f in rep["functions"]] == functions
+  for f in rep["functions"]:
+    assert f["fits"] and f["total_bytes"] > 0 and f["temp_bytes"] >= 0
+    assert f["params_bytes"] > 0  # the tiny model's parameters, counted per device
+  assert "| train_step |" in r.stdout or "| prefill |" in r.stdout
+  assert not os.path.exists(tmp_path / "checkpoints")  # nothing ran
+
+
+def test_plan_exits_nonzero_naming_the_function(tmp_path):
+  """A budget the step cannot fit: status 1, the function and the shortfall named."""
+  r = _main("--config=experiments/sft_1p7b.py:runlocal", "--config.plan.target=local",
+            "--config.plan.device_memory=1e6", f"--workdir={tmp_path}")
+  assert r.returncode == 1, r.stderr[-2000:]
+  assert "does not fit: sft.train_step on local" in r.stderr
+  assert "GB more than the 0.00 GB available" in r.stderr
+  report = json.load(open(tmp_path / "plan.json"))
+  assert report["fits"] is False
+
+
+def test_plan_compile_only_tpu(tmp_path):
+  """The train step and the sampler compile for 4 compile-only TPU v5e chips (XLA:TPU, with
+  the TPU kernels: Pallas flash attention under shard_map), with XLA's memory and cost."""
+  r = _main("--config=experiments/grpo_1p7b.py:runlocal", "--config.plan.target=tpu:v5e:2x2",
+            "--config.data.prompt_len=128", "--config.grpo.max_new_tokens=128",
+            "--config.grpo.questions_per_step=4", f"--workdir={tmp_path}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  (rep,) = json.load(open(tmp_path / "plan.json"))["plans"]
+  assert rep["devices"] == "4 x TPU v5e" and "fsdp=4" in rep["mesh"]
+  assert 15e9 < rep["chip"]["memory"] < 18e9  # XLA:TPU's own figure for a v5e chip
+  for f in rep["functions"]:
+    assert f["fits"] and f["flops"] > 0 and f["predicted_seconds"] > 0
+
+
+def test_target_parsing_errors():
+  with pytest.raises(ValueError, match="tpu:<chip>:<topology>"):
+    plan.resolve_target("tpu:v9:2x2")
+  with pytest.raises(ValueError, match="cuda:<gpu>"):
+    plan.resolve_target("cuda:a100x8")
+  with pytest.raises(ValueError, match="expected local"):
+    plan.resolve_target("h100")
+
+
+def test_gpu_target_config_has_the_chip():
+  text = plan.gpu_target_config("rtx6000pro")
+  assert "core_count: 188" in text and "major: 12" in text
+  assert "collective_memory_granularity" not in text  # unknown to jax 0.10.2's proto
+
+
+def test_oom_message_parsed():
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (167.91G) exceeds available HBM (95.74G).")
+  temp, avail = plan._parse_oom(msg)
+  assert temp == pytest.approx(167.91 * 2**30) and avail == pytest.approx(95.74 * 2**30)
