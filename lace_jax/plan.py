@@ -75,18 +75,16 @@ TPU_CHIPS = {
 # GpuTargetConfigProto; values as in openxla/xla's xla/backends/gpu/target_config/specs), and the
 # dense bf16 tensor-core peak (tensor units x ops per clock x clock; the RTX PRO 6000's from
 # NVIDIA's datasheet).
+_HOPPER = dict(description="NVIDIA H100 80GB HBM3", cc=(9, 0), accelerated=True, cores=132,
+               clock_ghz=1.98, memory=84942979072, bandwidth=3352320000000, l2=52428800,
+               smem_per_core=233472, smem_optin=232448, threads_per_core=2048,
+               peak_flops=989.4e12)
 GPU_CHIPS = {
-    "h100": dict(description="NVIDIA H100 80GB HBM3", cc=(9, 0), accelerated=True, cores=132,
-                 clock_ghz=1.98, memory=84942979072, bandwidth=3352320000000, l2=52428800,
-                 smem_per_core=233472, smem_optin=232448, threads_per_core=2048,
-                 peak_flops=989.4e12),
-    "h200": dict(description="NVIDIA H200 141GB HBM3e", cc=(9, 0), accelerated=True, cores=132,
-                 clock_ghz=1.98, memory=151397597184, bandwidth=4800000000000, l2=52428800,
-                 smem_per_core=233472, smem_optin=232448, threads_per_core=2048,
-                 peak_flops=989.4e12),
-    "b200": dict(description="NVIDIA B200", cc=(10, 0), accelerated=True, cores=148,
-                 clock_ghz=1.965, memory=191514411008, bandwidth=7672320000000, l2=132644864,
-                 smem_per_core=233472, smem_optin=232448, threads_per_core=2048,
+    "h100": _HOPPER,
+    "h200": dict(_HOPPER, description="NVIDIA H200 141GB HBM3e", memory=151397597184,
+                 bandwidth=4800000000000),
+    "b200": dict(_HOPPER, description="NVIDIA B200", cc=(10, 0), cores=148, clock_ghz=1.965,
+                 memory=191514411008, bandwidth=7672320000000, l2=132644864,
                  peak_flops=2225e12),
     "rtx6000pro": dict(description="NVIDIA RTX PRO 6000 Blackwell", cc=(12, 0),
                        accelerated=False, cores=188, clock_ghz=2.6, memory=103079215104,
