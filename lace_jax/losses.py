@@ -14,9 +14,12 @@ than saving them. What is alive at once is one chunk's float32 logits [..., chun
 forward, and those and their cotangent (in hidden's dtype) in the backward: 2 * chunk / T of
 the full logits in float32 (1/4 at chunk=512, T=4096), 1.5 * chunk / T with bf16 hidden.
 
-The loop slices the T axis (axis -2 of hidden) only; leading axes, sharded over devices in
-real runs, are never reshaped or transposed. `token_logprobs_dense` is the plain jnp
-specification the chunked function is tested against.
+The loop is a scan over the T axis cut into chunks (stacked on a new leading axis); the other
+leading axes keep their order. When a mesh is set (`jax.set_mesh`) and hidden has leading
+axes, the first is taken for the batch: the chunks, their logits and the gradients are
+constrained to its sharding (vocabulary over "act_vocab", `lace_jax.sharding.constrain`), so
+the loop cannot lose it. `token_logprobs_dense` is the plain jnp specification the chunked
+function is tested against.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from lace_jax.sharding import constrain
 
 
 def token_logprobs(hidden: jax.Array, unembed: jax.Array, targets: jax.Array, *,
@@ -74,18 +79,44 @@ def _check(hidden: jax.Array, unembed: jax.Array, targets: jax.Array) -> None:
     raise ValueError(f"targets must be integer token ids, got {targets.dtype=}")
 
 
-def _pad_t(x: jax.Array, t_pad: int, axis: int) -> jax.Array:
-  """x zero-padded by t_pad at the end of the T axis (`axis`, counted from the end)."""
-  if not t_pad:
+def _split(x: jax.Array, chunk: int, t_axis: int) -> jax.Array:
+  """x with its T axis (`t_axis`, counted from the end) zero-padded to n * chunk and cut into
+  n chunks stacked in front: [..., T, *rest] -> [n, ..., chunk, *rest] (the scan's xs)."""
+  t = x.shape[t_axis]
+  n = -(-t // chunk)
+  if n * chunk != t:
+    widths = [(0, 0)] * x.ndim
+    widths[x.ndim + t_axis] = (0, n * chunk - t)
+    x = jnp.pad(x, widths)
+  axis = x.ndim + t_axis
+  x = x.reshape(*x.shape[:axis], n, chunk, *x.shape[axis + 1:])
+  x = jnp.moveaxis(x, axis, 0)
+  if axis == 0:  # no leading (batch) axis
     return x
-  widths = [(0, 0)] * x.ndim
-  widths[x.ndim + axis] = (0, t_pad)
-  return jnp.pad(x, widths)
+  return constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+
+def _join(x: jax.Array, t: int, t_axis: int) -> jax.Array:
+  """The inverse of `_split`: [n, ..., chunk, *rest] -> [..., T, *rest]."""
+  axis = x.ndim - 1 + t_axis  # where the chunk axis sits once n is moved back
+  x = jnp.moveaxis(x, 0, axis)
+  x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])
+  return jax.lax.slice_in_dim(x, 0, t, axis=axis)
+
+
+def _batch(x: jax.Array, last: str | None = None) -> jax.Array:
+  """A chunk x [B, ..., c, last] constrained to the batch sharding on axis 0 (and `last`'s on
+  the last); an unbatched chunk [c, last] unchanged."""
+  if x.ndim < 3:
+    return x
+  return constrain(x, ("batch",) + (None,) * (x.ndim - 2) + (last,))
 
 
 def _chunk_logits(hidden_c: jax.Array, unembed: jax.Array) -> jax.Array:
   """[..., c, D] x [V, D] (both in the compute dtype) -> float32 logits [..., c, V]."""
-  return jnp.einsum("...TD,VD->...TV", hidden_c, unembed, preferred_element_type=jnp.float32)
+  z = jnp.einsum("...TD,VD->...TV", _batch(hidden_c), unembed,
+                 preferred_element_type=jnp.float32)
+  return _batch(z, "act_vocab")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -93,32 +124,28 @@ def _chunked(hidden, unembed, targets, chunk):
   return _chunked_fwd(hidden, unembed, targets, chunk)[0]
 
 
+# The loops are scans over chunks stacked on a new leading axis (`_split`): each step reads
+# its chunk as an xs slice and emits its results as ys; only the [D, V] gradient of unembed is
+# carried.
+
 def _chunked_fwd(hidden, unembed, targets, chunk):
   t = hidden.shape[-2]
-  n = -(-t // chunk)
-  t_pad = n * chunk - t
-  hidden_p = _pad_t(hidden, t_pad, -2)  # [..., n * chunk, D]
-  targets_p = _pad_t(targets.astype(jnp.int32), t_pad, -1)  # [..., n * chunk]
   unembed_c = unembed.astype(hidden.dtype)
 
-  def body(i, carry):
-    logp, lse, entropy = carry  # each float32 [..., n * chunk]
-    start = i * chunk
-    h_c = jax.lax.dynamic_slice_in_dim(hidden_p, start, chunk, axis=-2)  # [..., c, D]
+  def body(_, xs):
+    h_c, tgt = xs  # [..., c, D], [..., c]
     z = _chunk_logits(h_c, unembed_c)  # [..., c, V] float32
-    tgt = jax.lax.dynamic_slice_in_dim(targets_p, start, chunk, axis=-1)  # [..., c]
     lse_c = jax.nn.logsumexp(z, axis=-1)  # [..., c]
     # Two reductions of z, each fused with its own elementwise math, so z is the only
     # [..., c, V] buffer. -sum p log p sums non-negative terms (lse - sum p z would cancel).
     logp_all = z - lse_c[..., None]
     ent_c = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
     logp_c = jnp.take_along_axis(z, tgt[..., None], axis=-1)[..., 0] - lse_c
-    put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=start, axis=-1)
-    return put(logp, logp_c), put(lse, lse_c), put(entropy, ent_c)
+    return None, (logp_c, lse_c, ent_c)
 
-  zeros = jnp.zeros(targets_p.shape, jnp.float32)
-  logp, lse, entropy = jax.lax.fori_loop(0, n, body, (zeros, zeros, zeros))
-  logp, lse, entropy = logp[..., :t], lse[..., :t], entropy[..., :t]
+  xs = (_split(hidden, chunk, -2), _split(targets.astype(jnp.int32), chunk, -1))
+  _, ys = jax.lax.scan(body, None, xs)
+  logp, lse, entropy = (_join(y, t, -1) for y in ys)
   # Only [..., T] float32 vectors are saved beyond the inputs: no logits.
   return (logp, entropy), (hidden, unembed, targets, lse, entropy)
 
@@ -127,44 +154,34 @@ def _chunked_bwd(chunk, residuals, cotangents):
   hidden, unembed, targets, lse, entropy = residuals
   g_lp, g_h = cotangents  # float32 [..., T]
   t = hidden.shape[-2]
-  n = -(-t // chunk)
-  t_pad = n * chunk - t
-  hidden_p = _pad_t(hidden, t_pad, -2)
-  targets_p = _pad_t(targets.astype(jnp.int32), t_pad, -1)
-  # Padded positions have zero cotangents, so they contribute nothing below.
-  lse_p, ent_p, g_lp_p, g_h_p = (_pad_t(x.astype(jnp.float32), t_pad, -1)
-                                 for x in (lse, entropy, g_lp, g_h))
   compute = hidden.dtype
   unembed_c = unembed.astype(compute)
 
-  def body(i, carry):
-    d_hidden, d_unembed_t = carry  # [..., n * chunk, D] hidden.dtype, [D, V] float32
-    start = i * chunk
-    sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=start, slice_size=chunk,
-                           axis=-1)
-    h_c = jax.lax.dynamic_slice_in_dim(hidden_p, start, chunk, axis=-2)  # [..., c, D]
+  def body(d_unembed_t, xs):  # d_unembed_t: [D, V] float32
+    h_c, tgt, lse_c, ent_c, g_lp_c, g_h_c = xs  # [..., c, D], then [..., c] each
     z = _chunk_logits(h_c, unembed_c)  # [..., c, V] float32
-    logp_all = z - sl(lse_p)[..., None]
+    logp_all = z - lse_c[..., None]
     p = jnp.exp(logp_all)
-    onehot = jax.nn.one_hot(sl(targets_p), z.shape[-1], dtype=jnp.float32)
+    onehot = jax.nn.one_hot(tgt, z.shape[-1], dtype=jnp.float32)
     # d logp(y)/dz = onehot(y) - p;  dH/dz = -p (log p + H)
-    dz = (sl(g_lp_p)[..., None] * (onehot - p)
-          - sl(g_h_p)[..., None] * p * (logp_all + sl(ent_p)[..., None]))  # [..., c, V]
-    dz = dz.astype(compute)
+    dz = (g_lp_c[..., None] * (onehot - p)
+          - g_h_c[..., None] * p * (logp_all + ent_c[..., None]))  # [..., c, V]
+    dz = _batch(dz.astype(compute), "act_vocab")
     d_h_c = jnp.einsum("...TV,VD->...TD", dz, unembed_c, preferred_element_type=jnp.float32)
-    d_hidden = jax.lax.dynamic_update_slice_in_dim(d_hidden, d_h_c.astype(compute), start,
-                                                   axis=-2)
     # "...TD,...TV->DV" as a dot_general contracting the leading axes in their own order
     # (einsum reorders them, which makes XLA transpose dz), accumulated as [D, V] so dz is
     # the right operand as laid out: no copy of it
     lead = tuple(range(dz.ndim - 1))
     d_unembed_t = d_unembed_t + jax.lax.dot_general(
         h_c, dz, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
-    return d_hidden, d_unembed_t
+    return d_unembed_t, _batch(d_h_c.astype(compute))
 
-  init = (jnp.zeros(hidden_p.shape, compute), jnp.zeros(unembed.shape[::-1], jnp.float32))
-  d_hidden, d_unembed_t = jax.lax.fori_loop(0, n, body, init)
-  return d_hidden[..., :t, :], d_unembed_t.T.astype(unembed.dtype), None
+  # Padded positions get zero cotangents, so they contribute nothing.
+  vec = lambda x: _split(x.astype(jnp.float32), chunk, -1)
+  xs = (_split(hidden, chunk, -2), _split(targets.astype(jnp.int32), chunk, -1), vec(lse),
+        vec(entropy), vec(g_lp), vec(g_h))
+  d_unembed_t, d_hidden = jax.lax.scan(body, jnp.zeros(unembed.shape[::-1], jnp.float32), xs)
+  return _join(d_hidden, t, -2), d_unembed_t.T.astype(unembed.dtype), None
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)

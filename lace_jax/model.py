@@ -27,9 +27,18 @@ import numpy as np
 from kernels.attention import attention
 from kernels.lattice_attention import lattice_attention, lattice_decode_attention
 from lace_jax import ops
+from lace_jax.sharding import constrain
 from lace_jax.config import LatticeConfig, ModelConfig
 
 Params = Any  # a nested dict of arrays
+
+# logical axes of the activations constrained at layer boundaries (`lace_jax.sharding`)
+_X = ("batch", "thread", "seq", "act_embed")  # [B, W, T, D]
+_Q = ("batch", "thread", "seq", "act_heads", None)  # [B, W, T, N, H]
+_KV = ("batch", "thread", "seq", "act_kv_heads", None)  # [B, W, T, K, H]
+_F = ("batch", "thread", "seq", "act_mlp")  # [B, W, T, F]
+_R = ("batch", "thread", "seq", None)  # [B, W, T, R]
+_V = ("batch", "thread", "seq", "act_vocab")  # [B, W, T, V]
 
 _REMAT_POLICIES = {
     "full": None,
@@ -81,9 +90,9 @@ class Attention(nn.Module):
     wv = _param(self, "v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"), init,
                 cfg.param_dtype)
     wo = _param(self, "o_proj", (n, h, d), ("heads", "head_dim", "embed"), init, cfg.param_dtype)
-    q = jnp.einsum("BWTD,DNH->BWTNH", x, wq.astype(dt))
-    kk = jnp.einsum("BWTD,DKH->BWTKH", x, wk.astype(dt))
-    v = jnp.einsum("BWTD,DKH->BWTKH", x, wv.astype(dt))
+    q = constrain(jnp.einsum("BWTD,DNH->BWTNH", x, wq.astype(dt)), _Q)
+    kk = constrain(jnp.einsum("BWTD,DKH->BWTKH", x, wk.astype(dt)), _KV)
+    v = constrain(jnp.einsum("BWTD,DKH->BWTKH", x, wv.astype(dt)), _KV)
     q = RMSNorm(h, cfg.rms_eps, cfg.param_dtype, "head_dim", name="q_norm")(q)
     kk = RMSNorm(h, cfg.rms_eps, cfg.param_dtype, "head_dim", name="k_norm")(kk)
     q = ops.rope(q, positions, cfg.rope_theta)
@@ -104,8 +113,8 @@ class Attention(nn.Module):
                     cv.reshape(b * w, s, k, h), key_valid=valid_cache.reshape(b * w, s),
                     causal=True, q_offset=cur, implementation=cfg.attention)
       new_cache = {"k": ck, "v": cv}
-    a = a.reshape(b, w, t, n, h)  # [B, W, T, N, H]
-    out = jnp.einsum("BWTNH,NHD->BWTD", a, wo.astype(dt))
+    a = constrain(a.reshape(b, w, t, n, h), _Q)  # [B, W, T, N, H]
+    out = constrain(jnp.einsum("BWTNH,NHD->BWTD", a, wo.astype(dt)), _X)
     return out, a, new_cache
 
 
@@ -145,6 +154,7 @@ class Lattice(nn.Module):
       w_down = _param(self, "down", (cfg.d_model, r), ("embed", "lattice"), init(cfg.d_model),
                       pdt)
       h = jnp.einsum("BWTD,DR->BWTR", src, w_down.astype(dt))
+    h = constrain(h, _R)
     axes = ("lattice", "lattice_heads", "lattice_head_dim")
     wq = _param(self, "q", (r, c, e), axes, init(r), pdt)
     wk = _param(self, "k", (r, c, e), axes, init(r), pdt)
@@ -189,7 +199,7 @@ class Lattice(nn.Module):
         g = jnp.repeat(g, e, axis=-1)
       p = g * p  # [B, W, T, R]
     w_up = _param(self, "up", (r, cfg.d_model), ("lattice", "embed"), nn.initializers.zeros, pdt)
-    return jnp.einsum("BWTR,RD->BWTD", p, w_up.astype(dt)), new_cache
+    return constrain(jnp.einsum("BWTR,RD->BWTD", p, w_up.astype(dt)), _X), new_cache
 
 
 class MLP(nn.Module):
@@ -205,7 +215,8 @@ class MLP(nn.Module):
     wd = _param(self, "down", (cfg.mlp_dim, cfg.d_model), ("mlp", "embed"), init, cfg.param_dtype)
     gate = jnp.einsum("BWTD,DF->BWTF", x, wg.astype(dt))
     up = jnp.einsum("BWTD,DF->BWTF", x, wu.astype(dt))
-    return jnp.einsum("BWTF,FD->BWTD", jax.nn.silu(gate) * up, wd.astype(dt))
+    act = constrain(jax.nn.silu(gate) * up, _F)
+    return constrain(jnp.einsum("BWTF,FD->BWTD", act, wd.astype(dt)), _X)
 
 
 class DecoderLayer(nn.Module):
@@ -255,7 +266,7 @@ class Transformer(nn.Module):
     dt = jnp.dtype(cfg.dtype)
     embed = _param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                    nn.initializers.normal(cfg.init_std), cfg.param_dtype)
-    x = jnp.take(embed, tokens, axis=0).astype(dt)  # [B, W, T, D]
+    x = constrain(jnp.take(embed, tokens, axis=0).astype(dt), _X)  # [B, W, T, D]
     coords = _lattice_coords(lat, positions, extra_coords) if lat else ()
     valid_cache = None
     new_cache = None
@@ -270,9 +281,10 @@ class Transformer(nn.Module):
       layer_cache = None if cache is None else cache["layers"][i]
       x, new_layer = layer_cls(cfg, layer_lat, name=f"layers_{i}")(
           x, positions, valid, coords, layer_cache, cur, valid_cache)
+      x = constrain(x, _X)
       if cache is not None:
         new_cache["layers"][i] = new_layer
-    x = RMSNorm(cfg.d_model, cfg.rms_eps, cfg.param_dtype, name="final_norm")(x)
+    x = constrain(RMSNorm(cfg.d_model, cfg.rms_eps, cfg.param_dtype, name="final_norm")(x), _X)
     unembed = embed  # [V, D]
     if not cfg.tie_embeddings:
       head = _param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
@@ -282,7 +294,7 @@ class Transformer(nn.Module):
       raise ValueError(f"logits={logits!r}; expected 'all', 'last' or 'none'")
     out = None
     if logits != "none":
-      out = unembed_logits(x[:, :, -1:] if logits == "last" else x, unembed, dt)
+      out = constrain(unembed_logits(x[:, :, -1:] if logits == "last" else x, unembed, dt), _V)
     return out, x, new_cache
 
 

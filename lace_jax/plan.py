@@ -404,7 +404,11 @@ def plan_call(call: Call, target: Target, mesh) -> dict:
     flops = max(row["flops"], row["model_flops_per_device"])
     seconds = max(flops / chip.peak_flops, row["bytes_accessed"] / chip.bandwidth)
     row["predicted_seconds"] = seconds
-    row["mfu"] = row["model_flops_per_device"] / (seconds * chip.peak_flops) if seconds else None
+    # no XLA cost figures (XLA:GPU's analysis of a compile-only target can be empty): the time
+    # is the model FLOPs at peak, a lower bound, and an MFU would be 100% by construction
+    measured = row["flops"] > 0 or row["bytes_accessed"] > 0
+    row["mfu"] = (row["model_flops_per_device"] / (seconds * chip.peak_flops)
+                  if seconds and measured else None)
   return row
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lace_jax import ops
+from lace_jax import ops, sharding
 from lace_jax.model import Model, Params
 
 
@@ -132,7 +132,6 @@ def _constrain_cache(cache: dict, mesh, rules) -> dict:
   tensor); unchanged without a mesh (one device, or GSPMD's own choice)."""
   if mesh is None:
     return cache
-  from lace_jax import sharding
   return jax.lax.with_sharding_constraint(cache, sharding.cache_sharding(cache, mesh, rules))
 
 
@@ -146,7 +145,9 @@ def _prefill(model: Model, params: Params, prompt: jax.Array, prompt_valid: jax.
   cache = _constrain_cache(model.init_cache(b, w, p + max_new_tokens), mesh, rules)
   positions = ops.default_positions(prompt_valid)
   # left padding puts every prompt's end in column P-1: only its logits are formed
-  logits, _, cache = model.prefill(params, cache, prompt, positions, prompt_valid, logits="last")
+  with sharding.logical_rules(rules):  # activation constraints (when a mesh is set)
+    logits, _, cache = model.prefill(params, cache, prompt, positions, prompt_valid,
+                                     logits="last")
   cache = _constrain_cache(cache, mesh, rules)
   last = logits[:, :, -1]  # [B, W, V]
   first = _choose(rng, last, temperature, top_k, top_p)
@@ -174,7 +175,8 @@ def _decode(model: Model, params: Params, cache: dict, first: jax.Array, first_l
   def step(i, cache, out, pos, lengths, hidden_sum):
     token = jax.lax.dynamic_index_in_dim(out, i, axis=2, keepdims=False)
     live = lengths > i  # token i was emitted while the thread was live: a valid key
-    logits, hidden, cache = model.decode_step(params, cache, token, pos, live, p + i)
+    with sharding.logical_rules(rules):
+      logits, hidden, cache = model.decode_step(params, cache, token, pos, live, p + i)
     cache = _constrain_cache(cache, mesh, rules)
     hidden_sum = hidden_sum + jnp.where(live[..., None], hidden.astype(jnp.float32), 0.0)
     return logits, cache, hidden_sum
@@ -242,7 +244,6 @@ def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_t
   if b % chunk:
     raise ValueError(f"{b} prompts do not split into chunks of batch_chunk={batch_chunk}")
   if mesh is not None:
-    from lace_jax import sharding
     rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     if chunk % ways:
@@ -301,7 +302,6 @@ def abstract_calls(model: Model, params, *, batch: int, num_threads: int, prompt
   """The sampler's two jitted calls for one chunk of `batch` prompts, with abstract arguments
   laid out on `mesh` (nothing allocated): [(name, jitted, args, kwargs, arg groups)], for the
   plan mode (`lace_jax.plan`). `params`: ShapeDtypeStructs carrying their shardings."""
-  from lace_jax import sharding
   rules = tuple(rules)
   b, w, p, n = batch, num_threads, prompt_len, max_new_tokens
   bs = lambda ndim: sharding.batch_sharding(mesh, ndim)

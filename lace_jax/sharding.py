@@ -12,8 +12,9 @@ An experiment overrides single rules with `sharding.rules = (("mlp", None), ...)
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -24,11 +25,19 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
-# logical axis -> mesh axis (or None: replicated). Parameters and activations alike.
+# logical axis -> mesh axis (or None: replicated). Parameters name their axes (`Model.
+# logical_axes`); activations are constrained at layer boundaries with the act_* names and
+# batch / thread / seq (`constrain`): a parameter's "embed" is split over fsdp, an activation's
+# model width ("act_embed") is not.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("thread", None),
     ("seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -59,6 +68,50 @@ def rules_with_overrides(overrides: Sequence[Sequence[Any]] = ()) -> tuple[tuple
       raise ValueError(f"sharding rule {name!r} -> {target!r}: mesh axes must be in {MESH_AXES}")
     table[name] = tuple(target) if isinstance(target, list) else target
   return tuple(table.items())
+
+
+def logical_rules(rules: Sequence[tuple[str, Any]] | None = None):
+  """The context (flax's `nn.logical_axis_rules`) in which `constrain` maps logical names
+  through `rules` (None or () = DEFAULT_RULES). Jitted model functions enter it inside, from
+  their own static rules; the mesh comes from `jax.set_mesh` at the call."""
+  return nn.logical_axis_rules(tuple(rules or DEFAULT_RULES))
+
+
+def with_rules(fn: Callable, rules: Sequence[tuple[str, Any]] | None) -> Callable:
+  """fn run inside `logical_rules(rules)`."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with logical_rules(rules):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """x with a sharding constraint from its logical axes (one name, or None, per dimension)
+  through the rules in effect (`logical_rules`), when a mesh is set (`jax.set_mesh`); x
+  unchanged otherwise.
+
+  Without these, GSPMD infers activation shardings from the parameters' and can settle on
+  replicating the batch (seen on TPU: every device computing the whole global batch of the
+  MLP). A dimension that the named mesh axes do not divide (e.g. one decoding prompt over 8
+  devices) is left replicated."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  if len(axes) != x.ndim:
+    raise ValueError(f"constrain: {len(axes)} logical axes {tuple(axes)} for an array of shape "
+                     f"{x.shape}")
+  rules = nn.get_logical_axis_rules() or DEFAULT_RULES
+  spec = nn.logical_to_mesh_axes(tuple(axes), rules)
+  dims = []
+  for size, entry in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
+    names = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+    names = tuple(n for n in names if n in mesh.axis_names and mesh.shape[n] > 1)
+    ways = math.prod(mesh.shape[n] for n in names)
+    dims.append(names if names and size % ways == 0 else None)
+  return jax.lax.with_sharding_constraint(x, P(*dims))
 
 
 def mesh_shape(spec: Mapping[str, int], num_devices: int | None = None) -> dict[str, int]:

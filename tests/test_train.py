@@ -229,3 +229,41 @@ def test_mesh_and_rule_errors():
     sharding.rules_with_overrides((("mlpp", None),))
   rules = dict(sharding.rules_with_overrides((("mlp", None), ("vocab", ["tensor", "fsdp"]))))
   assert rules["mlp"] is None and rules["vocab"] == ("tensor", "fsdp")
+
+
+def test_constrain_maps_logical_axes_through_the_rules():
+  x = jnp.arange(8 * 6 * 5, dtype=jnp.float32).reshape(8, 6, 5)
+  assert sharding.constrain(x, ("batch", None, None)) is x  # no mesh set: unchanged
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  f = jax.jit(lambda x: sharding.constrain(x, ("batch", "act_mlp", "act_embed")))
+  with jax.set_mesh(mesh):
+    y = f(x)
+    spec = lambda a: tuple(a.sharding.spec) + (None,) * (a.ndim - len(a.sharding.spec))
+    assert spec(y) == (("data", "fsdp"), "tensor", None)
+    with sharding.logical_rules(sharding.rules_with_overrides((("act_embed", "tensor"),
+                                                               ("act_mlp", None)))):
+      z = jax.jit(lambda x: sharding.constrain(x, ("batch", "act_mlp", "act_embed")))(x)
+    # a dimension the mesh axes do not divide (5 over tensor=2) stays replicated
+    assert spec(z) == (("data", "fsdp"), None, None)
+    with pytest.raises(ValueError, match=r"2 logical axes \('batch', None\) for an array of "
+                                         r"shape \(8, 6, 5\)"):
+      sharding.constrain(x, ("batch", None))
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+
+
+def test_train_step_activations_are_split_over_the_batch():
+  """Every device computes its own examples' activations: the compiled step on 4 devices
+  (fsdp) holds the MLP hidden [B/4, W, T, F] and never the whole batch's [B, W, T, F] (without
+  the layer-boundary constraints XLA:TPU replicated the batch: issue 12)."""
+  mesh = sharding.make_mesh({"fsdp": 4}, jax.devices()[:4])
+  tr = train.Trainer.create(CFG, LAT, experiment.optim_section(lr=1e-3, warmup_steps=1),
+                            total_steps=2, trainable="all", mesh=mesh, rules=sharding.DEFAULT_RULES)
+  b, t = 8, 32
+  shapes = {k: jax.ShapeDtypeStruct((1, b, W, t), jnp.int32 if k in ("tokens", "targets")
+                                    else jnp.bool_) for k in ("tokens", "valid", "targets",
+                                                              "loss_mask")}
+  compiled, _ = tr.compile(shapes, lm.make_loss(chunk=8))
+  hlo = compiled.as_text()
+  per_device = f"[{b // 4},{W},{t},{CFG.mlp_dim}]"
+  assert per_device in hlo
+  assert f"[{b},{W},{t},{CFG.mlp_dim}]" not in hlo

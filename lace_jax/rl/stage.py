@@ -182,7 +182,8 @@ def jit_logprobs(cfg: ml_collections.ConfigDict, model: Model, mesh, rules):
 
   params_sh = sharding.logical_to_sharding(model.logical_axes(), mesh, rules)
   batch_sh = sharding.batch_sharding(mesh, 4, leading=1)
-  jitted = jax.jit(logprobs, in_shardings=(params_sh, batch_sh), out_shardings=batch_sh)
+  jitted = jax.jit(sharding.with_rules(logprobs, rules), in_shardings=(params_sh, batch_sh),
+                   out_shardings=batch_sh)
   return jitted, m
 
 

@@ -151,7 +151,7 @@ class Trainer:
                  **{k: v / denom for k, v in a_sum.items()}}
       return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}, metrics
 
-    return train_step
+    return sharding.with_rules(train_step, self.rules)  # activations constrained by the rules
 
   def jit_step(self, batch_shapes: dict[str, jax.ShapeDtypeStruct], loss: LossFn):
     """(the jitted step with its shardings, its abstract arguments (state, batch, rng)) for
