@@ -18,6 +18,9 @@ def get_config(arg=None):
   cfg.optim = experiment.optim_section(lr=1e-5, warmup_steps=20, weight_decay=0.0)
   # the accelerators this recipe is made to fit: --config.plan.target=default plans them
   cfg.plan = experiment.plan_section("cuda:h100x8", "tpu:v5p:2x2x2")
+  if arg == "rtx6000pro":  # one RTX PRO 6000 (97 GB, the paper's GPU): 2 examples per pass
+    cfg.train.grad_accum = 8
+    cfg.plan = experiment.plan_section("cuda:rtx6000pro")
   if arg == "runlocal":
     experiment.runlocal(cfg)
     cfg.train.update(steps=20, batch_size=4, save_every=10, log_every=1)

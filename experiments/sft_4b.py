@@ -4,7 +4,8 @@
       --config.model.checkpoint=runs/pretrain_4b/export --config.data.path=data/sft/train.jsonl
   python -m lace_jax.main --config=experiments/sft_4b.py:runlocal --workdir=/tmp/sft
 
-Loss on generated tokens only; the order of an example's threads is permuted on every draw.
+`:rtx6000pro` fits one RTX PRO 6000 (the paper's 97 GB GPU) by 8 gradient micro-batches (the
+same gradient). Loss on generated tokens only; the order of an example's threads is permuted on every draw.
 
 The recipe of `sft_1p7b.py` on the 4B preset (its lattice band: layers 18, 20, ..., 34), with
 the learning rate for the larger model.

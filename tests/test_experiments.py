@@ -108,3 +108,19 @@ def test_every_lattice_field_is_a_config_key():
   assert lat.init_std == 0.05 and lat.implementation == "xla_chunked"
   assert lat == lj.LatticeConfig.default(lj.ModelConfig.preset("qwen3-4b"), init_std=0.05,
                                          implementation="xla_chunked")
+
+
+@pytest.mark.parametrize("name", ["sft_1p7b", "sft_4b", "grpo_1p7b"])
+def test_single_gpu_variants_name_the_rtx6000pro(name):
+  """`:rtx6000pro` is the recipe's one-GPU form: same batch, more micro-batches."""
+  path = os.path.join(ROOT, "experiments", f"{name}.py")
+  base, one = _load(path), _load(path + ":rtx6000pro")
+  assert one.plan.targets == ("cuda:rtx6000pro",)
+  assert one.train.grad_accum == 8 > base.train.grad_accum
+  assert one.model.preset == base.model.preset
+  if name.startswith("sft"):
+    assert one.train.batch_size == base.train.batch_size
+  else:
+    assert one.grpo.questions_per_step == base.grpo.questions_per_step
+    assert one.grpo.rollouts_per_question == base.grpo.rollouts_per_question
+    assert (one.grpo.rollout_batch, base.grpo.rollout_batch) == (16, 0)
