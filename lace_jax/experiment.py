@@ -109,7 +109,9 @@ def train_section(*, steps: int, trainable: str = "all", grad_accum: int = 1,
   return ml_collections.ConfigDict({
       "steps": steps, **extra,
       "grad_accum": grad_accum,  # microbatches per optimizer step (a lax.scan)
-      "logits_chunk": 256,  # loss over the vocabulary this many columns at a time (0 = dense)
+      # the loss's logits formed this many rows of the vocabulary (or positions, "tokens") at a
+      # time, so [B, W, T, V] float32 logits never exist (0 = dense; lace_jax.losses)
+      "logits_chunk": 8192, "logits_chunk_over": "vocab",
       "trainable": trainable,  # all | lattice
       "save_every": save_every, "keep_checkpoints": 3, "async_checkpointing": True,
       "log_every": log_every})

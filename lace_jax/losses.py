@@ -7,19 +7,27 @@ Every loss of this package needs, per position, log p(target) and perhaps the en
 next-token softmax. Formed the plain way, that first materialises the logits [..., T, V] in
 float32: at Qwen3's vocabulary of 151,936, a batch of B=16 examples of W=4 threads of T=4096
 positions has 16 * 4 * 4096 * 151,936 * 4 bytes = 1.6e11 bytes (159 GB) of logits, and the
-backward pass holds several such arrays (the softmax, its cotangent). `token_logprobs` instead
-forms the logits `chunk` positions at a time inside a loop and reduces each chunk to numbers
-per position before the next; its `custom_vjp` backward recomputes each chunk's logits rather
-than saving them. What is alive at once is one chunk's float32 logits [..., chunk, V] in the
-forward, and those and their cotangent (in hidden's dtype) in the backward: 2 * chunk / T of
-the full logits in float32 (1/4 at chunk=512, T=4096), 1.5 * chunk / T with bf16 hidden.
+backward pass holds several such arrays (the softmax, its cotangent). `token_logprobs` forms
+them a chunk at a time inside a loop instead, reducing each chunk to numbers per position
+before the next, and its `custom_vjp` backward recomputes each chunk's logits rather than
+saving them. Two ways to cut (`over`):
 
-The loop is a scan over the T axis cut into chunks (stacked on a new leading axis); the other
-leading axes keep their order. When a mesh is set (`jax.set_mesh`) and hidden has leading
-axes, the first is taken for the batch: the chunks, their logits and the gradients are
-constrained to its sharding (vocabulary over "act_vocab", `lace_jax.sharding.constrain`), so
-the loop cannot lose it. `token_logprobs_dense` is the plain jnp specification the chunked
-function is tested against.
+- over="vocab" (the default): `chunk` rows of the unembedding at a time, [..., T, c] logits
+  alive at once; an online log-sum-exp (running max, sum of exponentials, sum of
+  exp * logit for the entropy, and the target's logit) carries the softmax across slices, and
+  the backward accumulates d hidden in float32 while emitting d unembed slice by slice. The
+  hidden states are never sliced, so the activation sharding (batch over data/fsdp) flows
+  through the loop untouched: this is the form XLA:TPU compiles at real shapes (the token form
+  below, with activation constraints, stalls XLA:TPU's layout assignment, issue 12).
+- over="tokens": `chunk` positions at a time, [..., c, V] logits alive at once, a scan over
+  the T axis cut into chunks stacked on a new leading axis.
+
+Alive in the forward: c / V (vocab) or c / T (tokens) of the full float32 logits; in the
+backward those and their cotangent in hidden's dtype (about 1.5 times that with bf16 hidden).
+When a mesh is set (`jax.set_mesh`) and hidden has leading axes, the first is taken for the
+batch: chunk logits and gradients are constrained to its sharding (`lace_jax.sharding.
+constrain`), so the loop cannot lose it. `token_logprobs_dense` is the plain jnp
+specification both forms are tested against.
 """
 
 from __future__ import annotations
@@ -32,21 +40,32 @@ import jax.numpy as jnp
 from lace_jax.sharding import constrain
 
 
+OVER = ("vocab", "tokens")  # the axes `token_logprobs` can chunk over
+DEFAULT_CHUNK = 8192  # vocabulary rows per slice: 19 slices of Qwen3's 151,936
+
+
 def token_logprobs(hidden: jax.Array, unembed: jax.Array, targets: jax.Array, *,
-                   chunk: int = 512) -> tuple[jax.Array, jax.Array]:
-  """(log p(target), entropy of the softmax), each float32 [..., T], chunked over T.
+                   chunk: int = DEFAULT_CHUNK, over: str = "vocab"
+                   ) -> tuple[jax.Array, jax.Array]:
+  """(log p(target), entropy of the softmax), each float32 [..., T], chunked (module doc).
 
   hidden [..., T, D] (any float dtype, e.g. bf16); unembed [V, D] (the tied embedding, or an
   untied lm_head [D, V] passed transposed); targets int [..., T]. The logits hidden @ unembed^T
   are computed in hidden.dtype with float32 accumulation, then the softmax in float32, `chunk`
-  positions of T at a time, so the full [..., T, V] float32 logits never exist, in the forward
-  or the backward. T is padded up to a multiple of chunk (outputs sliced back); chunk > T is
-  one chunk of T; chunk <= 0 selects `token_logprobs_dense`. Differentiable w.r.t. hidden and
-  unembed (cotangents in their dtypes); targets get none.
+  rows of V (over="vocab") or positions of T (over="tokens") at a time, so the full
+  [..., T, V] float32 logits never exist, in the forward or the backward. The cut axis is
+  padded up to a multiple of chunk (padding rows of V get logit -1e30; padded positions are
+  sliced off); a chunk larger than the axis is one chunk; chunk <= 0 selects
+  `token_logprobs_dense`. Differentiable w.r.t. hidden and unembed (cotangents in their
+  dtypes); targets get none.
   """
   _check(hidden, unembed, targets)
   if chunk <= 0:
     return token_logprobs_dense(hidden, unembed, targets)
+  if over == "vocab":
+    return _vocab_chunked(hidden, unembed, targets, min(chunk, unembed.shape[0]))
+  if over != "tokens":
+    raise ValueError(f"over={over!r}: expected one of {OVER} (train.logits_chunk_over)")
   return _chunked(hidden, unembed, targets, min(chunk, hidden.shape[-2]))
 
 
@@ -185,3 +204,86 @@ def _chunked_bwd(chunk, residuals, cotangents):
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+# ----------------------------------------------------------------- chunks of the vocabulary
+
+_NEG = -1e30  # logit of the padding rows of the last vocabulary slice (exp underflows to 0)
+
+
+def _vocab_slices(unembed: jax.Array, chunk: int, dtype) -> jax.Array:
+  """unembed [V, D] zero-padded to n * chunk rows, as [n, chunk, D] in `dtype`."""
+  v, d = unembed.shape
+  n = -(-v // chunk)
+  return jnp.pad(unembed.astype(dtype), ((0, n * chunk - v), (0, 0))).reshape(n, chunk, d)
+
+
+def _slice_logits(hidden, u_c, i, chunk, v):
+  """Logits [..., T, chunk] float32 of vocabulary slice i (padding rows at _NEG), row ids."""
+  ids = i * chunk + jnp.arange(chunk)
+  z = _batch(jnp.einsum("...TD,VD->...TV", hidden, u_c, preferred_element_type=jnp.float32))
+  return jnp.where(ids < v, z, _NEG), ids
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _vocab_chunked(hidden, unembed, targets, chunk):
+  return _vocab_fwd(hidden, unembed, targets, chunk)[0]
+
+
+def _vocab_fwd(hidden, unembed, targets, chunk):
+  v = unembed.shape[0]
+  tgt = targets.astype(jnp.int32)
+  lead = hidden.shape[:-1]
+
+  def body(carry, xs):
+    # running max m, sum s = sum exp(z - m), a = sum exp(z - m) (z - m), target logit
+    m, s, a, tl = carry
+    u_c, i = xs
+    z, ids = _slice_logits(hidden, u_c, i, chunk, v)
+    m_new = jnp.maximum(m, jnp.max(z, axis=-1))
+    e = jnp.exp(z - m_new[..., None])
+    scale = jnp.exp(m - m_new)
+    s_new = s * scale + jnp.sum(e, axis=-1)
+    a_new = scale * (a + (m - m_new) * s) + jnp.sum(e * (z - m_new[..., None]), axis=-1)
+    tl = tl + jnp.sum(jnp.where(ids == tgt[..., None], z, 0.0), axis=-1)
+    return (m_new, s_new, a_new, tl), None
+
+  zeros = jnp.zeros(lead, jnp.float32)
+  init = (jnp.full(lead, _NEG, jnp.float32), zeros, zeros, zeros)
+  slices = _vocab_slices(unembed, chunk, hidden.dtype)
+  (m, s, a, tl), _ = jax.lax.scan(body, init, (slices, jnp.arange(slices.shape[0])))
+  lse = m + jnp.log(s)
+  entropy = jnp.log(s) - a / s  # -sum p log p = log s - sum e (z - m) / s
+  return (tl - lse, entropy), (hidden, unembed, targets, lse, entropy)
+
+
+def _vocab_bwd(chunk, residuals, cotangents):
+  hidden, unembed, targets, lse, entropy = residuals
+  g_lp, g_h = cotangents  # float32 [..., T]
+  v = unembed.shape[0]
+  tgt = targets.astype(jnp.int32)
+  compute = hidden.dtype
+
+  def body(d_hidden, xs):  # d_hidden [..., T, D] float32
+    u_c, i = xs
+    z, ids = _slice_logits(hidden, u_c, i, chunk, v)
+    logp_all = z - lse[..., None]
+    p = jnp.exp(logp_all)  # 0 on padding rows
+    onehot = (ids == tgt[..., None]).astype(jnp.float32)
+    dz = g_lp[..., None] * (onehot - p) - g_h[..., None] * p * (logp_all + entropy[..., None])
+    dz = _batch(dz.astype(compute))
+    d_hidden = _batch(d_hidden + jnp.einsum("...TV,VD->...TD", dz, u_c,
+                                            preferred_element_type=jnp.float32))
+    lead = tuple(range(dz.ndim - 1))
+    d_u = jax.lax.dot_general(dz, hidden, ((lead, lead), ((), ())),
+                              preferred_element_type=jnp.float32)  # [chunk, D]
+    return d_hidden, d_u
+
+  slices = _vocab_slices(unembed, chunk, compute)
+  d_hidden, d_u = jax.lax.scan(body, _batch(jnp.zeros(hidden.shape, jnp.float32)),
+                               (slices, jnp.arange(slices.shape[0])))
+  d_unembed = d_u.reshape(-1, unembed.shape[1])[:v]
+  return d_hidden.astype(hidden.dtype), d_unembed.astype(unembed.dtype), None
+
+
+_vocab_chunked.defvjp(_vocab_fwd, _vocab_bwd)

@@ -307,7 +307,8 @@ def stage_calls(cfg: ml_collections.ConfigDict, mesh) -> list[Call]:
   if cfg.mode in ("pretrain", "sft"):
     from lace_jax.training import lm
     return [_train_call(cfg, model, mesh, lm.batch_shapes(cfg),
-                        lm.make_loss(cfg.train.logits_chunk))]
+                        lm.make_loss(cfg.train.logits_chunk,
+                                     cfg.train.logits_chunk_over))]
   if cfg.mode == "grpo":
     from lace_jax.rl import stage as grpo_stage
     g, d = cfg.grpo, cfg.data

@@ -109,25 +109,27 @@ def diversity(mean_hidden: np.ndarray) -> np.ndarray:
   return np.mean(1.0 - cos[..., iu[0], iu[1]], axis=-1)
 
 
-def token_logprobs(model: Model, params: Params, batch: dict, *, chunk: int = 256
+def token_logprobs(model: Model, params: Params, batch: dict, *, chunk: int = 8192,
+                   over: str = "vocab"
                    ) -> tuple[jax.Array, jax.Array]:
   """(log pi(target) [B, W, T], entropy [B, W, T]) of the policy on the batch's grid; the
-  vocabulary projection runs `chunk` columns at a time (`lace_jax.losses`), so the float32
-  [B, W, T, V] logits never exist (chunk <= 0: the dense form)."""
+  vocabulary projection runs `chunk` rows of V (or positions of T, `over`) at a time
+  (`lace_jax.losses`), so the float32 [B, W, T, V] logits never exist (chunk <= 0: dense)."""
   from lace_jax import losses
   hidden = model.hidden_states(params, batch["tokens"], valid=batch["valid"])
-  return losses.token_logprobs(hidden, model.unembed(params), batch["targets"], chunk=chunk)
+  return losses.token_logprobs(hidden, model.unembed(params), batch["targets"], chunk=chunk,
+                               over=over)
 
 
 def make_loss(*, eps_low: float, eps_high: float, kl_beta: float, aggregation: str,
-              max_new_tokens: int, logits_chunk: int = 256):
+              max_new_tokens: int, logits_chunk: int = 8192, logits_over: str = "vocab"):
   """The GRPO LossFn for `Trainer.step_fn`. Batch (per rollout r, thread w, column t):
   tokens, valid, targets, loss_mask [R, W, T]; old_logp, ref_logp [R, W, T];
   advantages [R, W] (thread-aggregated rewards repeat A_i over w)."""
   normaliser = _lookup(LOSS_AGGREGATIONS, aggregation, "loss aggregation (grpo.loss_agg)")
 
   def loss(model: Model, params: Params, batch: dict):
-    logp, entropy = token_logprobs(model, params, batch, chunk=logits_chunk)
+    logp, entropy = token_logprobs(model, params, batch, chunk=logits_chunk, over=logits_over)
     mask = batch["loss_mask"].astype(jnp.float32)
     adv = batch["advantages"][..., None]  # [R, W, 1]
     per_token, clipped = clipped_surrogate(logp, batch["old_logp"], adv, eps_low=eps_low,

@@ -150,7 +150,8 @@ def make_loss(cfg: ml_collections.ConfigDict):
   g = cfg.grpo
   return grpo.make_loss(eps_low=g.eps_low, eps_high=g.eps_high, kl_beta=g.kl_beta,
                         aggregation=g.loss_agg, max_new_tokens=g.max_new_tokens,
-                        logits_chunk=cfg.train.logits_chunk)
+                        logits_chunk=cfg.train.logits_chunk,
+                        logits_over=cfg.train.logits_chunk_over)
 
 
 def logprob_passes(cfg: ml_collections.ConfigDict) -> int:
@@ -174,10 +175,10 @@ def jit_logprobs(cfg: ml_collections.ConfigDict, model: Model, mesh, rules):
   """(jitted f(params, batch [M, R/M, W, T]) -> log pi(target) [M, R/M, W, T], M): the
   teacher-forced pass, one micro-batch after another (`lax.map`), batch axis 1 sharded over
   data/fsdp, the params as the train state's."""
-  chunk, m = cfg.train.logits_chunk, _logprob_micro(cfg)
+  chunk, over, m = cfg.train.logits_chunk, cfg.train.logits_chunk_over, _logprob_micro(cfg)
 
   def logprobs(params, batch):
-    one = lambda b: grpo.token_logprobs(model, params, b, chunk=chunk)[0]
+    one = lambda b: grpo.token_logprobs(model, params, b, chunk=chunk, over=over)[0]
     return jax.lax.map(one, batch)
 
   params_sh = sharding.logical_to_sharding(model.logical_axes(), mesh, rules)

@@ -18,27 +18,29 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lace_jax import losses
 from lace_jax.model import Model, Params
 from lace_jax.training import loop
 
 
-def token_loss(model: Model, params: Params, batch: dict[str, jax.Array], *, chunk: int = 256
+def token_loss(model: Model, params: Params, batch: dict[str, jax.Array], *,
+               chunk: int = losses.DEFAULT_CHUNK, over: str = "vocab"
                ) -> tuple[jax.Array, jax.Array]:
   """(sum of next-token cross-entropy over loss_mask, number of loss tokens) of [B, W, T].
-  The vocabulary projection runs `chunk` columns at a time (`lace_jax.losses`): the float32
-  [B, W, T, V] logits never exist (chunk <= 0: the dense form)."""
-  from lace_jax import losses
+  The vocabulary projection runs `chunk` rows of V (or positions of T, `over`) at a time
+  (`lace_jax.losses`): the float32 [B, W, T, V] logits never exist (chunk <= 0: dense)."""
   hidden = model.hidden_states(params, batch["tokens"], valid=batch["valid"])  # [B, W, T, D]
-  logp, _ = losses.token_logprobs(hidden, model.unembed(params), batch["targets"], chunk=chunk)
+  logp, _ = losses.token_logprobs(hidden, model.unembed(params), batch["targets"], chunk=chunk,
+                                  over=over)
   mask = batch["loss_mask"].astype(jnp.float32)
   return -jnp.sum(logp * mask), jnp.sum(mask)
 
 
-def make_loss(chunk: int = 256):
+def make_loss(chunk: int = losses.DEFAULT_CHUNK, over: str = "vocab"):
   """The LossFn of pretrain / sft: (loss sum, normaliser, {} extra metric sums)."""
 
   def lm_loss(model: Model, params: Params, batch: dict[str, jax.Array]):
-    total, count = token_loss(model, params, batch, chunk=chunk)
+    total, count = token_loss(model, params, batch, chunk=chunk, over=over)
     return total, count, {}
 
   return lm_loss
@@ -86,7 +88,7 @@ def make_stage(setup: loop.Setup) -> LanguageModelStage:
       seed=cfg.seed, process_index=jax.process_index(), process_count=jax.process_count()))
   return LanguageModelStage(rows=tr.batch_size, batch_shapes=batch_shapes(cfg),
                             iterator=iterator, grad_accum=tr.grad_accum, report=report,
-                            loss=make_loss(tr.logits_chunk))
+                            loss=make_loss(tr.logits_chunk, tr.logits_chunk_over))
 
 
 def batch_shapes(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
