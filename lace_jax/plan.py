@@ -22,8 +22,9 @@ per call (roofline: max(FLOPs / peak, bytes / bandwidth) at the chip's dense bf1
 MFU = model FLOPs / (time x peak), model FLOPs = 2 N per token forward (N = matmul
 parameters) plus attention, x3 for a training step. XLA's cost analysis counts a loop body
 once: the counts of the decode loop and of the gradient-accumulation scan are multiplied by
-their trip counts; the chunked loss's inner loop is not, so the prediction takes the larger of
-XLA's and the model's FLOPs. Exits with status 1, naming the function and the shortfall, when
+their trip counts; inner loops (the chunked loss, flash attention) are not, so the prediction
+takes the larger of XLA's and the model's FLOPs, and where XLA's are fewer the time is printed
+as a lower bound (">=") and no MFU is given (it would be 100% by construction; `roofline`). Exits with status 1, naming the function and the shortfall, when
 anything does not fit; the same report is written to WORKDIR/plan.json.
 """
 
@@ -402,15 +403,25 @@ def plan_call(call: Call, target: Target, mesh) -> dict:
   row["model_flops_per_device"] = call.model_flops / n
   chip = target.chip
   if chip.peak_flops and chip.bandwidth and row.get("flops") is not None:
-    flops = max(row["flops"], row["model_flops_per_device"])
-    seconds = max(flops / chip.peak_flops, row["bytes_accessed"] / chip.bandwidth)
-    row["predicted_seconds"] = seconds
-    # no XLA cost figures (XLA:GPU's analysis of a compile-only target can be empty): the time
-    # is the model FLOPs at peak, a lower bound, and an MFU would be 100% by construction
-    measured = row["flops"] > 0 or row["bytes_accessed"] > 0
-    row["mfu"] = (row["model_flops_per_device"] / (seconds * chip.peak_flops)
-                  if seconds and measured else None)
+    row["predicted_seconds"], row["mfu"], row["time_is_lower_bound"] = roofline(
+        row["flops"], row["bytes_accessed"], row["model_flops_per_device"], chip)
   return row
+
+
+def roofline(flops: float, nbytes: float, model_flops: float, chip
+             ) -> tuple[float, float | None, bool]:
+  """(predicted seconds per call, MFU or None, whether the time is only a lower bound) from
+  XLA's per-device FLOPs and bytes and the model's FLOPs per device.
+
+  time = max(FLOPs / peak, bytes / bandwidth) with FLOPs = max(XLA's, the model's). XLA's
+  cost analysis counts a loop body once (the chunked loss, flash attention's key blocks) and
+  a compile-only XLA:GPU analysis can be empty; where XLA counts fewer FLOPs than the model
+  has, the time rests on the model's FLOPs alone, so it is a lower bound and an MFU from it
+  would be 100% by construction: MFU is None then."""
+  seconds = max(max(flops, model_flops) / chip.peak_flops, nbytes / chip.bandwidth)
+  complete = flops >= model_flops > 0
+  mfu = model_flops / (seconds * chip.peak_flops) if seconds and complete else None
+  return seconds, mfu, not complete
 
 
 def _gb(x) -> str:
@@ -428,7 +439,8 @@ def format_table(report: dict) -> str:
     head = "-" if r["headroom"] is None else f"{100 * r['headroom']:.0f}%"
     tf = "-" if r.get("flops") is None else f"{r['flops'] / 1e12:.1f}"
     moved = "-" if r.get("bytes_accessed") is None else f"{r['bytes_accessed'] / 1e9:.1f}"
-    t = "-" if r.get("predicted_seconds") is None else f"{r['predicted_seconds']:.3g} s"
+    t = "-" if r.get("predicted_seconds") is None else (
+        (">= " if r.get("time_is_lower_bound") else "") + f"{r['predicted_seconds']:.3g} s")
     mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.0f}%"
     lines.append(
         f"| {r['function']} | {_gb(r.get('params_bytes'))} | {_gb(r.get('optimizer_bytes'))} | "

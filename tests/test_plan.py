@@ -88,3 +88,20 @@ def test_oom_message_parsed():
          "temporaries (167.91G) exceeds available HBM (95.74G).")
   temp, avail = plan._parse_oom(msg)
   assert temp == pytest.approx(167.91 * 2**30) and avail == pytest.approx(95.74 * 2**30)
+
+
+def test_roofline_mfu_only_when_xla_counts_the_model_flops():
+  """MFU comes from a time XLA's own counts bound; where XLA counted fewer FLOPs than the model
+  has (a loop body counted once), the time is a lower bound and no MFU is claimed."""
+  chip = plan.Chip(name="x", platform="tpu", memory=1e9, peak_flops=100.0, bandwidth=10.0)
+  # compute-bound, XLA's count complete: 200 FLOPs at 100/s = 2 s; MFU = 150 / 200
+  seconds, mfu, bound = plan.roofline(200.0, 10.0, 150.0, chip)
+  assert (seconds, bound) == (2.0, False) and mfu == pytest.approx(0.75)
+  # memory-bound: 50 bytes at 10/s = 5 s; MFU = 150 / 500
+  seconds, mfu, bound = plan.roofline(200.0, 50.0, 150.0, chip)
+  assert seconds == 5.0 and mfu == pytest.approx(0.3)
+  # XLA counted a third of the model's FLOPs: 3 s from the model's count, a bound, no MFU
+  seconds, mfu, bound = plan.roofline(100.0, 10.0, 300.0, chip)
+  assert (seconds, mfu, bound) == (3.0, None, True)
+  # an empty analysis (compile-only XLA:GPU)
+  assert plan.roofline(0.0, 0.0, 300.0, chip)[1:] == (None, True)
