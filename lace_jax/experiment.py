@@ -21,6 +21,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from lace_jax import runtime
 from lace_jax.config import LatticeConfig, ModelConfig
 
 
@@ -73,6 +74,11 @@ def base_config(mode: str, preset: str, **model_kwargs) -> ml_collections.Config
       "rules": (),  # overrides of lace_jax.sharding.DEFAULT_RULES, e.g. (("mlp", None),)
   })
   cfg.plan = plan_section()
+  cfg.runtime = ml_collections.ConfigDict({
+      # XLA:TPU options set before libtpu starts (lace_jax.runtime; the environment's
+      # LIBTPU_INIT_ARGS wins); the default keeps activation memory lean on fsdp meshes
+      "libtpu_init_args": runtime.DEFAULT_LIBTPU_INIT_ARGS,
+  })
   cfg.distributed = ml_collections.ConfigDict({
       "initialize": "auto",  # auto | yes | no (see lace_jax.distributed)
       "coordinator_address": "", "num_processes": -1, "process_id": -1,

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lace_jax import distributed, modes
+from lace_jax import distributed, modes, runtime
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "toy", "quickstart.py")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,6 +37,8 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if "runtime" in cfg:  # before anything starts a JAX backend
+    runtime.apply_libtpu_args(cfg.runtime.libtpu_init_args)
   if "plan" in cfg and cfg.plan.target:
     from lace_jax import plan
     print(f"lace_jax: plan of mode {cfg.mode} for {cfg.plan.target}, workdir {workdir}",

@@ -499,7 +499,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None, *, name: str = "") 
     report = plan_target(cfg, spec, name=name)
     print(format_table(report), flush=True)
     reports.append(report)
-  result = {"plans": reports, "fits": all(r["fits"] for r in reports)}
+  result = {"plans": reports, "fits": all(r["fits"] for r in reports),
+            # the XLA:TPU options the compiles ran under (lace_jax.runtime)
+            "libtpu_init_args": os.environ.get("LIBTPU_INIT_ARGS", "")}
   if workdir and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "plan.json"), "w") as f:

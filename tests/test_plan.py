@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lace_jax import plan
+from lace_jax import plan, runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,12 +56,15 @@ def test_plan_exits_nonzero_naming_the_function(tmp_path):
 
 def test_plan_compile_only_tpu(tmp_path):
   """The train step and the sampler compile for 4 compile-only TPU v5e chips (XLA:TPU, with
-  the TPU kernels: Pallas flash attention under shard_map), with XLA's memory and cost."""
+  the TPU kernels: Pallas flash attention under shard_map), with XLA's memory and cost, under
+  the experiment's XLA:TPU options (runtime.libtpu_init_args, set before libtpu starts)."""
   r = _main("--config=experiments/grpo_1p7b.py:runlocal", "--config.plan.target=tpu:v5e:2x2",
             "--config.data.prompt_len=128", "--config.grpo.max_new_tokens=128",
             "--config.grpo.questions_per_step=4", f"--workdir={tmp_path}")
   assert r.returncode == 0, r.stderr[-3000:]
-  (rep,) = json.load(open(tmp_path / "plan.json"))["plans"]
+  report = json.load(open(tmp_path / "plan.json"))
+  assert report["libtpu_init_args"].split()[-2:] == list(runtime.DEFAULT_LIBTPU_INIT_ARGS)
+  (rep,) = report["plans"]
   assert rep["devices"] == "4 x TPU v5e" and "fsdp=4" in rep["mesh"]
   assert 15e9 < rep["chip"]["memory"] < 18e9  # XLA:TPU's own figure for a v5e chip
   for f in rep["functions"]:
@@ -105,3 +108,21 @@ def test_roofline_mfu_only_when_xla_counts_the_model_flops():
   assert (seconds, mfu, bound) == (3.0, None, True)
   # an empty analysis (compile-only XLA:GPU)
   assert plan.roofline(0.0, 0.0, 300.0, chip)[1:] == (None, True)
+
+
+def test_libtpu_args_merge_and_guard():
+  """The experiment's XLA:TPU flags are added to LIBTPU_INIT_ARGS unless the user set the same
+  flag; malformed flags name the config field; applying after a backend started is refused."""
+  from lace_jax import runtime
+  got = runtime.merge_libtpu_args("--xla_tpu_enable_windowed_einsum_for_all_gather=true --a",
+                                  runtime.DEFAULT_LIBTPU_INIT_ARGS)
+  assert got.split() == ["--xla_tpu_enable_windowed_einsum_for_all_gather=true", "--a",
+                         "--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false"]
+  assert runtime.merge_libtpu_args("", ("--x=1",)) == "--x=1"
+  with pytest.raises(ValueError, match="runtime.libtpu_init_args.*'x=1'"):
+    runtime.merge_libtpu_args("", ("x=1",))
+  import jax
+  jax.devices()  # a backend is running in this process now
+  with pytest.raises(RuntimeError, match="before JAX starts a backend"):
+    runtime.apply_libtpu_args(("--x=1",), environ={})
+
