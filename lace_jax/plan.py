@@ -288,8 +288,9 @@ def _sampler_calls(model: Model, mesh, rules, params, *, batch: int, num_threads
       call = Call(f"{prefix}prefill", jitted, args, kwargs, groups, calls=calls,
                   model_flops=forward_flops(model, b * w * p, p / 2, w))
     else:
-      call = Call(f"{prefix}decode", jitted, args, kwargs, groups, trips=max(n - 1, 1),
-                  calls=calls, model_flops=forward_flops(model, b * w, p + n / 2, w))
+      steps = max(n - 1, 1)  # the decode loop's tokens per thread; one call runs them all
+      call = Call(f"{prefix}decode", jitted, args, kwargs, groups, trips=steps, calls=calls,
+                  model_flops=steps * forward_flops(model, b * w, p + n / 2, w))
     out.append(call)
   return out
 

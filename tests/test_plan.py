@@ -1,6 +1,7 @@
 """The plan mode (`lace_jax.plan`): every jitted function of a stage compiled, with no weights
 allocated, for this machine and for compile-only TPU devices (libtpu, installed by .ci/run)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -41,6 +42,18 @@ def test_plan_local_runlocal(tmp_path, experiment, functions):
     assert f["params_bytes"] > 0  # the tiny model's parameters, counted per device
   assert "| train_step |" in r.stdout or "| prefill |" in r.stdout
   assert not os.path.exists(tmp_path / "checkpoints")  # nothing ran
+  rows = {f["function"]: f for f in rep["functions"]}
+  if "rollout_decode" in rows:  # one decode call generates every new token: its model FLOPs
+    # are those of (max_new_tokens - 1) one-token steps, at least the prefill's per token
+    pre, dec = rows["rollout_prefill"], rows["rollout_decode"]
+    spec = importlib.util.spec_from_file_location("g", os.path.join(ROOT, "experiments",
+                                                                     f"{experiment}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config("runlocal")
+    p, n = cfg.data.prompt_len, cfg.grpo.max_new_tokens
+    assert dec["loop_trips"] == n - 1
+    assert dec["model_flops_per_device"] >= pre["model_flops_per_device"] * (n - 1) / p
 
 
 def test_plan_exits_nonzero_naming_the_function(tmp_path):
