@@ -201,10 +201,11 @@ def _decode(model: Model, params: Params, cache: dict, first: jax.Array, first_l
   state = (jnp.int32(0), cache, out, lps, lengths, hidden_sum, done, next_pos, rng)
   i, cache, out, lps, lengths, hidden_sum, done, pos, _ = jax.lax.while_loop(cond, body, state)
   # tokens emitted at the last column have not been fed: one more step for their hidden state
-  _, _, hidden_sum = step(i, cache, out, pos, lengths, hidden_sum)
+  _, cache, hidden_sum = step(i, cache, out, pos, lengths, hidden_sum)
   mean_hidden = hidden_sum / jnp.maximum(lengths, 1)[..., None]
   # the caches are returned (and dropped by the caller) so the donated buffers are updated in
-  # place instead of copied
+  # place instead of copied; returning the loop's cache instead of this last step's kept a
+  # second whole cache alive on XLA:TPU (the last step could not write in place)
   return out, lps, lengths, done, mean_hidden, cache
 
 
