@@ -301,6 +301,17 @@ def _abstract_params(model: Model, mesh, rules) -> Any:
                       model.abstract_params(), shardings)
 
 
+def check_batch_split(rows: int, field: str, mesh) -> None:
+  """Raises a ValueError naming `field` when `rows` examples do not split evenly over the
+  mesh's batch axes (data x fsdp)."""
+  n = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp"))
+  if rows % n:
+    raise ValueError(
+        f"{field} gives {rows} rows per call, which do not split over the {n} devices of the "
+        f"batch axes (mesh {sharding.describe(mesh)}): use a multiple of {n}, or move devices "
+        "off the batch axes (e.g. --config.sharding.mesh.fsdp=8 --config.sharding.mesh.tensor=2)")
+
+
 def stage_calls(cfg: ml_collections.ConfigDict, mesh) -> list[Call]:
   """The jitted functions `cfg.mode` runs, with abstract arguments on `mesh`."""
   model_cfg, lattice = experiment.model_configs(cfg)
@@ -308,6 +319,8 @@ def stage_calls(cfg: ml_collections.ConfigDict, mesh) -> list[Call]:
   rules = sharding.rules_with_overrides(cfg.sharding.rules)
   if cfg.mode in ("pretrain", "sft"):
     from lace_jax.training import lm
+    check_batch_split(cfg.train.batch_size // cfg.train.grad_accum,
+                      "train.batch_size / train.grad_accum", mesh)
     return [_train_call(cfg, model, mesh, lm.batch_shapes(cfg),
                         lm.make_loss(cfg.train.logits_chunk,
                                      cfg.train.logits_chunk_over))]
@@ -316,6 +329,10 @@ def stage_calls(cfg: ml_collections.ConfigDict, mesh) -> list[Call]:
     g, d = cfg.grpo, cfg.data
     rows = g.questions_per_step * g.rollouts_per_question
     chunk = g.rollout_batch or rows
+    check_batch_split(chunk, "grpo.rollout_batch (0: questions_per_step x "
+                      "rollouts_per_question)", mesh)
+    check_batch_split(rows // cfg.train.grad_accum,
+                      "grpo.questions_per_step x rollouts_per_question / train.grad_accum", mesh)
     params = _abstract_params(model, mesh, rules)
     calls = _sampler_calls(model, mesh, rules, params, batch=chunk, num_threads=d.num_threads,
                            prompt_len=d.prompt_len, max_new_tokens=g.max_new_tokens,
@@ -333,6 +350,7 @@ def stage_calls(cfg: ml_collections.ConfigDict, mesh) -> list[Call]:
     return calls
   if cfg.mode == "eval":
     e = cfg.eval
+    check_batch_split(e.batch_size, "eval.batch_size", mesh)
     params = _abstract_params(model, mesh, rules)
     return _sampler_calls(model, mesh, rules, params, batch=e.batch_size,
                           num_threads=e.num_threads, prompt_len=cfg.plan.prompt_len,
@@ -497,7 +515,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None, *, name: str = "") 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   reports = []
   for spec in specs:
-    report = plan_target(cfg, spec, name=name)
+    try:
+      report = plan_target(cfg, spec, name=name)
+    except ValueError as e:  # a config that cannot be laid out on the target: say which field
+      print(f"error: plan for {spec}: {e}", file=sys.stderr, flush=True)
+      raise SystemExit(2) from None
     print(format_table(report), flush=True)
     reports.append(report)
   result = {"plans": reports, "fits": all(r["fits"] for r in reports),

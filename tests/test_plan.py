@@ -89,6 +89,16 @@ def test_plan_compile_only_tpu(tmp_path):
     assert f["fits"] and f["flops"] > 0 and f["predicted_seconds"] > 0
 
 
+def test_plan_names_a_batch_that_does_not_split_over_the_mesh(tmp_path):
+  """Eval's 2 prompts on 4 compile-only TPU chips (fsdp=4): exit 2 naming eval.batch_size and
+  what to do, not a sharding traceback."""
+  r = _main("--config=experiments/eval_4b.py:runlocal", "--config.plan.target=tpu:v5e:2x2",
+            "--config.eval.batch_size=2", f"--workdir={tmp_path}")
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "eval.batch_size gives 2 rows per call" in r.stderr
+  assert "4 devices of the batch axes" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_target_parsing_errors():
   with pytest.raises(ValueError, match="tpu:<chip>:<topology>"):
     plan.resolve_target("tpu:v9:2x2")
