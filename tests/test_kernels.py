@@ -308,3 +308,17 @@ def test_backbone_cudnn_lowers_for_cuda(monkeypatch):
   low = jax.jit(f).trace(sd(2, 128, 8, 128), sd(2, 128, 2, 128), sd(2, 128, 2, 128),
                          sd(2, 128, dt=jnp.bool_)).lower(lowering_platforms=("cuda",))
   assert _count(low, "__cudnn$fmha") >= 1
+
+
+@pytest.mark.parametrize("field,value", [("block_q", 8), ("block_k", 48), ("block_q", 0),
+                                         ("block_k", 64.0), ("num_warps", 3), ("num_stages", 0)])
+def test_pallas_block_sizes_are_validated(field, value):
+  """A tile Triton cannot use (not a power of two, < 16) or a bad launch setting fails at
+  construction, naming the field, instead of deep inside the Triton compiler."""
+  with pytest.raises(ValueError, match=f"{field}={value!r}"):
+    PallasBlockSizes(**{field: value})
+  with pytest.raises(ValueError, match="block_k=24"):
+    q = jnp.ones((1, 2, 1, 16))
+    cache = jnp.ones((1, 2 * 8, 1, 16))
+    decode_lib.decode_pallas(q, cache, cache, jnp.ones((1, 16), bool), jnp.int32(4), q, q,
+                             jnp.ones((1, 2), bool), block_k=24, interpret=True)

@@ -28,6 +28,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels.attention.reference import NEG_INF
 from kernels.lattice_attention.mask import Mode, may_attend, validate_mode
+from kernels.lattice_attention.pallas_gpu import check_block
 from kernels.lattice_attention.reference import lattice_attention_reference
 
 
@@ -131,6 +132,7 @@ def _decode_kernel(q_ref, kc_ref, vc_ref, cvalid_ref, len_ref, kn_ref, vn_ref, n
 
 def decode_pallas(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid, *,
                   mask="causal", scale=None, block_k: int = 64, interpret: bool = False):
+  check_block("block_k", block_k)
   b, w, c, e = q.shape
   s = k_cache.shape[1] // w
   ep = max(16, 1 << (e - 1).bit_length())

@@ -31,12 +31,29 @@ from kernels.lattice_attention.mask import Mode, may_attend, validate_mode
 NEG_INF = -1e30
 
 
+def check_block(name: str, value, minimum: int = 16) -> None:
+  """Triton tiles: a power of two, at least 16 (tl.dot's smallest operand dimension)."""
+  if (not isinstance(value, int) or isinstance(value, bool) or value < minimum
+      or value & (value - 1)):
+    raise ValueError(f"{name}={value!r}: a Pallas GPU block must be a power of two >= {minimum}")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
+  """Tiles and launch parameters of the Triton kernels; validated on construction."""
+
   block_q: int = 64
   block_k: int = 64
   num_warps: int = 4
   num_stages: int = 2
+
+  def __post_init__(self):
+    check_block("block_q", self.block_q)
+    check_block("block_k", self.block_k)
+    if self.num_warps not in (1, 2, 4, 8, 16, 32):
+      raise ValueError(f"num_warps={self.num_warps!r}: expected a power of two from 1 to 32")
+    if not isinstance(self.num_stages, int) or self.num_stages < 1:
+      raise ValueError(f"num_stages={self.num_stages!r}: expected an integer >= 1")
 
 
 def _pow2(n: int) -> int:
