@@ -21,7 +21,7 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
-from lace_jax import runtime
+from lace_jax import losses, runtime
 from lace_jax.config import LatticeConfig, ModelConfig
 
 
@@ -117,7 +117,7 @@ def train_section(*, steps: int, trainable: str = "all", grad_accum: int = 1,
       "grad_accum": grad_accum,  # microbatches per optimizer step (a lax.scan)
       # the loss's logits formed this many rows of the vocabulary (or positions, "tokens") at a
       # time, so [B, W, T, V] float32 logits never exist (0 = dense; lace_jax.losses)
-      "logits_chunk": 8192, "logits_chunk_over": "vocab",
+      "logits_chunk": losses.DEFAULT_CHUNK, "logits_chunk_over": "vocab",
       "trainable": trainable,  # all | lattice
       "save_every": save_every, "keep_checkpoints": 3, "async_checkpointing": True,
       "log_every": log_every})

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lace_jax import losses
 from lace_jax.model import Model, Params
 
 # Advantage estimators and loss aggregations are small registered functions, chosen by name
@@ -109,20 +110,19 @@ def diversity(mean_hidden: np.ndarray) -> np.ndarray:
   return np.mean(1.0 - cos[..., iu[0], iu[1]], axis=-1)
 
 
-def token_logprobs(model: Model, params: Params, batch: dict, *, chunk: int = 8192,
+def token_logprobs(model: Model, params: Params, batch: dict, *, chunk: int = losses.DEFAULT_CHUNK,
                    over: str = "vocab"
                    ) -> tuple[jax.Array, jax.Array]:
   """(log pi(target) [B, W, T], entropy [B, W, T]) of the policy on the batch's grid; the
   vocabulary projection runs `chunk` rows of V (or positions of T, `over`) at a time
   (`lace_jax.losses`), so the float32 [B, W, T, V] logits never exist (chunk <= 0: dense)."""
-  from lace_jax import losses
   hidden = model.hidden_states(params, batch["tokens"], valid=batch["valid"])
   return losses.token_logprobs(hidden, model.unembed(params), batch["targets"], chunk=chunk,
                                over=over)
 
 
 def make_loss(*, eps_low: float, eps_high: float, kl_beta: float, aggregation: str,
-              max_new_tokens: int, logits_chunk: int = 8192, logits_over: str = "vocab"):
+              max_new_tokens: int, logits_chunk: int = losses.DEFAULT_CHUNK, logits_over: str = "vocab"):
   """The GRPO LossFn for `Trainer.step_fn`. Batch (per rollout r, thread w, column t):
   tokens, valid, targets, loss_mask [R, W, T]; old_logp, ref_logp [R, W, T];
   advantages [R, W] (thread-aggregated rewards repeat A_i over w)."""
