@@ -21,6 +21,7 @@ from kernels.lattice_attention import (ChunkedBlockSizes, PallasBlockSizes, latt
                                        lattice_attention_reference, lattice_decode_attention)
 from kernels.lattice_attention import decode as decode_lib
 from kernels.lattice_attention import pallas_gpu
+from kernels.lattice_attention.pallas_gpu import Tiles
 
 MODES = ("causal", "other_threads", "same_position")
 TOL = {("xla_chunked", "float32"): 1e-5, ("pallas", "float32"): 1e-4,
@@ -50,8 +51,9 @@ def _impl(name):
   if name == "xla_chunked":  # small blocks, so several key blocks and query blocks are used
     return functools.partial(lattice_attention_chunked,
                              block_sizes=ChunkedBlockSizes(block_k=16, block_q=24))
-  return functools.partial(lattice_attention_pallas, interpret=True,
-                           block_sizes=PallasBlockSizes(block_q=16, block_k=16))
+  # each kernel its own tiles, all smaller than the grid, so several blocks of each are used
+  return functools.partial(lattice_attention_pallas, interpret=True, block_sizes=PallasBlockSizes(
+      fwd=Tiles(16, 32), dq=Tiles(32, 16), dkv=Tiles(16, 16)))
 
 
 def _fwd_and_grads(fn, q, k, v, valid, ct, mode):
@@ -98,16 +100,49 @@ def test_equals_reference_bf16(impl, mode):
 def test_pallas_writes_every_output_element(mode):
   q, k, v, valid, _ = _inputs(3, 21, seed=5)
   b, w, t, c, e = q.shape
-  ep = pallas_gpu.padded_head_dim(e)
-  poison_o = jnp.full((b, c, w * t, ep), jnp.nan, jnp.float32)
+  poison_o = jnp.full((b, w * t, c, e), jnp.nan, jnp.float32)
   poison_lse = jnp.full((b, c, w * t), jnp.nan, jnp.float32)
   o, lse = pallas_gpu.forward_into_buffers(
       q, k, v, key_valid=valid, mask=mode, o_buffer=poison_o, lse_buffer=poison_lse,
-      block_sizes=PallasBlockSizes(block_q=16, block_k=16), interpret=True)
+      block_sizes=PallasBlockSizes.uniform(16, 16), interpret=True)
   assert not np.isnan(np.asarray(o)).any() and not np.isnan(np.asarray(lse)).any()
   ref = lattice_attention_reference(q, k, v, key_valid=valid, mask=mode)
-  got = np.asarray(o)[..., :e].transpose(0, 2, 1, 3).reshape(b, w, t, c, e)
+  got = np.asarray(o).reshape(b, w, t, c, e)
   assert rel_err(got, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pallas_head_dim_not_a_power_of_two(mode):
+  """E = 20 (as E = 80 in the 4B preset) is computed in 32 lanes, the extra ones masked loads of
+  zeros: forward and gradients equal the reference, and the gradients keep the [.., E] shape."""
+  q, k, v, valid, ct = _inputs(3, 13, seed=21, e=20)
+  ref_out, ref_grads = _fwd_and_grads(lattice_attention_reference, q, k, v, valid, ct, mode)
+  out, grads = _fwd_and_grads(_impl("pallas"), q, k, v, valid, ct, mode)
+  assert rel_err(out, ref_out) <= 1e-4
+  for g, r, name in zip(grads, ref_grads, "qkv"):
+    assert g.shape == r.shape and rel_err(g, r) <= 1e-4, name
+
+
+def test_pallas_same_position_visits_only_matching_key_blocks():
+  """Keys at columns 48..63 are padding whose values are NaN. A kernel that visits their block
+  multiplies 0-probabilities by NaN (0 * NaN = NaN), so every query that visits it comes out NaN.
+  same_position queries at columns < 48 must never visit it: finite and equal to the reference;
+  forward (query blocks) and the dk/dv kernel (gradients of the other keys) alike."""
+  w, t = 2, 64
+  q, k, v, valid, ct = _inputs(w, t, seed=8, b=1)
+  valid = jnp.ones_like(valid).at[:, :, 48:].set(False)
+  v_nan = v.at[:, :, 48:].set(jnp.nan)
+  fn = functools.partial(lattice_attention_pallas, interpret=True,
+                         block_sizes=PallasBlockSizes.uniform(16, 16))
+  out, (dq, dk, dv) = _fwd_and_grads(fn, q, k, v_nan, valid, ct.at[:, :, 48:].set(0),
+                                     "same_position")
+  ref, (rq, rk, rv) = _fwd_and_grads(lattice_attention_reference, q, k, v, valid,
+                                     ct.at[:, :, 48:].set(0), "same_position")
+  assert np.isfinite(np.asarray(out[:, :, :48])).all()
+  assert rel_err(out[:, :, :48], ref[:, :, :48]) <= 1e-4
+  for g, r in ((dk, rk), (dv, rv)):
+    assert np.isfinite(np.asarray(g[:, :, :48])).all()
+    assert rel_err(g[:, :, :48], r[:, :, :48]) <= 1e-4
 
 
 def test_dispatch_picks_per_backend_and_rejects_unknown():
@@ -316,7 +351,9 @@ def test_pallas_block_sizes_are_validated(field, value):
   """A tile Triton cannot use (not a power of two, < 16) or a bad launch setting fails at
   construction, naming the field, instead of deep inside the Triton compiler."""
   with pytest.raises(ValueError, match=f"{field}={value!r}"):
-    PallasBlockSizes(**{field: value})
+    Tiles(**{field: value})
+  with pytest.raises(ValueError, match="BlockSizes.dq"):
+    PallasBlockSizes(dq=(64, 64))
   with pytest.raises(ValueError, match="block_k=24"):
     q = jnp.ones((1, 2, 1, 16))
     cache = jnp.ones((1, 2 * 8, 1, 16))

@@ -1,19 +1,28 @@
 """Fused lattice attention in Pallas (Triton backend for GPUs), forward and backward.
 
 One program handles a block of BQ flattened queries (row = w * T + t) of one (batch, lattice
-head); it walks the keys thread by thread and, for the causal modes, only up to the largest
-column of its queries (half the work of a dense pass). The mask is computed in-kernel from the
-rows' and keys' column indices, thread ids and key validity: no mask tensor exists in memory.
-Inputs may be bf16; scores, softmax statistics and accumulators are float32.
+head); it walks the keys thread by thread and only over the key blocks its queries can see:
+for the causal modes up to the largest column of its queries (half the work of a dense pass),
+for `same_position` only the blocks holding its own columns (O(1) blocks per thread). The mask
+is computed in-kernel from the rows' and keys' column indices, thread ids and key validity: no
+mask tensor exists in memory. Inputs may be bf16; scores, softmax statistics and accumulators
+are float32.
+
+Layout: the kernels read q, k, v (and dO) where the model holds them, [B, W*T, C, E] (a free
+reshape of [B, W, T, C, E]): each program picks its head by a strided block and loads rows of
+E elements; a head dim that is not a power of two (E = 80 in the 4B preset) is loaded as the
+next power of two with the extra lanes masked to zero. No padded or transposed copy of any
+operand is made in HBM, and outputs are written in the same layout.
 
 Backward (`jax.custom_vjp`): delta = rowsum(dO * O) in XLA, then a dq kernel (grid over query
 blocks, loop over keys) and a dk/dv kernel (grid over key blocks, loop over queries), both
-recomputing probabilities from the saved log-sum-exp.
+recomputing probabilities from the saved log-sum-exp. Each of the three kernels has its own
+tiles and launch parameters (`BlockSizes`).
 
 Contract (narrower than the reference's): grid columns are positions, q_cols = arange(T) and
 k_cols = arange(S), as in training and prefill; the kernels skip key and query blocks by
 position. Decoding has its own kernel (`decode.py`). Runs on CPU with `interpret=True` (tests);
-lowers for CUDA on any machine.
+compiles for CUDA on any machine with a CUDA jaxlib (deviceless, `tests/test_gpu_compile.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from jax.experimental.pallas import triton as pltriton
 from kernels.lattice_attention.mask import Mode, may_attend, validate_mode
 
 NEG_INF = -1e30
+_FAR = 2**30  # a column no query reaches
 
 
 def check_block(name: str, value, minimum: int = 16) -> None:
@@ -38,9 +48,17 @@ def check_block(name: str, value, minimum: int = 16) -> None:
     raise ValueError(f"{name}={value!r}: a Pallas GPU block must be a power of two >= {minimum}")
 
 
+def check_launch(name: str, num_warps, num_stages) -> None:
+  if num_warps not in (1, 2, 4, 8, 16, 32) or isinstance(num_warps, bool):
+    raise ValueError(f"{name}num_warps={num_warps!r}: expected a power of two from 1 to 32")
+  if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
+    raise ValueError(f"{name}num_stages={num_stages!r}: expected an integer >= 1")
+
+
 @dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Tiles and launch parameters of the Triton kernels; validated on construction."""
+class Tiles:
+  """One kernel's tiles (rows of queries x rows of keys per step) and launch parameters;
+  validated on construction."""
 
   block_q: int = 64
   block_k: int = 64
@@ -50,14 +68,49 @@ class BlockSizes:
   def __post_init__(self):
     check_block("block_q", self.block_q)
     check_block("block_k", self.block_k)
-    if self.num_warps not in (1, 2, 4, 8, 16, 32):
-      raise ValueError(f"num_warps={self.num_warps!r}: expected a power of two from 1 to 32")
-    if not isinstance(self.num_stages, int) or self.num_stages < 1:
-      raise ValueError(f"num_stages={self.num_stages!r}: expected an integer >= 1")
+    check_launch("", self.num_warps, self.num_stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiles of the forward, dq and dk/dv kernels (`BlockSizes.for_head_dim` picks them from the
+  padded head dim; `BlockSizes.uniform` gives all three kernels the same)."""
+
+  fwd: Tiles = Tiles()
+  dq: Tiles = Tiles()
+  dkv: Tiles = Tiles()
+
+  def __post_init__(self):
+    for name in ("fwd", "dq", "dkv"):
+      if not isinstance(getattr(self, name), Tiles):
+        raise ValueError(f"BlockSizes.{name}={getattr(self, name)!r}: expected a Tiles")
+
+  @classmethod
+  def uniform(cls, block_q: int = 64, block_k: int = 64, num_warps: int = 4,
+              num_stages: int = 2) -> BlockSizes:
+    tiles = Tiles(block_q, block_k, num_warps, num_stages)
+    return cls(tiles, tiles, tiles)
+
+  @classmethod
+  def for_head_dim(cls, head_dim: int) -> BlockSizes:
+    """Defaults after jax's Pallas GPU flash attention (jax.experimental.pallas.ops.gpu):
+    larger query tiles forward, small square tiles backward (the backward holds two
+    accumulators), 8 warps from a padded head dim of 128. They fit the shared memory of the
+    smallest target (RTX PRO 6000: 99 KiB per block, `tests/test_gpu_compile.py`)."""
+    ep = padded_head_dim(head_dim)
+    warps = 4 if ep <= 64 else 8
+    return cls(fwd=Tiles(128, 64, warps, 2), dq=Tiles(64, 32, warps, 2),
+               dkv=Tiles(32, 64, warps, 2))
 
 
 def _pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
+
+
+def padded_head_dim(e: int) -> int:
+  """The head dim the kernels compute with: E rounded up to a power of two >= 16 (the extra
+  lanes are masked loads of zeros, never memory)."""
+  return max(16, _pow2(e))
 
 
 def _mask(mode, q_thr, q_col, k_thr, k_col, k_ok):
@@ -71,47 +124,61 @@ def _dot(a, b, precise):
                  precision=jax.lax.Precision.HIGHEST if precise else None)
 
 
-def _load_keys(ref, start, n, rows_ok, ep):
-  return pltriton.load(ref.at[pl.ds(start, n), pl.ds(0, ep)], mask=rows_ok[:, None], other=0.0)
+def _rows(ref, start, n, rows_ok, ep, e):
+  """Rows [start, start + n) of a [rows, E] ref as [n, Ep]: rows not ok and lanes >= E are 0."""
+  lanes = jnp.arange(ep, dtype=jnp.int32) < e
+  return pltriton.load(ref.at[pl.ds(start, n), pl.ds(0, ep)],
+                       mask=rows_ok[:, None] & lanes[None, :], other=0.0)
 
 
-def _query_rows(q_ref, qcol_ref, iq, bq, w, t, ep):
-  """Query block iq: (q [BQ, Ep], row ok, row thread ids, row columns, largest column)."""
+def _store_rows(ref, start, n, rows_ok, x, e):
+  ep = x.shape[-1]
+  lanes = jnp.arange(ep, dtype=jnp.int32) < e
+  pltriton.store(ref.at[pl.ds(start, n), pl.ds(0, ep)], x.astype(ref.dtype),
+                 mask=rows_ok[:, None] & lanes[None, :])
+
+
+def _query_rows(q_ref, qcol_ref, iq, bq, w, t, e, ep):
+  """Query block iq: (q [BQ, Ep], row ok, row thread ids, row columns, smallest and largest
+  column of its rows)."""
   rows = iq * bq + jnp.arange(bq, dtype=jnp.int32)
   row_ok = rows < w * t
-  q = pltriton.load(q_ref.at[pl.ds(iq * bq, bq), pl.ds(0, ep)], mask=row_ok[:, None], other=0.0)
+  q = _rows(q_ref, iq * bq, bq, row_ok, ep, e)
   q_col = pltriton.load(qcol_ref.at[pl.ds(iq * bq, bq)], mask=row_ok, other=-1)
-  return q, row_ok, rows // t, q_col, jnp.max(q_col)
+  col_min = jnp.min(jnp.where(row_ok, q_col, _FAR))
+  return q, row_ok, rows // t, q_col, col_min, jnp.max(q_col)
 
 
-def _key_block(k_ref, v_ref, kcol_ref, kvalid_ref, wk, j, *, s, bk, ep, mode, q_thr, q_col):
+def _key_block(k_ref, v_ref, kcol_ref, kvalid_ref, wk, j, *, s, bk, e, ep, mode, q_thr, q_col):
   """Key block j of thread wk: (k, v [BK, Ep], allowed [BQ, BK]) with the mask built from ids."""
   ok = j * bk + jnp.arange(bk, dtype=jnp.int32) < s
   start = wk * s + j * bk
-  k = _load_keys(k_ref, start, bk, ok, ep)
-  v = _load_keys(v_ref, start, bk, ok, ep)
-  k_col = pltriton.load(kcol_ref.at[pl.ds(j * bk, bk)], mask=ok, other=2**30)
+  k = _rows(k_ref, start, bk, ok, ep, e)
+  v = _rows(v_ref, start, bk, ok, ep, e)
+  k_col = pltriton.load(kcol_ref.at[pl.ds(j * bk, bk)], mask=ok, other=_FAR)
   k_ok = pltriton.load(kvalid_ref.at[pl.ds(start, bk)], mask=ok, other=0) > 0
   return k, v, _mask(mode, q_thr, q_col, jnp.full((bk,), wk, jnp.int32), k_col, k_ok & ok)
 
 
-def _num_key_blocks(mode, col_max, s, bk):
-  """Blocks of one thread's keys that queries up to column col_max can see."""
-  if mode == Mode.SAME_POSITION:
-    return pl.cdiv(s, bk)
-  return pl.cdiv(jnp.clip(col_max + 1, 0, s), bk)
+def _key_block_range(mode, col_min, col_max, s, bk):
+  """[first, end) of the blocks of one thread's keys that queries at columns col_min..col_max
+  can see (key columns are positions 0..S-1)."""
+  end = pl.cdiv(jnp.clip(col_max + 1, 0, s), bk)
+  if mode == Mode.SAME_POSITION:  # only the blocks holding the queries' own columns
+    return jnp.minimum(jnp.clip(col_min, 0, s) // bk, end), end
+  return 0, end
 
 
 # ---------------------------------------------------------------- forward
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, qcol_ref, kcol_ref, kvalid_ref, o_ref, lse_ref, *, mode,
-                scale, w, t, s, e, bq, bk, precise):
+                scale, w, t, s, e, ep, bq, bk, precise):
   iq = pl.program_id(0)
-  ep = q_ref.shape[-1]
-  q, row_ok, q_thr, q_col, col_max = _query_rows(q_ref, qcol_ref, iq, bq, w, t, ep)
-  keys = functools.partial(_key_block, k_ref, v_ref, kcol_ref, kvalid_ref, s=s, bk=bk, ep=ep,
-                           mode=mode, q_thr=q_thr, q_col=q_col)
+  q, row_ok, q_thr, q_col, col_min, col_max = _query_rows(q_ref, qcol_ref, iq, bq, w, t, e, ep)
+  keys = functools.partial(_key_block, k_ref, v_ref, kcol_ref, kvalid_ref, s=s, bk=bk, e=e,
+                           ep=ep, mode=mode, q_thr=q_thr, q_col=q_col)
+  first, end = _key_block_range(mode, col_min, col_max, s, bk)
 
   def thread_body(wk, carry):
     def block_body(j, carry):
@@ -125,7 +192,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qcol_ref, kcol_ref, kvalid_ref, o_ref, lse_
       acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precise)
       return acc, m_new, l
 
-    return jax.lax.fori_loop(0, _num_key_blocks(mode, col_max, s, bk), block_body, carry)
+    return jax.lax.fori_loop(first, end, block_body, carry)
 
   init = (jnp.zeros((bq, ep), jnp.float32), jnp.full((bq,), NEG_INF, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
@@ -133,39 +200,54 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qcol_ref, kcol_ref, kvalid_ref, o_ref, lse_
   empty = l == 0.0
   out = acc / jnp.where(empty, 1.0, l)[:, None]
   lse = jnp.where(empty, 0.0, m + jnp.log(jnp.where(empty, 1.0, l)))
-  pltriton.store(o_ref.at[pl.ds(iq * bq, bq), pl.ds(0, ep)], out.astype(o_ref.dtype),
-                 mask=row_ok[:, None])
+  _store_rows(o_ref, iq * bq, bq, row_ok, out, e)
   pltriton.store(lse_ref.at[pl.ds(iq * bq, bq)], lse, mask=row_ok)
 
 
-def _call_fwd(qf, kf, vf, q_cols, k_cols, kvalid, *, mode, scale, w, t, s, e, blocks, interpret,
+def _head_spec(n, e):
+  """One (batch, head)'s rows of a [B, N, C, E] array: a strided [N, E] block."""
+  return pl.BlockSpec((None, n, None, e), lambda i, bb, cc: (bb, 0, cc, 0))
+
+
+def _row_spec(n):
+  """One (batch, head)'s entries of a [B, C, N] array."""
+  return pl.BlockSpec((None, None, n), lambda i, bb, cc: (bb, cc, 0))
+
+
+def _ids_specs(q_cols, k_cols, kvalid):
+  return [pl.BlockSpec((q_cols.shape[0],), lambda i, bb, cc: (0,)),
+          pl.BlockSpec((k_cols.shape[0],), lambda i, bb, cc: (0,)),
+          pl.BlockSpec((None, kvalid.shape[1]), lambda i, bb, cc: (bb, 0))]
+
+
+def _params(tiles: Tiles):
+  return pltriton.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
+def _call_fwd(qf, kf, vf, q_cols, k_cols, kvalid, *, mode, scale, w, t, s, tiles, interpret,
               out=None):
-  b, c, nq, ep = qf.shape
-  bq, bk = blocks.block_q, blocks.block_k
-  kernel = functools.partial(_fwd_kernel, mode=mode, scale=scale, w=w, t=t, s=s, e=e, bq=bq,
-                             bk=bk, precise=qf.dtype == jnp.float32)
-  full_q = pl.BlockSpec((None, None, nq, ep), lambda i, bb, cc: (bb, cc, 0, 0))
-  full_k = pl.BlockSpec((None, None, kf.shape[2], ep), lambda i, bb, cc: (bb, cc, 0, 0))
-  in_specs = [full_q, full_k, full_k,
-              pl.BlockSpec((q_cols.shape[0],), lambda i, bb, cc: (0,)),
-              pl.BlockSpec((k_cols.shape[0],), lambda i, bb, cc: (0,)),
-              pl.BlockSpec((None, kvalid.shape[1]), lambda i, bb, cc: (bb, 0))]
+  b, nq, c, e = qf.shape
+  nk = kf.shape[1]
+  ep = padded_head_dim(e)
+  kernel = functools.partial(_fwd_kernel, mode=mode, scale=scale, w=w, t=t, s=s, e=e, ep=ep,
+                             bq=tiles.block_q, bk=tiles.block_k,
+                             precise=qf.dtype == jnp.float32)
+  in_specs = [_head_spec(nq, e), _head_spec(nk, e), _head_spec(nk, e),
+              *_ids_specs(q_cols, k_cols, kvalid)]
   out_shape = [jax.ShapeDtypeStruct(qf.shape, qf.dtype),
                jax.ShapeDtypeStruct((b, c, nq), jnp.float32)]
-  out_specs = [full_q, pl.BlockSpec((None, None, nq), lambda i, bb, cc: (bb, cc, 0))]
+  out_specs = [_head_spec(nq, e), _row_spec(nq)]
   args = [qf, kf, vf, q_cols, k_cols, kvalid]
   aliases = {}
   if out is not None:  # tests pass poisoned output buffers to prove every element is written
-    in_specs += [full_q, pl.BlockSpec((None, None, nq), lambda i, bb, cc: (bb, cc, 0))]
+    in_specs += out_specs
     args += list(out)
     aliases = {6: 0, 7: 1}
     kernel = _ignore_extra(kernel, 2)
   return pl.pallas_call(
-      kernel, grid=(pl.cdiv(nq, bq), b, c), in_specs=in_specs, out_specs=out_specs,
+      kernel, grid=(pl.cdiv(nq, tiles.block_q), b, c), in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, input_output_aliases=aliases, interpret=interpret,
-      compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps,
-                                              num_stages=blocks.num_stages),
-      name=f"lattice_fwd_{mode.name.lower()}")(*args)
+      compiler_params=_params(tiles), name=f"lattice_fwd_{mode.name.lower()}")(*args)
 
 
 def _ignore_extra(kernel, n):
@@ -182,16 +264,15 @@ def _ignore_extra(kernel, n):
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qcol_ref, kcol_ref, kvalid_ref,
-               dq_ref, *, mode, scale, w, t, s, bq, bk, precise):
+               dq_ref, *, mode, scale, w, t, s, e, ep, bq, bk, precise):
   iq = pl.program_id(0)
-  ep = q_ref.shape[-1]
-  q, row_ok, q_thr, q_col, col_max = _query_rows(q_ref, qcol_ref, iq, bq, w, t, ep)
-  sl = (pl.ds(iq * bq, bq), pl.ds(0, ep))
-  do = pltriton.load(do_ref.at[sl], mask=row_ok[:, None], other=0.0)
+  q, row_ok, q_thr, q_col, col_min, col_max = _query_rows(q_ref, qcol_ref, iq, bq, w, t, e, ep)
+  do = _rows(do_ref, iq * bq, bq, row_ok, ep, e)
   lse = pltriton.load(lse_ref.at[pl.ds(iq * bq, bq)], mask=row_ok, other=0.0)
   delta = pltriton.load(delta_ref.at[pl.ds(iq * bq, bq)], mask=row_ok, other=0.0)
-  keys = functools.partial(_key_block, k_ref, v_ref, kcol_ref, kvalid_ref, s=s, bk=bk, ep=ep,
-                           mode=mode, q_thr=q_thr, q_col=q_col)
+  keys = functools.partial(_key_block, k_ref, v_ref, kcol_ref, kvalid_ref, s=s, bk=bk, e=e,
+                           ep=ep, mode=mode, q_thr=q_thr, q_col=q_col)
+  first, end = _key_block_range(mode, col_min, col_max, s, bk)
 
   def thread_body(wk, dq):
     def block_body(j, dq):
@@ -201,38 +282,38 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qcol_ref, kcol_r
       ds = p * (_dot(do, v.T, precise) - delta[:, None]) * scale
       return dq + _dot(ds.astype(k.dtype), k, precise)
 
-    return jax.lax.fori_loop(0, _num_key_blocks(mode, col_max, s, bk), block_body, dq)
+    return jax.lax.fori_loop(first, end, block_body, dq)
 
   dq = jax.lax.fori_loop(0, w, thread_body, jnp.zeros((bq, ep), jnp.float32))
-  pltriton.store(dq_ref.at[sl], dq.astype(dq_ref.dtype), mask=row_ok[:, None])
+  _store_rows(dq_ref, iq * bq, bq, row_ok, dq, e)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qcol_ref, kcol_ref, kvalid_ref,
-                dk_ref, dv_ref, *, mode, scale, w, t, s, bq, bk, precise):
+                dk_ref, dv_ref, *, mode, scale, w, t, s, e, ep, bq, bk, precise):
   ik = pl.program_id(0)
   keys = ik * bk + jnp.arange(bk, dtype=jnp.int32)
   key_ok = keys < w * s
-  ep = k_ref.shape[-1]
-  sl = (pl.ds(ik * bk, bk), pl.ds(0, ep))
-  k = pltriton.load(k_ref.at[sl], mask=key_ok[:, None], other=0.0)
-  v = pltriton.load(v_ref.at[sl], mask=key_ok[:, None], other=0.0)
+  k = _rows(k_ref, ik * bk, bk, key_ok, ep, e)
+  v = _rows(v_ref, ik * bk, bk, key_ok, ep, e)
   k_thr = keys // s
-  k_col = pltriton.load(kcol_ref.at[pl.ds(ik * bk, bk)], mask=key_ok, other=2**30)
+  k_col = pltriton.load(kcol_ref.at[pl.ds(ik * bk, bk)], mask=key_ok, other=_FAR)
   k_ok = (pltriton.load(kvalid_ref.at[pl.ds(ik * bk, bk)], mask=key_ok, other=0) > 0) & key_ok
-  col_min = jnp.min(jnp.where(key_ok, k_col, 2**30))
+  # queries at columns >= the block's smallest key column can see it (causal modes); for
+  # same_position only the queries at its columns
+  col_min = jnp.min(jnp.where(key_ok, k_col, _FAR))
+  first = jnp.clip(col_min, 0, t) // bq
+  end = pl.cdiv(t, bq)
+  if mode == Mode.SAME_POSITION:
+    end = pl.cdiv(jnp.clip(jnp.max(jnp.where(key_ok, k_col, -1)) + 1, 0, t), bq)
 
   def thread_body(wq, carry):
-    # queries of thread wq at rows [wq*t, wq*t + t); only columns >= col_min can see these keys
-    first = jnp.clip(col_min, 0, t) // bq if mode != Mode.SAME_POSITION else 0
-
-    def block_body(j, carry):
+    def block_body(j, carry):  # queries of thread wq at rows [wq*t + j*bq, ...)
       dk, dv = carry
       pos = j * bq + jnp.arange(bq, dtype=jnp.int32)
       ok = pos < t
       start = wq * t + j * bq
-      qs = (pl.ds(start, bq), pl.ds(0, ep))
-      q = pltriton.load(q_ref.at[qs], mask=ok[:, None], other=0.0)
-      do = pltriton.load(do_ref.at[qs], mask=ok[:, None], other=0.0)
+      q = _rows(q_ref, start, bq, ok, ep, e)
+      do = _rows(do_ref, start, bq, ok, ep, e)
       lse = pltriton.load(lse_ref.at[pl.ds(start, bq)], mask=ok, other=0.0)
       delta = pltriton.load(delta_ref.at[pl.ds(start, bq)], mask=ok, other=0.0)
       q_col = pltriton.load(qcol_ref.at[pl.ds(j * bq, bq)], mask=ok, other=-1)
@@ -246,41 +327,37 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qcol_ref, kcol_
       dk = dk + _dot(ds.T.astype(q.dtype), q, precise)
       return dk, dv
 
-    return jax.lax.fori_loop(first, pl.cdiv(t, bq), block_body, carry)
+    return jax.lax.fori_loop(first, end, block_body, carry)
 
   zeros = jnp.zeros((bk, ep), jnp.float32)
   dk, dv = jax.lax.fori_loop(0, w, thread_body, (zeros, zeros))
-  pltriton.store(dk_ref.at[sl], dk.astype(dk_ref.dtype), mask=key_ok[:, None])
-  pltriton.store(dv_ref.at[sl], dv.astype(dv_ref.dtype), mask=key_ok[:, None])
+  _store_rows(dk_ref, ik * bk, bk, key_ok, dk, e)
+  _store_rows(dv_ref, ik * bk, bk, key_ok, dv, e)
 
 
 def _call_bwd(qf, kf, vf, do, lse, delta, q_cols, k_cols, kvalid, *, mode, scale, w, t, s,
               blocks, interpret):
-  b, c, nq, ep = qf.shape
-  nk = kf.shape[2]
-  bq, bk = blocks.block_q, blocks.block_k
-  precise = qf.dtype == jnp.float32
-  full = lambda n: pl.BlockSpec((None, None, n, ep), lambda i, bb, cc: (bb, cc, 0, 0))
-  rowvec = pl.BlockSpec((None, None, nq), lambda i, bb, cc: (bb, cc, 0))
-  in_specs = [full(nq), full(nk), full(nk), full(nq), rowvec, rowvec,
-              pl.BlockSpec((q_cols.shape[0],), lambda i, bb, cc: (0,)),
-              pl.BlockSpec((k_cols.shape[0],), lambda i, bb, cc: (0,)),
-              pl.BlockSpec((None, kvalid.shape[1]), lambda i, bb, cc: (bb, 0))]
+  b, nq, c, e = qf.shape
+  nk = kf.shape[1]
+  common = dict(mode=mode, scale=scale, w=w, t=t, s=s, e=e, ep=padded_head_dim(e),
+                precise=qf.dtype == jnp.float32)
+  in_specs = [_head_spec(nq, e), _head_spec(nk, e), _head_spec(nk, e), _head_spec(nq, e),
+              _row_spec(nq), _row_spec(nq), *_ids_specs(q_cols, k_cols, kvalid)]
   args = (qf, kf, vf, do, lse, delta, q_cols, k_cols, kvalid)
-  params = pltriton.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
-  common = dict(mode=mode, scale=scale, w=w, t=t, s=s, bq=bq, bk=bk, precise=precise)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, **common), grid=(pl.cdiv(nq, bq), b, c), in_specs=in_specs,
-      out_specs=full(nq), out_shape=jax.ShapeDtypeStruct(qf.shape, qf.dtype),
-      interpret=interpret, compiler_params=params,
+      functools.partial(_dq_kernel, bq=blocks.dq.block_q, bk=blocks.dq.block_k, **common),
+      grid=(pl.cdiv(nq, blocks.dq.block_q), b, c), in_specs=in_specs,
+      out_specs=_head_spec(nq, e), out_shape=jax.ShapeDtypeStruct(qf.shape, qf.dtype),
+      interpret=interpret, compiler_params=_params(blocks.dq),
       name=f"lattice_dq_{mode.name.lower()}")(*args)
   kcol_full = jnp.tile(k_cols, w)  # the dk/dv kernel indexes keys by flattened position
   in_specs[7] = pl.BlockSpec((kcol_full.shape[0],), lambda i, bb, cc: (0,))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, **common), grid=(pl.cdiv(nk, bk), b, c),
-      in_specs=in_specs, out_specs=[full(nk), full(nk)],
+      functools.partial(_dkv_kernel, bq=blocks.dkv.block_q, bk=blocks.dkv.block_k, **common),
+      grid=(pl.cdiv(nk, blocks.dkv.block_k), b, c), in_specs=in_specs,
+      out_specs=[_head_spec(nk, e)] * 2,
       out_shape=[jax.ShapeDtypeStruct(kf.shape, kf.dtype)] * 2, interpret=interpret,
-      compiler_params=params,
+      compiler_params=_params(blocks.dkv),
       name=f"lattice_dkv_{mode.name.lower()}")(*args[:7], kcol_full, args[8])
   return dq, dk, dv
 
@@ -288,18 +365,12 @@ def _call_bwd(qf, kf, vf, do, lse, delta, q_cols, k_cols, kvalid, *, mode, scale
 # ---------------------------------------------------------------- wrapper
 
 
-def _flatten(q, k, v, key_valid, ep):
+def _flatten(q, k, v, key_valid):
+  """Free reshapes: q [B, W*T, C, E], k, v [B, W*S, C, E], key validity [B, W*S] int32."""
   b, w, t, c, e = q.shape
   s = k.shape[2]
-  pad = [(0, 0)] * 3 + [(0, ep - e)]
-  qf = jnp.pad(q.reshape(b, w * t, c, e).transpose(0, 2, 1, 3), pad)  # [B, C, Q, Ep]
-  kf = jnp.pad(k.reshape(b, w * s, c, e).transpose(0, 2, 1, 3), pad)
-  vf = jnp.pad(v.reshape(b, w * s, c, e).transpose(0, 2, 1, 3), pad)
-  return qf, kf, vf, key_valid.reshape(b, w * s).astype(jnp.int32)
-
-
-def _unflatten(x, b, w, n, c, e):
-  return x[..., :e].transpose(0, 2, 1, 3).reshape(b, w, n, c, e)
+  return (q.reshape(b, w * t, c, e), k.reshape(b, w * s, c, e), v.reshape(b, w * s, c, e),
+          key_valid.reshape(b, w * s).astype(jnp.int32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
@@ -310,61 +381,57 @@ def _attn(q, k, v, key_valid, q_cols, k_cols, mode, scale, blocks, interpret):
 def _attn_fwd(q, k, v, key_valid, q_cols, k_cols, mode, scale, blocks, interpret):
   b, w, t, c, e = q.shape
   s = k.shape[2]
-  ep = max(16, _pow2(e))
-  qf, kf, vf, kvalid = _flatten(q, k, v, key_valid, ep)
-  qcol_rows = jnp.tile(q_cols, w)
-  out, lse = _call_fwd(qf, kf, vf, qcol_rows, k_cols, kvalid, mode=mode, scale=scale, w=w,
-                       t=t, s=s, e=e, blocks=blocks, interpret=interpret)
-  return _unflatten(out, b, w, t, c, e), (q, k, v, key_valid, q_cols, k_cols, out, lse)
+  qf, kf, vf, kvalid = _flatten(q, k, v, key_valid)
+  out, lse = _call_fwd(qf, kf, vf, jnp.tile(q_cols, w), k_cols, kvalid, mode=mode, scale=scale,
+                       w=w, t=t, s=s, tiles=blocks.fwd, interpret=interpret)
+  return out.reshape(q.shape), (q, k, v, key_valid, q_cols, k_cols, out, lse)
 
 
 def _attn_bwd(mode, scale, blocks, interpret, res, g):
   q, k, v, key_valid, q_cols, k_cols, out, lse = res
   b, w, t, c, e = q.shape
   s = k.shape[2]
-  ep = out.shape[-1]
-  qf, kf, vf, kvalid = _flatten(q, k, v, key_valid, ep)
-  do = jnp.pad(g.reshape(b, w * t, c, e).transpose(0, 2, 1, 3), [(0, 0)] * 3 + [(0, ep - e)])
-  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, C, Q]
-  dq, dk, dv = _call_bwd(qf, kf, vf, do.astype(qf.dtype), lse, delta, jnp.tile(q_cols, w),
-                         k_cols, kvalid, mode=mode, scale=scale, w=w, t=t, s=s,
-                         blocks=blocks, interpret=interpret)
-  return (_unflatten(dq, b, w, t, c, e), _unflatten(dk, b, w, s, c, e),
-          _unflatten(dv, b, w, s, c, e), None, None, None)
+  qf, kf, vf, kvalid = _flatten(q, k, v, key_valid)
+  do = g.reshape(b, w * t, c, e).astype(qf.dtype)
+  delta = jnp.einsum("BQCE,BQCE->BCQ", do.astype(jnp.float32), out.astype(jnp.float32))
+  dq, dk, dv = _call_bwd(qf, kf, vf, do, lse, delta, jnp.tile(q_cols, w), k_cols, kvalid,
+                         mode=mode, scale=scale, w=w, t=t, s=s, blocks=blocks,
+                         interpret=interpret)
+  return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), None, None, None
 
 
 _attn.defvjp(_attn_fwd, _attn_bwd)
 
 
 def lattice_attention_pallas(q, k, v, *, key_valid, mask="causal", q_cols=None, k_cols=None,
-                             scale=None, block_sizes: BlockSizes = BlockSizes(),
+                             scale=None, block_sizes: BlockSizes | None = None,
                              interpret: bool = False):
-  """`reference.lattice_attention_reference` with grid columns = positions (see module doc)."""
+  """`reference.lattice_attention_reference` with grid columns = positions (see module doc).
+  block_sizes None: `BlockSizes.for_head_dim(E)`."""
   if q_cols is not None or k_cols is not None:
     raise ValueError("the Pallas lattice kernel takes grid columns = positions (q_cols and "
                      "k_cols None); use implementation='xla_chunked' or 'reference' for others")
   b, w, t, c, e = q.shape
   s = k.shape[2]
+  blocks = BlockSizes.for_head_dim(e) if block_sizes is None else block_sizes
+  if not isinstance(blocks, BlockSizes):
+    raise ValueError(f"block_sizes={blocks!r}: expected a pallas_gpu.BlockSizes")
   q_cols = jnp.arange(t, dtype=jnp.int32)
   k_cols = jnp.arange(s, dtype=jnp.int32)
   scale = e**-0.5 if scale is None else float(scale)
-  return _attn(q, k, v, key_valid, q_cols, k_cols, validate_mode(mask), scale, block_sizes,
+  return _attn(q, k, v, key_valid, q_cols, k_cols, validate_mode(mask), scale, blocks,
                interpret)
 
 
 def forward_into_buffers(q, k, v, *, key_valid, mask, o_buffer, lse_buffer,
-                         block_sizes: BlockSizes = BlockSizes(), interpret: bool = False):
-  """The forward kernel writing into given (aliased) flattened buffers, o [B, C, W*T, Ep] and
+                         block_sizes: BlockSizes | None = None, interpret: bool = False):
+  """The forward kernel writing into given (aliased) buffers, o [B, W*T, C, E] and
   lse [B, C, W*T]: tests pass NaN-filled buffers to prove every output element is written."""
   b, w, t, c, e = q.shape
   s = k.shape[2]
-  ep = o_buffer.shape[-1]
-  qf, kf, vf, kvalid = _flatten(q, k, v, key_valid, ep)
+  blocks = BlockSizes.for_head_dim(e) if block_sizes is None else block_sizes
+  qf, kf, vf, kvalid = _flatten(q, k, v, key_valid)
   return _call_fwd(qf, kf, vf, jnp.tile(jnp.arange(t, dtype=jnp.int32), w),
                    jnp.arange(s, dtype=jnp.int32), kvalid, mode=validate_mode(mask), scale=e**-0.5,
-                   w=w, t=t, s=s, e=e, blocks=block_sizes, interpret=interpret,
+                   w=w, t=t, s=s, tiles=blocks.fwd, interpret=interpret,
                    out=(o_buffer, lse_buffer))
-
-
-def padded_head_dim(e: int) -> int:
-  return max(16, _pow2(e))
