@@ -158,6 +158,39 @@ def test_dispatch_picks_per_backend_and_rejects_unknown():
                       q_cols=jnp.arange(5) + 3)
 
 
+def test_pallas_that_does_not_compile_falls_back_to_xla_chunked(monkeypatch):
+  """When the machine's own GPU cannot compile a Pallas kernel at a shape, that shape runs
+  "xla_chunked" after one warning naming the shape and the error. Reproduced on CPU, where a
+  Pallas call outside the interpreter really fails to compile: the probe is switched on as on a
+  GPU, and the real compile error must be caught, named, and replaced."""
+  import kernels.lattice_attention as la
+  monkeypatch.setattr(la, "_compiles_here", lambda: True)
+  la._pallas_failure.cache_clear()
+  q, k, v, valid, ct = _inputs(3, 9, seed=6)
+  f = jax.jit(functools.partial(lattice_attention, key_valid=valid, implementation="pallas"))
+  with pytest.warns(RuntimeWarning, match=r"does not compile for shapes \[\(2, 3, 9, 2, 16\)"):
+    out = f(q, k, v)
+  assert rel_err(out, lattice_attention_reference(q, k, v, key_valid=valid)) <= 1e-5
+  import warnings as w
+  with w.catch_warnings():  # the same shape again: no second warning, no second probe
+    w.simplefilter("error")
+    out2 = jax.jit(lambda q, k, v: lattice_attention(q, k, v, key_valid=valid,
+                                                     implementation="pallas"))(q, k, v)
+  np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
+  assert la._pallas_failure.cache_info().currsize == 1  # one probe per (kind, mask, shapes)
+  # decoding falls back to the direct XLA form the same way
+  b, w_, s, c, e = 2, 3, 7, 2, 16
+  ks = jax.random.split(jax.random.key(9), 5)
+  args = (jax.random.normal(ks[0], (b, w_, c, e)), jax.random.normal(ks[1], (b, w_ * s, c, e)),
+          jax.random.normal(ks[2], (b, w_ * s, c, e)), jnp.ones((b, w_ * s), bool),
+          jnp.array([5, 7], jnp.int32), jax.random.normal(ks[3], (b, w_, c, e)),
+          jax.random.normal(ks[4], (b, w_, c, e)), jnp.ones((b, w_), bool))
+  with pytest.warns(RuntimeWarning, match="decode attention"):
+    got = lattice_decode_attention(*args, implementation="pallas")
+  assert rel_err(got, decode_lib.decode_reference(*args)) <= 1e-5
+  la._pallas_failure.cache_clear()
+
+
 def test_chunked_honours_custom_columns():
   """Queries at later grid columns than their positions (e.g. a prefix already decoded)."""
   q, k, v, valid, _ = _inputs(3, 9, seed=4)
@@ -294,6 +327,18 @@ def _count(lowered, target):
   return lowered.as_text().count(target)
 
 
+# The custom call a Pallas Triton kernel lowers to: jaxlib 0.10 emits the Triton IR for XLA to
+# compile; from jaxlib 0.11 (the lent GPU machines) the kernel is compiled at lowering time and
+# called through an FFI target.
+TRITON_CALLS = ("__gpu$xla.gpu.triton", "triton_kernel_call")
+
+
+def _triton_calls(lowered):
+  text = lowered.as_text()
+  return sum(text.count(f'custom_call @{name}') + text.count(f'call_target_name = "{name}')
+             for name in TRITON_CALLS)
+
+
 def test_backbone_decode_attention_chunked_equals_reference():
   """One query column at an offset against a long cache (the decoding case)."""
   b, s, n, kh, h = 3, 1100, 4, 2, 16
@@ -313,16 +358,16 @@ def test_pallas_kernels_lower_for_cuda():
   f = lambda q, k, v, m: lattice_attention_pallas(q, k, v, key_valid=m)
   q, m = sd(b, w, t, c, e), sd(b, w, t, dt=jnp.bool_)
   fwd = jax.jit(f).trace(q, q, q, m).lower(lowering_platforms=("cuda",))
-  assert _count(fwd, "__gpu$xla.gpu.triton") == 1
+  assert _triton_calls(fwd) == 1
   g = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2))
   bwd = jax.jit(g).trace(q, q, q, m).lower(lowering_platforms=("cuda",))
-  assert _count(bwd, "__gpu$xla.gpu.triton") == 3  # forward, dq, dk/dv
+  assert _triton_calls(bwd) == 3  # forward, dq, dk/dv
   s = 500
   dec = jax.jit(decode_lib.decode_pallas).trace(
       sd(b, w, c, e), sd(b, w * s, c, e), sd(b, w * s, c, e), sd(b, w * s, dt=jnp.bool_),
       sd(b, dt=jnp.int32), sd(b, w, c, e), sd(b, w, c, e), sd(b, w, dt=jnp.bool_)
   ).lower(lowering_platforms=("cuda",))
-  assert _count(dec, "__gpu$xla.gpu.triton") == 1
+  assert _triton_calls(dec) >= 1
 
 
 def test_backbone_pallas_tpu_lowers_for_tpu():
