@@ -4,7 +4,7 @@ Every experiment file under `experiments/` spells out its own hyperparameters an
 sections every mode shares from the helpers here:
   mode         which job `lace_jax.main` runs (see `lace_jax.modes.MODES`)
   seed
-  model        preset | checkpoint, tokenizer, dtype, param_dtype, remat, attention
+  model        preset | checkpoint, tokenizer, dtype, param_dtype, remat, attention, num_layers
   lattice      enabled + one key per `LatticeConfig` field (derived from the dataclass)
   sharding     mesh axis sizes and rule overrides
   distributed  multi-process initialisation
@@ -35,6 +35,8 @@ def model_section(preset: str, *, dtype: str = "bfloat16", param_dtype: str = "f
       "param_dtype": param_dtype,
       "remat": remat,  # none | full | dots
       "attention": config_dict.placeholder(str),  # backbone: reference|xla|cudnn|pallas_tpu
+      # the preset cut to its first n layers (None = all): quick compiles and scaling studies
+      "num_layers": config_dict.placeholder(int),
   })
 
 
@@ -213,12 +215,17 @@ def sibling(experiment_file: str, name: str):
 def model_configs(cfg: ml_collections.ConfigDict) -> tuple[ModelConfig, LatticeConfig | None]:
   """(ModelConfig, LatticeConfig or None) described by an experiment config."""
   m = cfg.model
+  num_layers = m.get("num_layers")
   if m.checkpoint:
+    if num_layers is not None:
+      raise ValueError(f"model.num_layers={num_layers} cuts a preset; a checkpoint "
+                       f"({m.checkpoint}) is loaded whole: unset one of them")
     model = ModelConfig.from_hf(m.checkpoint, dtype=m.dtype, param_dtype=m.param_dtype,
                                 remat=m.remat, attention=m.attention)
   else:
+    extra = {} if num_layers is None else {"num_layers": num_layers}
     model = ModelConfig.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                               attention=m.attention)
+                               attention=m.attention, **extra)
   return model, lattice_config(cfg.lattice, model)
 
 
