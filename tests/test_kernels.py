@@ -228,14 +228,16 @@ def test_decode_block_sizes_for_shapes():
   programs = lambda b, w, s, c, bs: b * c * -(-w // bs.block_w) * -(-s // bs.split_k)
   for b, w, s, c in [(8, 4, 4096, 4), (8, 16, 4096, 4), (8, 128, 4096, 4), (1, 4, 4096, 4),
                      (1, 20, 150, 2)]:
-    bs = decode_lib.DecodeBlockSizes.for_shapes(b, w, s, c)
+    bs = decode_lib.DecodeBlockSizes.for_shapes(b, w, s, c, 80)
     assert bs.split_k % bs.block_k == 0 and 16 <= bs.block_w <= 64, (b, w, s, c, bs)
     # enough programs, or splits already down to one column block
     assert programs(b, w, s, c, bs) >= 2 * 132 or bs.split_k == bs.block_k, (b, w, s, c, bs)
-  assert decode_lib.DecodeBlockSizes.for_shapes(8, 128, 4096, 4).block_w == 64
-  assert decode_lib.DecodeBlockSizes.for_shapes(1, 4, 4096, 4).split_k == 64  # 64 splits
-  assert decode_lib.DecodeBlockSizes.for_shapes(2, 4, 37, 2).split_k == 64  # one split
-  assert decode_lib.DecodeBlockSizes.for_shapes(64, 128, 4096, 4).split_k == 4096
+  big = decode_lib.DecodeBlockSizes.for_shapes(8, 128, 4096, 4, 80)
+  assert (big.block_w, big.num_warps) == (64, 8)  # a [64, 128] accumulator: 8 warps
+  assert decode_lib.DecodeBlockSizes.for_shapes(8, 16, 4096, 4, 80).num_warps == 4
+  assert decode_lib.DecodeBlockSizes.for_shapes(1, 4, 4096, 4, 80).split_k == 64  # 64 splits
+  assert decode_lib.DecodeBlockSizes.for_shapes(2, 4, 37, 2, 80).split_k == 64  # one split
+  assert decode_lib.DecodeBlockSizes.for_shapes(64, 128, 4096, 4, 80).split_k == 4096
 
 
 def test_decode_reference_is_the_last_row_of_the_full_reference():

@@ -118,14 +118,17 @@ class DecodeBlockSizes:
       raise ValueError(f"num_stages={self.num_stages!r}: expected an integer >= 1")
 
   @classmethod
-  def for_shapes(cls, b: int, w: int, s: int, c: int, *, num_sms: int = 132) -> DecodeBlockSizes:
-    """Defaults for B batch rows, W threads, S cache columns, C heads on a GPU with `num_sms`
-    SMs (132: H100). block_w = pow2(W) clamped to [16, 64] (a [64, Ep] fp32 accumulator is
-    the most a 4-warp program holds in registers at Ep = 128); block_k = 64 (smaller for tiny
-    caches); split_k the largest multiple of block_k that still gives B*C*row_blocks*splits
-    >= 2 * num_sms programs (one split when B*C*row_blocks already fills the GPU, and never
-    below block_k, so short caches are not split)."""
+  def for_shapes(cls, b: int, w: int, s: int, c: int, e: int, *,
+                 num_sms: int = 132) -> DecodeBlockSizes:
+    """Defaults for B batch rows, W threads, S cache columns, C heads of dim E on a GPU with
+    `num_sms` SMs (132: H100). block_w = pow2(W) clamped to [16, 64]; block_k = 64 (smaller
+    for tiny caches); split_k the largest multiple of block_k that still gives
+    B*C*row_blocks*splits >= 2 * num_sms programs (one split when B*C*row_blocks already
+    fills the GPU, and never below block_k, so short caches are not split); 8 warps for a
+    [64, 128] fp32 accumulator (with 4, ptxas puts the kernel at 174 registers a thread on
+    sm_90a and at the 255 cap on sm_120; with 8, 138 and 128), else 4."""
     block_w = max(16, min(64, _pow2(w)))
+    num_warps = 8 if block_w * max(16, _pow2(e)) >= 64 * 128 else 4
     block_k = max(16, min(64, _pow2(s)))
     want = pl.cdiv(2 * num_sms, b * c * pl.cdiv(w, block_w))  # splits wanted
     whole = pl.cdiv(max(s, 1), block_k) * block_k
@@ -133,7 +136,7 @@ class DecodeBlockSizes:
       split_k = whole
     else:  # largest multiple m of block_k with cdiv(S, m) >= want, i.e. m * (want - 1) < S
       split_k = min(whole, block_k * max(1, (s - 1) // ((want - 1) * block_k)))
-    return cls(block_w=block_w, block_k=block_k, split_k=split_k)
+    return cls(block_w=block_w, block_k=block_k, split_k=split_k, num_warps=num_warps)
 
 
 def _pow2(n: int) -> int:
@@ -253,7 +256,7 @@ def decode_pallas(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_va
   s = k_cache.shape[1] // w
   mode = validate_mode(mask)
   if block_sizes is None:
-    block_sizes = DecodeBlockSizes.for_shapes(b, w, s, c)
+    block_sizes = DecodeBlockSizes.for_shapes(b, w, s, c, e)
   elif not isinstance(block_sizes, DecodeBlockSizes):
     raise ValueError(f"block_sizes={block_sizes!r}: expected a DecodeBlockSizes")
   scale = e**-0.5 if scale is None else float(scale)
