@@ -247,6 +247,67 @@ def test_decode_equals_reference(impl, mode, w):
   np.testing.assert_allclose(np.asarray(again), np.asarray(got), atol=1e-6)
 
 
+def _decode_inputs(b, w, s, c, e, length, seed, dtype=jnp.float32):
+  """Random decode inputs (never zeros); 70% of cache entries and new entries valid, batch 0's
+  new entries all invalid (with length 0 there, nothing is readable)."""
+  ks = jax.random.split(jax.random.key(seed), 7)
+  q = jax.random.normal(ks[0], (b, w, c, e)).astype(dtype)
+  kc, vc = (jax.random.normal(x, (b, w * s, c, e)).astype(dtype) for x in ks[1:3])
+  kn, vn = (jax.random.normal(x, (b, w, c, e)).astype(dtype) for x in ks[3:5])
+  cache_valid = jax.random.bernoulli(ks[5], 0.7, (b, w * s))
+  new_valid = jax.random.bernoulli(ks[6], 0.7, (b, w)).at[0].set(False)
+  return q, kc, vc, cache_valid, jnp.asarray(length, jnp.int32), kn, vn, new_valid
+
+
+SPLIT_BLOCKS = {  # 2 row blocks of W = 20, 5 splits of S = 150, 2 column blocks per split
+    "split": decode_lib.DecodeBlockSizes(block_w=16, block_k=16, split_k=32),
+    "defaults": None}  # W = 20 -> block_w 32; S = 150 -> 3 splits of 64
+
+
+@pytest.mark.parametrize("blocks", SPLIT_BLOCKS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_split_key_equals_reference(blocks, mode, dtype):
+  """Several row blocks and key splits; lengths 0 (twice: once with nothing readable at all),
+  on a split boundary, mid-split and full; E = 24 is loaded as 32 with masks."""
+  b, w, s, c, e = 5, 20, 150, 2, 24
+  dt = jnp.dtype(dtype)
+  args = _decode_inputs(b, w, s, c, e, [0, 0, 64, 77, s], seed=5, dtype=dt)
+  run = jax.jit(functools.partial(decode_lib.decode_pallas, mask=mode,
+                                  block_sizes=SPLIT_BLOCKS[blocks], interpret=True))
+  got = run(*args)
+  assert got.dtype == dt
+  f32 = [x.astype(jnp.float32) if x.dtype == dt else x for x in args]
+  ref = decode_lib.decode_reference(*f32, mask=mode)  # the same (rounded) inputs in fp32
+  assert np.isfinite(np.asarray(got, np.float32)).all()
+  assert rel_err(got, ref) <= (1e-5 if dtype == "float32" else 2e-2)
+  np.testing.assert_array_equal(np.asarray(got[0], np.float32), 0.0)  # nothing readable
+  # columns >= length are never read, whatever they hold
+  q, kc, vc, cache_valid, length, kn, vn, new_valid = args
+  dead = jnp.tile(jnp.arange(s), w)[None, :] >= length[:, None]  # [B, W*S]
+  garbage = lambda x: jnp.where(dead[..., None, None], jnp.asarray(1e4, x.dtype), x)
+  again = run(q, garbage(kc), garbage(vc), cache_valid | dead, length, kn, vn, new_valid)
+  np.testing.assert_array_equal(np.asarray(again, np.float32), np.asarray(got, np.float32))
+
+
+def test_decode_block_sizes_for_shapes():
+  """The defaults fill an H100 (>= 2 x 132 programs) for long caches, split no finer than one
+  column block, never split a short cache and keep at most 64 query rows per program."""
+  programs = lambda b, w, s, c, bs: b * c * -(-w // bs.block_w) * -(-s // bs.split_k)
+  for b, w, s, c in [(8, 4, 4096, 4), (8, 16, 4096, 4), (8, 128, 4096, 4), (1, 4, 4096, 4),
+                     (1, 20, 150, 2)]:
+    bs = decode_lib.DecodeBlockSizes.for_shapes(b, w, s, c, 80)
+    assert bs.split_k % bs.block_k == 0 and 16 <= bs.block_w <= 64, (b, w, s, c, bs)
+    # enough programs, or splits already down to one column block
+    assert programs(b, w, s, c, bs) >= 2 * 132 or bs.split_k == bs.block_k, (b, w, s, c, bs)
+  big = decode_lib.DecodeBlockSizes.for_shapes(8, 128, 4096, 4, 80)
+  assert (big.block_w, big.num_warps) == (64, 8)  # a [64, 128] accumulator: 8 warps
+  assert decode_lib.DecodeBlockSizes.for_shapes(8, 16, 4096, 4, 80).num_warps == 4
+  assert decode_lib.DecodeBlockSizes.for_shapes(1, 4, 4096, 4, 80).split_k == 64  # 64 splits
+  assert decode_lib.DecodeBlockSizes.for_shapes(2, 4, 37, 2, 80).split_k == 64  # one split
+  assert decode_lib.DecodeBlockSizes.for_shapes(64, 128, 4096, 4, 80).split_k == 4096
+
+
 def test_decode_reference_is_the_last_row_of_the_full_reference():
   """Decoding step by step equals the teacher-forced lattice over the whole grid."""
   b, w, t, c, e = 1, 3, 9, 2, 8
@@ -399,8 +460,17 @@ def test_pallas_block_sizes_are_validated(field, value):
     Tiles(**{field: value})
   with pytest.raises(ValueError, match="BlockSizes.dq"):
     PallasBlockSizes(dq=(64, 64))
-  with pytest.raises(ValueError, match="block_k=24"):
+
+
+@pytest.mark.parametrize("field,value", [("block_w", 8), ("block_k", 24), ("split_k", 48),
+                                         ("split_k", 0), ("num_warps", 3), ("num_stages", 0)])
+def test_decode_block_sizes_are_validated(field, value):
+  """The decode kernel's tiles likewise; split_k must be a multiple of block_k (32 here)."""
+  with pytest.raises(ValueError, match=f"{field}={value!r}"):
+    decode_lib.DecodeBlockSizes(**{"block_k": 32, field: value})
+  with pytest.raises(ValueError, match="block_sizes="):
     q = jnp.ones((1, 2, 1, 16))
     cache = jnp.ones((1, 2 * 8, 1, 16))
-    decode_lib.decode_pallas(q, cache, cache, jnp.ones((1, 16), bool), jnp.int32(4), q, q,
-                             jnp.ones((1, 2), bool), block_k=24, interpret=True)
+    decode_lib.decode_pallas(q, cache, cache, jnp.ones((1, 16), bool), jnp.array([4]), q, q,
+                             jnp.ones((1, 2), bool), block_sizes=PallasBlockSizes(),
+                             interpret=True)

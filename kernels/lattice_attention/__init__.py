@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 import kernels
 from kernels.lattice_attention import decode as _decode
+from kernels.lattice_attention.decode import DecodeBlockSizes
 from kernels.lattice_attention.mask import MASK_MODES, validate_mode
 from kernels.lattice_attention.pallas_gpu import BlockSizes as PallasBlockSizes
 from kernels.lattice_attention.pallas_gpu import lattice_attention_pallas
@@ -147,7 +148,7 @@ def lattice_decode_attention(q, k_cache, v_cache, cache_valid, length, k_new, v_
   return kernels.batch_parallel(run, *args)  # one kernel per device's examples
 
 
-__all__ = ["ChunkedBlockSizes", "IMPLEMENTATIONS", "MASK_MODES", "PallasBlockSizes",
+__all__ = ["ChunkedBlockSizes", "DecodeBlockSizes", "IMPLEMENTATIONS", "MASK_MODES", "PallasBlockSizes",
            "default_implementation", "lattice_attention", "lattice_attention_chunked",
            "lattice_attention_pallas", "lattice_attention_reference", "lattice_decode_attention",
            "lattice_mask"]
