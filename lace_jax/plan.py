@@ -412,6 +412,7 @@ def plan_call(call: Call, target: Target, mesh) -> dict:
     alias = int(getattr(mem, "alias_size_in_bytes", 0)) if mem else 0
     temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem else 0
     flops, nbytes = _cost(compiled)
+    row["custom_calls"] = custom_calls(compiled)
     row.update(argument_bytes=args, output_bytes=out, alias_bytes=alias, temp_bytes=temp,
                total_bytes=args + max(out - alias, 0) + temp, capacity=target.chip.memory,
                flops=flops * call.trips, bytes_accessed=nbytes * call.trips)
@@ -425,6 +426,19 @@ def plan_call(call: Call, target: Target, mesh) -> dict:
     row["predicted_seconds"], row["mfu"], row["time_is_lower_bound"] = roofline(
         row["flops"], row["bytes_accessed"], row["model_flops_per_device"], chip)
   return row
+
+
+def custom_calls(compiled) -> dict[str, int]:
+  """{custom-call target: count} of a compiled program: which kernels it runs (Pallas Triton
+  `__gpu$xla.gpu.triton`, Mosaic `tpu_custom_call`, cuDNN `__cudnn$...`)."""
+  try:
+    text = compiled.as_text()
+  except Exception:  # noqa: BLE001 -- some backends print no text
+    return {}
+  found: dict[str, int] = {}
+  for name in re.findall(r'custom_call_target="([^"]+)"', text or ""):
+    found[name] = found.get(name, 0) + 1
+  return found
 
 
 def roofline(flops: float, nbytes: float, model_flops: float, chip

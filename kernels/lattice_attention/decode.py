@@ -246,6 +246,16 @@ def _combine(q, length, k_new, v_new, new_valid, partials, *, mode, scale):
   return (num / jnp.where(den == 0.0, 1.0, den)[..., None]).astype(q.dtype)
 
 
+def _num_sms(default: int = 132) -> int:
+  """The SM count of this process's GPU (`core_count` of a CUDA device), else `default` (an
+  H100's: compile-only targets and the interpreter)."""
+  try:
+    device = jax.devices()[0]
+    return int(getattr(device, "core_count", 0)) or default if device.platform == "gpu" else default
+  except Exception:  # noqa: BLE001 -- no backend to ask
+    return default
+
+
 def decode_pallas(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid, *,
                   mask="causal", scale=None, block_sizes: DecodeBlockSizes | None = None,
                   interpret: bool = False):
@@ -256,7 +266,7 @@ def decode_pallas(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_va
   s = k_cache.shape[1] // w
   mode = validate_mode(mask)
   if block_sizes is None:
-    block_sizes = DecodeBlockSizes.for_shapes(b, w, s, c, e)
+    block_sizes = DecodeBlockSizes.for_shapes(b, w, s, c, e, num_sms=_num_sms())
   elif not isinstance(block_sizes, DecodeBlockSizes):
     raise ValueError(f"block_sizes={block_sizes!r}: expected a DecodeBlockSizes")
   scale = e**-0.5 if scale is None else float(scale)
