@@ -60,6 +60,24 @@ def test_real_experiments_name_their_targets(name):
   assert plan.targets_of(cfg) == list(cfg.plan.targets)
 
 
+def _with_gpu_variants():
+  for name in REAL:
+    yield name, ""
+    if "rtx6000pro" in open(os.path.join(ROOT, "experiments", f"{name}.py")).read():
+      yield name, ":rtx6000pro"
+
+
+@pytest.mark.parametrize("name,arg", list(_with_gpu_variants()))
+def test_real_experiments_compute_in_bf16(name, arg):
+  """The recipes made for GPUs (and TPUs) compute in bfloat16 over float32 parameters: tensor
+  cores for every matmul and bf16 lattice kernels (the library's own default is float32, where
+  the Pallas kernels use exact IEEE dots)."""
+  cfg = _load(os.path.join(ROOT, "experiments", f"{name}.py") + arg)
+  assert (cfg.model.dtype, cfg.model.param_dtype) == ("bfloat16", "float32")
+  model, _ = experiment.model_configs(cfg)
+  assert model.dtype == "bfloat16"
+
+
 def test_isolated_parallel_ablation_is_an_override():
   cfg = _load(os.path.join(ROOT, "experiments", "sft_4b.py"))
   cfg.lattice.layers = ()
