@@ -26,8 +26,8 @@ Recorded (jax 0.10.2, compile-only H100; one bf16 [8, 1, 4096, 4096] bias gradie
   the whole sft_4b train step (plan mode, cuda:h100x8, --config.model.attention=cudnn, the
   version check patched the same way): temp 12.39 GB (mask) -> 11.84 GB (lengths) per device
 In the attention-alone figure the gathered copies of q, k, v and of the output cost about half
-the bias gradient back (q is a live argument there); in a layer, the gathers fuse with the
-projections' consumers and the drop exceeds the bias gradient.
+the bias gradient back (q, k, v are live arguments there); in layers, where q, k, v are made
+and used inside the step, the drop exceeds the bias gradient per layer.
 """
 
 from __future__ import annotations
