@@ -439,16 +439,106 @@ def test_backbone_pallas_tpu_lowers_for_tpu():
   assert _count(low, "tpu_custom_call") >= 1
 
 
+def _cudnn_calls(lowered_text):
+  """[(call target, result types)] of every cuDNN fused-attention custom call."""
+  import re
+  return [(m.group(1), line.split("->")[-1]) for line in lowered_text.splitlines()
+          if (m := re.search(r"custom_call @(__cudnn\$fmha\w*)", line))]
+
+
 def test_backbone_cudnn_lowers_for_cuda(monkeypatch):
-  """jax checks the cuDNN version while tracing, which a CPU-only jaxlib cannot report; the
-  check is patched here so the lowering of our call itself is tested."""
+  """cuDNN gets the structured mask as is_causal plus sequence lengths, never as a mask tensor:
+  jax turns a `mask=` into an additive [B, 1, T, S] bias whose gradient cuDNN always computes
+  (issue 13 finding 1). Forward and gradient: only the bias-free kernels, no tensor with a
+  [T, S] plane anywhere, and the backward returns dq, dk, dv and its workspace (no dbias).
+
+  jax checks the cuDNN version while tracing, which a CPU-only jaxlib cannot report; the check
+  is patched here so the lowering of our call itself is tested."""
   from jax._src.cudnn import fused_attention_stablehlo as fa
   monkeypatch.setattr(fa, "check_cudnn_version", lambda: 90800)
   sd = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+  b, t, n, kh, h = 2, 96, 8, 2, 64
+  args = (sd(b, t, n, h), sd(b, t, kh, h), sd(b, t, kh, h), sd(b, t, dt=jnp.bool_))
   f = lambda q, k, v, m: attention(q, k, v, key_valid=m, implementation="cudnn")
-  low = jax.jit(f).trace(sd(2, 128, 8, 128), sd(2, 128, 2, 128), sd(2, 128, 2, 128),
-                         sd(2, 128, dt=jnp.bool_)).lower(lowering_platforms=("cuda",))
-  assert _count(low, "__cudnn$fmha") >= 1
+  g = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2))
+  fwd = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  bwd = jax.jit(g).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert [c for c, _ in _cudnn_calls(fwd)] == ["__cudnn$fmhaSoftmax"]
+  assert [c for c, _ in _cudnn_calls(bwd)] == ["__cudnn$fmhaSoftmax",
+                                               "__cudnn$fmhaSoftmaxBackward"]
+  assert fwd.count("PADDING_CAUSAL") == 1 and bwd.count("PADDING_CAUSAL") == 2
+  for text in (fwd, bwd):
+    assert f"{t}x{t}x" not in text  # no [B, 1, T, S] mask, bias or bias gradient
+  _, results = _cudnn_calls(bwd)[1]
+  assert results.count("tensor<") == 4  # dq, dk, dv, workspace
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_backbone_cudnn_packing_equals_reference(dtype):
+  """The cuDNN path's gathering of each row's valid tokens to its front, with sequence lengths
+  and is_causal, run through XLA's implementation of the same jax call (cuDNN cannot run on
+  CPU): equal to the reference on every valid row, forward and gradients, for any validity
+  pattern (left padding, right padding, both, holes, all valid, none valid); padding rows 0."""
+  from kernels import attention as att
+  b, t, n, kh, h = 7, 23, 4, 2, 16
+  ks = jax.random.split(jax.random.key(3), 4)
+  q = jax.random.normal(ks[0], (b, t, n, h)).astype(dtype)
+  k, v = (jax.random.normal(x, (b, t, kh, h)).astype(dtype) for x in ks[1:3])
+  rng = np.random.default_rng(3)
+  cols = np.arange(t)
+  valid = np.stack([cols >= 0, cols < 0, cols >= 5, cols < 17, (cols >= 4) & (cols < 15),
+                    rng.random(t) < 0.5, rng.random(t) < 0.2])  # [B, T]
+  valid = jnp.asarray(valid)
+  rows = np.asarray(valid)
+
+  def run(fn):
+    f = lambda q, k, v: jnp.sum(jnp.where(valid[:, :, None, None], fn(q, k, v), 0)
+                                .astype(jnp.float32) ** 2)
+    return fn(q, k, v), jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+  ref, ref_g = run(lambda q, k, v: attention_reference(
+      q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+      structured_mask(t, valid, True)))
+  got, got_g = run(lambda q, k, v: att._cudnn(q, k, v, valid, True, 0, h**-0.5, kernel="xla"))
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  assert got.dtype == dtype
+  assert rel_err(np.asarray(got)[rows], np.asarray(ref)[rows]) <= tol
+  assert not np.asarray(got, np.float32)[~rows].any()  # padding rows: zeros
+  for a, r in zip(got_g, ref_g):
+    assert rel_err(np.asarray(a, np.float32), r) <= tol
+
+
+def test_backbone_cudnn_decoding_goes_to_chunked(monkeypatch):
+  """One query column (decoding, q_offset > 0) with implementation="cudnn" runs xla_chunked:
+  equal to the reference (in float32, which the cuDNN kernel would refuse), and no cuDNN call
+  in its CUDA lowering (issue 13 finding 2). The cuDNN path serves only causal attention from
+  column 0 and bf16/fp16; anything else is refused naming the input."""
+  from jax._src.cudnn import fused_attention_stablehlo as fa
+  monkeypatch.setattr(fa, "check_cudnn_version", lambda: 90800)
+  b, s, n, kh, h = 3, 700, 4, 2, 16
+  ks = jax.random.split(jax.random.key(4), 3)
+  q = jax.random.normal(ks[0], (b, 1, n, h))
+  k, v = (jax.random.normal(x, (b, s, kh, h)) for x in ks[1:])
+  valid = jnp.arange(s)[None] >= jnp.array([[0], [5], [600]])
+  for offset in (0, 650, jnp.int32(699)):
+    ref = attention(q, k, v, key_valid=valid, q_offset=offset, implementation="reference")
+    got = attention(q, k, v, key_valid=valid, q_offset=offset, implementation="cudnn")
+    assert rel_err(got, ref) <= 1e-5
+  bf = lambda x: x.astype(jnp.bfloat16)
+  f = lambda q, k, v, m, cur: attention(q, k, v, key_valid=m, q_offset=cur,
+                                        implementation="cudnn")
+  low = jax.jit(f).trace(bf(q), bf(k), bf(v), valid, jnp.int32(650)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert not _cudnn_calls(low)
+  q2, k2 = jnp.zeros((2, 8, 4, 16), jnp.bfloat16), jnp.zeros((2, 8, 2, 16), jnp.bfloat16)
+  m2 = jnp.ones((2, 8), bool)
+  with pytest.raises(ValueError, match="causal=False"):
+    attention(q2, k2, k2, key_valid=m2, causal=False, implementation="cudnn")
+  with pytest.raises(ValueError, match="q_offset=3"):
+    attention(q2, k2, k2, key_valid=m2, q_offset=3, implementation="cudnn")
+  with pytest.raises(ValueError, match="float32"):
+    attention(q2.astype(jnp.float32), k2.astype(jnp.float32), k2.astype(jnp.float32),
+              key_valid=m2, implementation="cudnn")
 
 
 @pytest.mark.parametrize("field,value", [("block_q", 8), ("block_k", 48), ("block_q", 0),

@@ -2,7 +2,11 @@
 
   "reference"   plain jnp (`reference.py`, the specification)
   "xla"         jax.nn.dot_product_attention, XLA implementation
-  "cudnn"       jax.nn.dot_product_attention with cuDNN's fused kernel (GPU, bf16/fp16)
+  "cudnn"       cuDNN's fused flash kernel (GPU, bf16/fp16) through jax.nn.dot_product_attention,
+                with no mask or bias tensor: causal masking by `is_causal`, padding by sequence
+                lengths, after the valid tokens of each row are gathered to its front
+                (`_cudnn`). For training and prefill (causal, q_offset 0, T = S); one query
+                column goes to xla_chunked
   "pallas_tpu"  Pallas flash attention from jax.experimental.pallas.ops.tpu (TPU; padding as
                 segment ids; kv heads repeated to the query heads)
   "xla_chunked" online softmax over key blocks (a lax.scan): memory linear in S, and only one
@@ -67,13 +71,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array,
                                scale=scale)
   if impl == "flash" and t == 1 and not (isinstance(q_offset, int) and q_offset == 0):
     impl = "xla_chunked"  # one decoding column: the flash kernels start queries at column 0
+  if impl == "cudnn" and t == 1:
+    impl = "xla_chunked"  # one decoding column against a long cache: never cuDNN's kernel
   if impl == "xla_chunked":
     return _chunked(q, k, v, key_valid, causal, q_offset, scale)
   if impl == "flash":
     return _flash(q, k, v, key_valid, causal, q_offset, scale)
-  if impl in ("xla", "cudnn"):
+  if impl == "cudnn":
+    return _cudnn(q, k, v, key_valid, causal, q_offset, scale)
+  if impl == "xla":
     mask = structured_mask(t, key_valid, causal, q_offset)[:, None]  # [B, 1, T, S]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
     # rows with no readable key: XLA gives the mean of all values, the reference zeros
     return jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0).astype(q.dtype)
   return _pallas_tpu(q, k, v, key_valid, causal, scale)
@@ -94,6 +102,70 @@ def _flash(q, k, v, key_valid, causal, q_offset, scale):
   out = lattice_attention(q[:, None], k, v, key_valid=key_valid[:, None], mask="causal",
                           scale=scale)
   return out[:, 0]
+
+
+def _cudnn(q, k, v, key_valid, causal, q_offset, scale, kernel: str = "cudnn"):
+  """Causal self-attention through cuDNN's fused kernel, with no [T, S] mask or bias.
+
+  jax.nn.dot_product_attention turns a `mask=` into an additive bias, and cuDNN then computes
+  the bias gradient in the backward ([B, 1, T, S] per layer, never used) and needs even T and S.
+  Here the structured mask is given to the kernel as `is_causal` plus per-row sequence lengths
+  (cuDNN's padding-causal mask, generated inside the kernel). Sequence lengths describe a
+  valid prefix, so each row's valid tokens are first gathered, in order, to its front: a stable
+  partition [valid..., padding...]. Causal order among valid tokens is kept, so a valid query
+  reads exactly the valid keys at or before it, as in the reference, for ANY key_valid (left
+  padding, right padding, holes); rows that already are a prefix gather by the identity. The
+  padding model.py feeds (prompts left-padded, generations right-padded: one interval per
+  thread) costs one gather of q, k, v and one of the output, each O(B T N H).
+
+  Query t is token t (self-attention, T = S, from column 0): a query whose own key is invalid is
+  padding; its output is zero (the reference's value for a row that reads no key). A row with
+  no valid token is given length 1 (it reads one padding key; finite) and zeroed.
+
+  `kernel` "xla" runs the same call through XLA's implementation of the same arguments (tests
+  the gathering and the lengths on CPU, where cuDNN cannot run).
+
+  q [B, T, N, H], k/v [B, S, K, H] (S = T), key_valid [B, S] -> [B, T, N, H].
+  """
+  b, t, n, h = q.shape
+  if not causal or not (isinstance(q_offset, int) and q_offset == 0):
+    raise ValueError("attention implementation 'cudnn' serves causal attention from column 0 "
+                     f"(training, prefill); got causal={causal}, q_offset={q_offset!r}; decode "
+                     "with 'xla_chunked'")
+  if k.shape[1] != t:
+    raise ValueError(f"attention implementation 'cudnn': T={t} queries need as many keys, got "
+                     f"S={k.shape[1]}")
+  if kernel == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention implementation 'cudnn' needs bfloat16 or float16 q/k/v, got "
+                     f"q.dtype={q.dtype}")
+  order = jnp.argsort(~key_valid, axis=-1, stable=True).astype(jnp.int32)  # [B, T] valid first
+  inverse = jnp.argsort(order, axis=-1).astype(jnp.int32)  # [B, T]: token t's packed row
+  length = jnp.maximum(jnp.sum(key_valid, -1, dtype=jnp.int32), 1)  # [B]
+  out = jax.nn.dot_product_attention(
+      _gather_rows(q, order, inverse), _gather_rows(k, order, inverse),
+      _gather_rows(v, order, inverse), scale=scale, is_causal=True, query_seq_lengths=length,
+      key_value_seq_lengths=length, implementation=kernel)  # [B, T, N, H], packed rows
+  out = _gather_rows(out, inverse, order)
+  return jnp.where(key_valid[:, :, None, None], out, 0).astype(q.dtype)
+
+
+@jax.custom_vjp
+def _gather_rows(x, index, inverse):
+  """x [B, T, ...] -> x[b, index[b, t]]: a permutation of each row (`inverse` its inverse, so
+  the gradient is a gather as well, not a scatter-add)."""
+  return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _gather_rows_fwd(x, index, inverse):
+  return _gather_rows(x, index, inverse), (index, inverse)
+
+
+def _gather_rows_bwd(res, g):
+  index, inverse = res
+  return _gather_rows(g, inverse, index), None, None
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def _pallas_tpu(q, k, v, key_valid, causal, scale):
