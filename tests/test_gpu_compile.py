@@ -104,3 +104,35 @@ def test_model_compiles_for_gpu(gpu, e, w):
     assert f["custom_calls"].get("__gpu$xla.gpu.triton", 0) >= 1, f["custom_calls"]
   train = report["functions"][2]["custom_calls"]["__gpu$xla.gpu.triton"]
   assert train >= 2 * 3, train  # forward, dq, dk/dv of the lattice layer and of the backbone
+
+
+def test_cudnn_backward_has_no_bias_gradient(monkeypatch):
+  """The 4B backbone's attention backward with implementation="cudnn", compiled for an H100:
+  the old call (a dense mask, which jax turns into a bias whose [rows, 1, T, S] gradient cuDNN
+  always returns) against the bias-free call (is_causal + sequence lengths). Two rematerialised
+  layers at the 4B heads (32 query, 8 kv, head dim 128, d_model 2560): XLA's temporaries must
+  drop by at least one bias gradient, and the new backward must return none.
+  (benchmarks/cudnn_bias_memory.py gives the full sft_4b figures.)"""
+  import kernels
+  from jax._src.cudnn import fused_attention_stablehlo as fa
+  monkeypatch.setattr(fa, "check_cudnn_version", lambda: 90800)  # needs a GPU jaxlib to ask
+  spec = importlib.util.spec_from_file_location(
+      "cudnn_bias_memory", os.path.join(ROOT, "benchmarks", "cudnn_bias_memory.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  rows, t = 2, 4096  # one thread of sft_4b (T = 4096), two of them
+  bias = rows * t * t * 2  # one bf16 [rows, 1, T, S] bias gradient
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  temp, texts = {}, {}
+  try:
+    for variant in ("mask", "lengths"):
+      fn, shapes = bench.build(variant, rows, t, 32, 8, 128, 2560, layers=2)
+      with kernels.target_platform("gpu"):
+        mem, texts[variant] = bench.compile_memory(fn, shapes, "h100")
+      temp[variant] = mem.temp_size_in_bytes
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache)
+  assert "fmhaScaleBiasSoftmaxBackward" in texts["mask"]  # the old call: a bias gradient
+  assert "Bias" not in texts["lengths"] and "fmhaSoftmaxBackward" in texts["lengths"]
+  assert temp["mask"] - temp["lengths"] >= bias, (temp, bias)

@@ -9,6 +9,7 @@ gradients, e.g. same_position at W = 1, from dividing by zero).
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -189,6 +190,45 @@ def test_pallas_that_does_not_compile_falls_back_to_xla_chunked(monkeypatch):
     got = lattice_decode_attention(*args, implementation="pallas")
   assert rel_err(got, decode_lib.decode_reference(*args)) <= 1e-5
   la._pallas_failure.cache_clear()
+
+
+def test_pallas_runs_per_device_under_a_batch_sharded_mesh():
+  """Pallas calls have no partitioning rule: under a mesh that splits the batch, each device
+  must run the kernel on its own examples (a shard_map), not gather q, k, v and run it
+  replicated. The traced program has the kernels inside a shard_map with the per-device batch,
+  and the values (interpreter) equal the reference, forward and gradients."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from lace_jax import sharding
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  q, k, v, valid, ct = _inputs(3, 9, seed=12, b=8)
+  put = lambda x: jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
+  q, k, v, valid, ct = map(put, (q, k, v, valid, ct))
+
+  def loss(impl, q, k, v):
+    out = lattice_attention(q, k, v, key_valid=valid, implementation=impl)
+    return jnp.sum(out.astype(jnp.float32) * ct), out
+
+  with jax.set_mesh(mesh):
+    jaxpr = jax.make_jaxpr(jax.grad(functools.partial(loss, "pallas"), argnums=(0, 1, 2),
+                                    has_aux=True))(q, k, v)
+    (_, out), grads = jax.jit(jax.value_and_grad(functools.partial(loss, "pallas_interpret"),
+                                                 argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  kernels_seen = []
+
+  def walk(jp, inside):
+    for eqn in jp.eqns:
+      if eqn.primitive.name == "pallas_call":
+        kernels_seen.append((inside, eqn.invars[0].aval.shape[0]))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub, inside or eqn.primitive.name == "shard_map")
+
+  walk(jaxpr.jaxpr, False)
+  assert len(kernels_seen) == 3  # forward, dq, dk/dv
+  assert all(inside and batch == 2 for inside, batch in kernels_seen), kernels_seen  # 8 / 4
+  ref_out, ref_grads = _fwd_and_grads(lattice_attention_reference, q, k, v, valid, ct, "causal")
+  assert rel_err(out, ref_out) <= 1e-4
+  for g, r in zip(grads, ref_grads):
+    assert rel_err(g, r) <= 1e-4
 
 
 def test_chunked_honours_custom_columns():
