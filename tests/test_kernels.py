@@ -101,14 +101,14 @@ def test_equals_reference_bf16(impl, mode):
 def test_pallas_writes_every_output_element(mode):
   q, k, v, valid, _ = _inputs(3, 21, seed=5)
   b, w, t, c, e = q.shape
-  poison_o = jnp.full((b, w * t, c, e), jnp.nan, jnp.float32)
+  poison_o = jnp.full((b, c, w * t, e), jnp.nan, jnp.float32)
   poison_lse = jnp.full((b, c, w * t), jnp.nan, jnp.float32)
   o, lse = pallas_gpu.forward_into_buffers(
       q, k, v, key_valid=valid, mask=mode, o_buffer=poison_o, lse_buffer=poison_lse,
       block_sizes=PallasBlockSizes.uniform(16, 16), interpret=True)
   assert not np.isnan(np.asarray(o)).any() and not np.isnan(np.asarray(lse)).any()
   ref = lattice_attention_reference(q, k, v, key_valid=valid, mask=mode)
-  got = np.asarray(o).reshape(b, w, t, c, e)
+  got = np.asarray(o).transpose(0, 2, 1, 3).reshape(b, w, t, c, e)
   assert rel_err(got, ref) <= 1e-4
 
 

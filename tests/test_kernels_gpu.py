@@ -65,11 +65,11 @@ def test_writes_every_output_element_on_gpu(mode):
   b, w, t, c, e = q.shape
   o, lse = pallas_gpu.forward_into_buffers(
       q, k, v, key_valid=valid, mask=mode,
-      o_buffer=jnp.full((b, w * t, c, e), jnp.nan, jnp.float32),
+      o_buffer=jnp.full((b, c, w * t, e), jnp.nan, jnp.float32),
       lse_buffer=jnp.full((b, c, w * t), jnp.nan, jnp.float32))
   assert not np.isnan(np.asarray(o)).any() and not np.isnan(np.asarray(lse)).any()
   ref = lattice_attention_reference(q, k, v, key_valid=valid, mask=mode)
-  assert rel_err(np.asarray(o).reshape(b, w, t, c, e), ref) <= TOL["float32"]
+  assert rel_err(np.asarray(o).transpose(0, 2, 1, 3).reshape(b, w, t, c, e), ref) <= TOL["float32"]
 
 
 @pytest.mark.parametrize("mode", MODES)

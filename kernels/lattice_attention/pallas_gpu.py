@@ -8,11 +8,15 @@ is computed in-kernel from the rows' and keys' column indices, thread ids and ke
 mask tensor exists in memory. Inputs may be bf16; scores, softmax statistics and accumulators
 are float32.
 
-Layout: the kernels read q, k, v (and dO) where the model holds them, [B, W*T, C, E] (a free
-reshape of [B, W, T, C, E]): each program picks its head by a strided block and loads rows of
-E elements; a head dim that is not a power of two (E = 80 in the 4B preset) is loaded as the
-next power of two with the extra lanes masked to zero. No padded or transposed copy of any
-operand is made in HBM, and outputs are written in the same layout.
+Layout: the kernels take head-major [B, C, W*T, E] views of q, k, v (and dO), unpadded; XLA's
+layout assignment folds these transposes into the ops that produce them, so no copy is made
+where it can. A head dim that is not a power of two (E = 80 in the 4B preset) is loaded as the
+next power of two with the extra lanes masked to zero: no padded copy of any operand exists in
+HBM (padding cannot be folded into a layout, and the padded copies cost 6.4 operands of
+temporaries at E = 80). Reading the model's [B, W*T, C, E] in place by strided per-head blocks
+was tried too: the kernels alone then need no transposes at all, but XLA lost the freedom to
+choose the producers' layouts, and whole training steps needed more memory (sft_4b's step on
+8 x H100 +0.6 GB).
 
 Backward (`jax.custom_vjp`): delta = rowsum(dO * O) in XLA, then a dq kernel (grid over query
 blocks, loop over keys) and a dk/dv kernel (grid over key blocks, loop over queries), both
@@ -205,8 +209,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qcol_ref, kcol_ref, kvalid_ref, o_ref, lse_
 
 
 def _head_spec(n, e):
-  """One (batch, head)'s rows of a [B, N, C, E] array: a strided [N, E] block."""
-  return pl.BlockSpec((None, n, None, e), lambda i, bb, cc: (bb, 0, cc, 0))
+  """One (batch, head)'s rows of a [B, C, N, E] array: an [N, E] block."""
+  return pl.BlockSpec((None, None, n, e), lambda i, bb, cc: (bb, cc, 0, 0))
 
 
 def _row_spec(n):
@@ -226,8 +230,8 @@ def _params(tiles: Tiles):
 
 def _call_fwd(qf, kf, vf, q_cols, k_cols, kvalid, *, mode, scale, w, t, s, tiles, interpret,
               out=None):
-  b, nq, c, e = qf.shape
-  nk = kf.shape[1]
+  b, c, nq, e = qf.shape
+  nk = kf.shape[2]
   ep = padded_head_dim(e)
   kernel = functools.partial(_fwd_kernel, mode=mode, scale=scale, w=w, t=t, s=s, e=e, ep=ep,
                              bq=tiles.block_q, bk=tiles.block_k,
@@ -337,8 +341,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qcol_ref, kcol_
 
 def _call_bwd(qf, kf, vf, do, lse, delta, q_cols, k_cols, kvalid, *, mode, scale, w, t, s,
               blocks, interpret):
-  b, nq, c, e = qf.shape
-  nk = kf.shape[1]
+  b, c, nq, e = qf.shape
+  nk = kf.shape[2]
   common = dict(mode=mode, scale=scale, w=w, t=t, s=s, e=e, ep=padded_head_dim(e),
                 precise=qf.dtype == jnp.float32)
   in_specs = [_head_spec(nq, e), _head_spec(nk, e), _head_spec(nk, e), _head_spec(nq, e),
@@ -366,11 +370,18 @@ def _call_bwd(qf, kf, vf, do, lse, delta, q_cols, k_cols, kvalid, *, mode, scale
 
 
 def _flatten(q, k, v, key_valid):
-  """Free reshapes: q [B, W*T, C, E], k, v [B, W*S, C, E], key validity [B, W*S] int32."""
+  """Head-major views: q [B, C, W*T, E], k, v [B, C, W*S, E], key validity [B, W*S] int32.
+  Unpadded: XLA's layout assignment folds the transposes into the producers (no copy) where
+  it can; a padded head dim could not be folded."""
   b, w, t, c, e = q.shape
   s = k.shape[2]
-  return (q.reshape(b, w * t, c, e), k.reshape(b, w * s, c, e), v.reshape(b, w * s, c, e),
-          key_valid.reshape(b, w * s).astype(jnp.int32))
+  heads = lambda x, n: x.reshape(b, w * n, c, e).transpose(0, 2, 1, 3)
+  return (heads(q, t), heads(k, s), heads(v, s), key_valid.reshape(b, w * s).astype(jnp.int32))
+
+
+def _unflatten(x, b, w, n, c, e):
+  """[B, C, W*N, E] -> [B, W, N, C, E]."""
+  return x.transpose(0, 2, 1, 3).reshape(b, w, n, c, e)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
@@ -384,7 +395,7 @@ def _attn_fwd(q, k, v, key_valid, q_cols, k_cols, mode, scale, blocks, interpret
   qf, kf, vf, kvalid = _flatten(q, k, v, key_valid)
   out, lse = _call_fwd(qf, kf, vf, jnp.tile(q_cols, w), k_cols, kvalid, mode=mode, scale=scale,
                        w=w, t=t, s=s, tiles=blocks.fwd, interpret=interpret)
-  return out.reshape(q.shape), (q, k, v, key_valid, q_cols, k_cols, out, lse)
+  return _unflatten(out, b, w, t, c, e), (q, k, v, key_valid, q_cols, k_cols, out, lse)
 
 
 def _attn_bwd(mode, scale, blocks, interpret, res, g):
@@ -392,12 +403,13 @@ def _attn_bwd(mode, scale, blocks, interpret, res, g):
   b, w, t, c, e = q.shape
   s = k.shape[2]
   qf, kf, vf, kvalid = _flatten(q, k, v, key_valid)
-  do = g.reshape(b, w * t, c, e).astype(qf.dtype)
-  delta = jnp.einsum("BQCE,BQCE->BCQ", do.astype(jnp.float32), out.astype(jnp.float32))
+  do = g.reshape(b, w * t, c, e).transpose(0, 2, 1, 3).astype(qf.dtype)  # [B, C, Q, E]
+  delta = jnp.einsum("BCQE,BCQE->BCQ", do.astype(jnp.float32), out.astype(jnp.float32))
   dq, dk, dv = _call_bwd(qf, kf, vf, do, lse, delta, jnp.tile(q_cols, w), k_cols, kvalid,
                          mode=mode, scale=scale, w=w, t=t, s=s, blocks=blocks,
                          interpret=interpret)
-  return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), None, None, None
+  return (_unflatten(dq, b, w, t, c, e), _unflatten(dk, b, w, s, c, e),
+          _unflatten(dv, b, w, s, c, e), None, None, None)
 
 
 _attn.defvjp(_attn_fwd, _attn_bwd)
@@ -425,7 +437,7 @@ def lattice_attention_pallas(q, k, v, *, key_valid, mask="causal", q_cols=None, 
 
 def forward_into_buffers(q, k, v, *, key_valid, mask, o_buffer, lse_buffer,
                          block_sizes: BlockSizes | None = None, interpret: bool = False):
-  """The forward kernel writing into given (aliased) buffers, o [B, W*T, C, E] and
+  """The forward kernel writing into given (aliased) buffers, o [B, C, W*T, E] and
   lse [B, C, W*T]: tests pass NaN-filled buffers to prove every output element is written."""
   b, w, t, c, e = q.shape
   s = k.shape[2]
