@@ -96,6 +96,18 @@ def _check_record(rec, num_threads: int) -> str | None:
   return None
 
 
+def _parse_line(raw: bytes) -> tuple[object, str | None]:
+  """(the JSON value of one line of bytes, None) or (None, why it is not a record)."""
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return None, f"not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)"
+  try:
+    return json.loads(line), None
+  except json.JSONDecodeError as e:
+    return None, f"invalid JSON ({e.msg})"
+
+
 def _reason_key(reason: str) -> str:
   return reason.split(":")[0].split(" (")[0]
 
@@ -119,17 +131,14 @@ def load_examples(path: str, tokenizer: Tokenizer, *, num_threads: int, max_len:
   report = DataReport(path)
   examples = []
   end = tokenizer.im_end_id
-  with open(path) as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
+  with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is one bad record, not a crash
+    for line_no, raw in enumerate(f, 1):
+      if not raw.strip():
         continue
       report.total += 1
       where = f"{path}:{line_no}"
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        reason = f"invalid JSON ({e.msg})"
-      else:
+      rec, reason = _parse_line(raw)
+      if reason is None:
         if fmt == "text":
           reason = None if isinstance(rec, dict) and isinstance(rec.get("text"), str) else \
               "missing field(s) ['text']"

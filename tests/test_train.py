@@ -202,6 +202,19 @@ def test_bad_records_are_counted_or_fail(tmp_path, tokenizer):
   assert truncated.kept == 3 and truncated.truncated == 1
 
 
+def test_non_utf8_lines_are_bad_records_with_file_and_line(tmp_path, tokenizer):
+  good = open(toydata.TOY_DATA, "rb").readline().rstrip(b"\n")
+  latin1 = json.dumps({"text": "caf\u00e9"}, ensure_ascii=False).encode("latin-1")  # b"\xe9"
+  path = tmp_path / "d.jsonl"
+  path.write_bytes(b"\n".join([good, latin1, b"\xff\xfe" + good, good]) + b"\n")
+  kw = dict(num_threads=W, max_len=T, instruction=toydata.TOY_INSTRUCTION)
+  ex, report = data.load_examples(str(path), tokenizer, **kw)
+  assert len(ex) == 2 and report.total == 4 and dict(report.bad) == {"not UTF-8": 2}
+  assert f"{path}:2: not UTF-8 (byte 0xe9 at byte" in report.summary()
+  with pytest.raises(data.BadRecord, match=f"{path}:2: not UTF-8"):
+    data.load_examples(str(path), tokenizer, bad_records="fail", **kw)
+
+
 def test_single_thread_text_source(tmp_path, tokenizer):
   path = tmp_path / "t.jsonl"
   path.write_text("\n".join(json.dumps({"text": f"x={i}: {i * 7 % 11}."}) for i in range(5)))
