@@ -24,6 +24,10 @@ def get_config(arg=None):
       "endpoint": "http://127.0.0.1:8000/v1", "endpoint_model": "default",
       "api_key_env": "",  # name of an environment variable holding the API key
       "concurrency": 8, "retries": 4, "timeout_s": 300.0, "request_budget": 0,
+      # total time for one problem's requests, retries included (else a hung endpoint takes
+      # timeout_s x (retries + 1) = 25 min per request); a problem past it counts as failed
+      # (report.json: generation_failed) and a rerun tries it again. 0 = no deadline
+      "problem_deadline_s": 1800.0,
       "batch_size": 8,  # in_process: prompts per sampler call
       "num_threads": 4,  # W: distinct solutions per problem
       "samples_for_difficulty": 8, "min_pass_rate": 0.0, "max_pass_rate": 0.5,

@@ -154,6 +154,74 @@ def test_http_generator_retries_and_budget():
     bad.complete(["q"], max_tokens=5, temperature=0, seed=0)
 
 
+MALFORMED_200S = [
+    httpx.Response(200, text="<html><body>502 Bad Gateway</body></html>",
+                   headers={"content-type": "text/html"}),
+    httpx.Response(200, json={"choices": []}),
+    httpx.Response(200, json={"choices": [{"message": {"content": None}}], "usage": None}),
+]
+
+
+def _ok(text):
+  return httpx.Response(200, json={"choices": [{"message": {"content": text}}]})
+
+
+def test_malformed_200s_are_retried_then_fail_the_problem_naming_the_endpoint(tmp_path, grader):
+  calls = {"n": 0}
+
+  def flaky(request):  # each kind of malformed 200 once, then a good answer
+    calls["n"] += 1
+    return MALFORMED_200S[calls["n"] - 1] if calls["n"] <= 3 else _ok("fine \\boxed{1}")
+
+  gen = datagen.HTTPGenerator("http://flaky/v1", "m", transport=httpx.MockTransport(flaky),
+                              backoff_s=0.001, concurrency=1)
+  assert gen.complete(["q"], max_tokens=5, temperature=0, seed=0) == ["fine \\boxed{1}"]
+  assert calls["n"] == 4
+
+  for bad in MALFORMED_200S:
+    gen = datagen.HTTPGenerator("http://broken/v1", "m", retries=2, backoff_s=0.001,
+                                transport=httpx.MockTransport(lambda r, bad=bad: bad))
+    with pytest.raises(datagen.GenerationFailed,
+                       match=r"http://broken/v1/chat/completions: failed after 3 attempts: "
+                             r"MalformedResponse: 200 response"):
+      gen.complete(["q"], max_tokens=5, temperature=0, seed=0)
+
+  def one_problem_broken(request):  # problem p1's prompts always get HTML; the others answer
+    prompt = json.loads(request.content)["messages"][0]["content"]
+    if "What is 1 + 1?" in prompt:
+      return MALFORMED_200S[0]
+    return _ok(distinct_solver(prompt, calls["n"]))
+
+  gen = datagen.HTTPGenerator("http://half/v1", "m", retries=1, backoff_s=0.001, concurrency=1,
+                              transport=httpx.MockTransport(one_problem_broken))
+  s = datagen.Settings(num_threads=1, samples_for_difficulty=0)
+  out = tmp_path / "o.jsonl"
+  rep = datagen.generate(PROBLEMS, gen, grader, s, output=str(out), progress=False)
+  assert rep["kept"] == 2 and rep["generation_failed"] == 1
+  assert rep["first_generation_failure"].startswith(
+      "problem p1: http://half/v1/chat/completions: failed after 2 attempts: MalformedResponse")
+  assert "p1" not in open(str(out) + ".decisions.jsonl").read()  # a rerun tries it again
+
+
+def test_a_hung_endpoint_fails_the_problem_at_its_deadline(tmp_path, grader, capsys):
+  def hung(request):  # answers nothing until the request's own timeout, as a hung server does
+    time.sleep(min(request.extensions["timeout"]["read"], 5.0))
+    raise httpx.ReadTimeout("timed out", request=request)
+
+  gen = datagen.HTTPGenerator("http://hung/v1", "m", retries=100, timeout_s=300.0,
+                              backoff_s=0.001, transport=httpx.MockTransport(hung))
+  s = datagen.Settings(num_threads=1, samples_for_difficulty=0, problem_deadline_s=0.3)
+  t0 = time.monotonic()
+  rep = datagen.generate(PROBLEMS[:2], gen, grader, s, output=str(tmp_path / "o.jsonl"))
+  assert time.monotonic() - t0 < 3.0  # 0.3 s per problem, not 101 x 300 s
+  assert rep["generation_failed"] == 2 and rep["kept"] == 0
+  assert rep["first_generation_failure"].startswith(
+      "problem p0: http://hung/v1/chat/completions: the problem's deadline of 0.3s "
+      "(datagen.problem_deadline_s) passed after")
+  assert rep["first_generation_failure"].endswith("; last error: ReadTimeout: timed out")
+  assert "datagen (deadline 0.3s/problem)" in capsys.readouterr().err  # the progress line
+
+
 def test_killed_run_resumes_without_duplicates_or_losses(tmp_path):
   cmd = [sys.executable, "-m", "lace_jax.main", "--config=experiments/datagen_gsm8k.py:runlocal",
          "--config.datagen.limit=6", f"--workdir={tmp_path}"]

@@ -56,6 +56,15 @@ class BudgetExhausted(RuntimeError):
   """The generator's request budget is spent; datagen stops and keeps what it wrote."""
 
 
+class GenerationFailed(RuntimeError):
+  """A request failed for good (retries or the problem's deadline spent): the problem counts as
+  failed (not decided: a rerun tries it again) and datagen goes on with the next one."""
+
+
+class MalformedResponse(ValueError):
+  """A 200 response that holds no completion (not JSON, no choices, null content)."""
+
+
 # ----------------------------------------------------------------------------- generators
 
 
@@ -73,6 +82,11 @@ class Generator:
 
   def embed(self, texts: Sequence[str]) -> np.ndarray:
     raise ValueError(f"{type(self).__name__} has no embeddings: use similarity='jaccard'")
+
+  def set_deadline(self, deadline: float | None, budget_s: float = 0.0) -> None:
+    """Requests from now on must finish by `deadline` (time.monotonic(); None: no deadline),
+    the end of `budget_s` seconds for the current problem. Generators that cannot hang (the
+    in-process sampler) ignore it."""
 
 
 class InProcessGenerator(Generator):
@@ -126,7 +140,10 @@ class InProcessGenerator(Generator):
 class HTTPGenerator(Generator):
   """Any OpenAI-compatible chat-completions endpoint (vLLM, SGLang, `python -m lace_jax.serve`,
   a hosted API): `concurrency` requests in flight, retries with exponential backoff on
-  connection errors, 429 and 5xx, a per-request timeout, and a request budget."""
+  connection errors, 429, 5xx and malformed 200s (not JSON, no choices, null content), a
+  per-request timeout, an optional deadline per problem (`set_deadline`, enforced across the
+  retries), and a request budget. A request that fails for good raises `GenerationFailed`
+  naming the endpoint."""
 
   def __init__(self, base_url: str, model: str, *, api_key: str = "", concurrency: int = 4,
                retries: int = 4, backoff_s: float = 0.5, timeout_s: float = 120.0,
@@ -137,30 +154,69 @@ class HTTPGenerator(Generator):
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     self._client = httpx.Client(headers=headers, timeout=timeout_s, transport=transport)
     self.concurrency, self.retries, self.backoff_s = concurrency, retries, backoff_s
+    self.timeout_s = timeout_s
     self.request_budget, self.requests = request_budget, 0
     self.tokens_used = 0
+    self._deadline: float | None = None
+    self._budget_s = 0.0
+
+  def set_deadline(self, deadline: float | None, budget_s: float = 0.0) -> None:
+    self._deadline, self._budget_s = deadline, budget_s
+
+  def _content(self, r) -> str:
+    """The completion text of a 200 response; MalformedResponse if it holds none."""
+    try:
+      data = r.json()
+    except ValueError:
+      raise MalformedResponse(f"200 response that is not JSON (content-type "
+                              f"{r.headers.get('content-type', '?')!r}): {r.text[:200]!r}") \
+          from None
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not isinstance(choices, list) or not choices:
+      raise MalformedResponse(f"200 response without choices: {r.text[:200]!r}")
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+      raise MalformedResponse(f"200 response whose choices[0].message.content is "
+                              f"{type(content).__name__}, not a string: {r.text[:200]!r}")
+    usage = data.get("usage")
+    if isinstance(usage, dict) and isinstance(usage.get("total_tokens"), int):
+      self.tokens_used += usage["total_tokens"]
+    return content
 
   def _one(self, prompt: str, max_tokens: int, temperature: float, seed: int) -> str:
     import httpx
     body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "n": 1,
             "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    deadline = self._deadline
+    last: Exception | None = None
     for attempt in range(self.retries + 1):
+      left = None if deadline is None else deadline - time.monotonic()
+      if left is not None and left <= 0:
+        raise GenerationFailed(
+            f"{self.url}: the problem's deadline of {self._budget_s:g}s "
+            f"(datagen.problem_deadline_s) passed after {attempt} attempt(s)"
+            + (f"; last error: {type(last).__name__}: {last}" if last else ""))
       if self.request_budget and self.requests >= self.request_budget:
         raise BudgetExhausted(f"request budget of {self.request_budget} requests spent")
       self.requests += 1
       try:
-        r = self._client.post(self.url, json=body)
+        timeout = self.timeout_s if left is None else min(self.timeout_s, left)
+        r = self._client.post(self.url, json=body, timeout=timeout)
         if r.status_code == 429 or r.status_code >= 500:
           raise httpx.HTTPStatusError(f"{r.status_code}", request=r.request, response=r)
         if r.status_code >= 400:
           raise ValueError(f"{self.url} rejected the request ({r.status_code}): {r.text[:300]}")
-        data = r.json()
-        self.tokens_used += int(data.get("usage", {}).get("total_tokens", 0))
-        return data["choices"][0]["message"]["content"]
-      except (httpx.TransportError, httpx.HTTPStatusError) as e:
+        return self._content(r)
+      except (httpx.TransportError, httpx.HTTPStatusError, MalformedResponse) as e:
+        last = e
         if attempt == self.retries:
-          raise RuntimeError(f"{self.url}: failed after {attempt + 1} attempts: {e}") from e
-        time.sleep(self.backoff_s * 2**attempt * (1 + random.random()))
+          raise GenerationFailed(f"{self.url}: failed after {attempt + 1} attempts: "
+                                 f"{type(e).__name__}: {e}") from e
+        pause = self.backoff_s * 2**attempt * (1 + random.random())
+        if deadline is not None:
+          pause = max(min(pause, deadline - time.monotonic()), 0.0)
+        time.sleep(pause)
     raise AssertionError("unreachable")
 
   def complete(self, prompts, *, max_tokens, temperature, seed):
@@ -216,6 +272,8 @@ class Settings:
   target_tokens: int = 3000
   tags: str = "verifier"  # verifier | judge
   keep_unsolved: bool = False  # smoke tests only: keep problems no thread solved, all [[fail]]
+  problem_deadline_s: float = 0.0  # total time for one problem's requests, retries included;
+  # 0 = none (each request is still bounded by the generator's timeout and retries)
   seed: int = 0
 
 
@@ -354,7 +412,8 @@ def _finished(path: str) -> set[str]:
   return ids
 
 
-def report(output: str, decisions: str, stats: Counter, gen: Generator) -> dict:
+def report(output: str, decisions: str, stats: Counter, gen: Generator, *,
+           failures: Sequence[str] = ()) -> dict:
   records = [json.loads(l) for l in open(output)] if os.path.exists(output) else []
   decided = [json.loads(l) for l in open(decisions)] if os.path.exists(decisions) else []
   outcomes = Counter(d["outcome"] for d in decided)
@@ -375,6 +434,9 @@ def report(output: str, decisions: str, stats: Counter, gen: Generator) -> dict:
       "compressions": int(stats["compressions"]),
       "compressions_discarded": int(stats["compressions_discarded"]),
       "kept_unsolved": int(stats["kept_unsolved"]),
+      # problems whose requests failed for good in this run (not decided: a rerun retries them)
+      "generation_failed": int(stats["generation_failed"]),
+      "first_generation_failure": failures[0] if failures else None,
       "tokens_used": int(gen.tokens_used),
   }
 
@@ -391,12 +453,29 @@ def generate(problems: Sequence[grading.Problem], gen: Generator, grader, s: Set
   kept_ids = _finished(output)
   todo = [p for p in problems if p.id not in done]
   stats: Counter = Counter()
-  bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="datagen",
-             disable=not progress, dynamic_ncols=True)
+  failures: list[str] = []
+  deadline = (f"deadline {s.problem_deadline_s:g}s/problem" if s.problem_deadline_s > 0
+              else "no deadline per problem")
+  bar = tqdm(total=len(problems), initial=len(problems) - len(todo),
+             desc=f"datagen ({deadline})", disable=not progress, dynamic_ncols=True)
   try:
     with open(output, "a") as out, open(decisions, "a") as log:
       for p in todo:
-        record, outcome, info = build_record(p, gen, grader, s, stats)
+        if s.problem_deadline_s > 0:
+          gen.set_deadline(time.monotonic() + s.problem_deadline_s, s.problem_deadline_s)
+        try:
+          record, outcome, info = build_record(p, gen, grader, s, stats)
+        except GenerationFailed as e:
+          # not logged as decided: a rerun tries the problem again
+          stats["generation_failed"] += 1
+          failures.append(f"problem {p.id}: {e}")
+          tqdm.write(f"datagen: problem {p.id} failed: {e}")
+          bar.update(1)
+          bar.set_postfix(kept=stats["kept"], failed=stats["generation_failed"],
+                          tokens=gen.tokens_used)
+          continue
+        finally:
+          gen.set_deadline(None)
         if record is not None and p.id not in kept_ids:
           out.write(json.dumps(record) + "\n")
           out.flush()
@@ -410,12 +489,13 @@ def generate(problems: Sequence[grading.Problem], gen: Generator, grader, s: Set
         os.fsync(log.fileno())
         stats[outcome] += 1
         bar.update(1)
-        bar.set_postfix(kept=stats["kept"], tokens=gen.tokens_used)
+        bar.set_postfix(kept=stats["kept"], failed=stats["generation_failed"],
+                        tokens=gen.tokens_used)
   except BudgetExhausted as e:
     print(f"datagen: {e}; stopping with what is written (rerun with a larger budget to go on)")
   finally:
     bar.close()
-  return report(output, decisions, stats, gen)
+  return report(output, decisions, stats, gen, failures=failures)
 
 
 def run(cfg, workdir: str | None) -> dict:
@@ -446,8 +526,14 @@ def run(cfg, workdir: str | None) -> dict:
       min_pass_rate=g.min_pass_rate, max_pass_rate=g.max_pass_rate, similarity=g.similarity,
       max_similarity=g.max_similarity, max_attempts=g.max_attempts, max_tokens=g.max_tokens,
       temperature=g.temperature, max_trace_tokens=g.max_trace_tokens,
-      target_tokens=g.target_tokens, tags=g.tags, keep_unsolved=g.keep_unsolved, seed=cfg.seed)
+      target_tokens=g.target_tokens, tags=g.tags, keep_unsolved=g.keep_unsolved,
+      problem_deadline_s=g.problem_deadline_s, seed=cfg.seed)
   output = os.path.join(workdir, "threads.jsonl")
+  if g.generator == "http":
+    limit = (f"a deadline of {g.problem_deadline_s:g}s per problem" if g.problem_deadline_s > 0
+             else "no deadline per problem")
+    print(f"datagen: {len(problems)} problems via {gen.url}; each request {g.timeout_s:g}s x "
+          f"{g.retries + 1} attempts at most, {limit} (datagen.problem_deadline_s)", flush=True)
   with grading.Grader(num_workers=g.grader_workers, timeout_s=g.grader_timeout_s) as grader:
     rep = generate(problems, gen, grader, settings, output=output)
   with open(os.path.join(workdir, "report.json"), "w") as f:
