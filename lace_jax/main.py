@@ -17,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lace_jax import distributed, modes, runtime
+from lace_jax.errors import RunError
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "toy", "quickstart.py")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -50,7 +51,11 @@ def main(argv: list[str]) -> None:
     distributed.maybe_initialize(cfg.distributed)
   print(f"lace_jax: mode {cfg.mode}, workdir {workdir}", flush=True)
   logging.info("config:\n%s", cfg)
-  run(cfg, workdir)
+  try:
+    run(cfg, workdir)
+  except RunError as e:  # its message says it all: no traceback
+    print(f"\nerror: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

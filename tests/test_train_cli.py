@@ -104,6 +104,54 @@ def test_export_is_a_loadable_checkpoint_of_the_trained_model(tmp_path):
   assert sorted(_losses(tmp_path)) == [1, 2] and (tmp_path / "config.yaml").exists()
 
 
+def test_resume_with_a_changed_model_config_names_the_field_in_one_message(tmp_path):
+  cfg = _sft_config(steps=2, save_every=2)
+  modes.get_mode("sft")(cfg, str(tmp_path))  # in-process (8 fake devices): quick
+  r = subprocess.run(_cmd(SFT, "--config.train.steps=4", "--config.lattice.width=64",
+                          workdir=tmp_path), env=_env(), cwd=ROOT, capture_output=True,
+                     text=True, timeout=600)
+  assert r.returncode == 1, r.stderr[-3000:]
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1, r.stderr[-3000:]
+  msg = errors[0]
+  assert msg.startswith(f"error: cannot restore checkpoint step 2 from {tmp_path}/checkpoints/2: "
+                        "ValueError: Requested shape: (4, 32, 64) is not compatible with the "
+                        "stored shape: (4, 32, 16)"), msg
+  assert "params/layers_2/lattice/" in msg and "Truncating/padding" not in msg
+  assert (f"differs from the run's saved config {tmp_path}/config.yaml in lattice.width: 16 "
+          "(saved) vs 64 (now). Resume with") in msg
+  # the first cause alone: no orbax tracebacks, no coroutines finalised at exit
+  for noise in ("orbax", "Event loop is closed", "Exception ignored", "shutting down"):
+    assert noise not in r.stderr, r.stderr[-3000:]
+
+
+def test_a_full_disk_is_one_clear_error_naming_the_checkpoint(tmp_path, monkeypatch, caplog):
+  import asyncio
+  import errno
+
+  from orbax.checkpoint._src.serialization import serialization
+
+  from lace_jax.errors import RunError
+  from lace_jax.training import checkpointer
+
+  async def full(*args, **kwargs):  # every array write of a save finds the disk full
+    await asyncio.sleep(0)
+    raise OSError(errno.ENOSPC, "No space left on device", "/disk/ckpt/array")
+
+  monkeypatch.setattr(serialization, "async_serialize_from_host", full)
+  cfg = _sft_config(steps=3, save_every=1)
+  with pytest.raises(checkpointer.StateCheckpointError) as err:
+    modes.get_mode("sft")(cfg, str(tmp_path))
+  assert isinstance(err.value, RunError) and err.value.__cause__ is None
+  assert str(err.value).startswith(
+      f"cannot save checkpoint step 1 to {tmp_path}/checkpoints/1: no space left on device "
+      "(writing /disk/ckpt/array); free space on the disk of"), str(err.value)
+  assert "start again (no complete checkpoint yet)" in str(err.value)
+  orbax_errors = [r for r in caplog.records if r.levelname == "ERROR" and "orbax" in r.pathname]
+  assert not orbax_errors, [r.getMessage() for r in orbax_errors]  # held back: one message
+  assert not [e for e in os.listdir(tmp_path / "checkpoints") if e.isdigit()]
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -93,7 +93,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
   """Runs (or resumes) the training stage `make_stage` builds; returns a summary dict."""
   from tqdm import tqdm
 
-  from lace_jax.training.checkpointer import Checkpointer
+  from lace_jax.training.checkpointer import Checkpointer, StateCheckpointError
   from lace_jax.training.metrics import MetricsLogger
 
   if not workdir:
@@ -123,7 +123,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
     cleanup.callback(ckpt.close)
     start = ckpt.latest_step()
     if start is not None:
-      state = ckpt.restore(start, trainer.abstract_state(), stage.iterator)
+      try:
+        state = ckpt.restore(start, trainer.abstract_state(), stage.iterator)
+      except StateCheckpointError as e:
+        raise StateCheckpointError(f"{e}. {explain_config_change(workdir, cfg)}") from None
       log0(f"resumed from step {start} ({ckpt.directory})")
     else:
       start = 0
@@ -207,6 +210,74 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
   log0(f"done: {tr.steps} steps, final loss {summary['final_loss']}, exported to {export_dir} "
        f"({summary['seconds']:.0f}s)")
   return summary
+
+
+# what shapes the train state: a change here makes a checkpoint unrestorable
+STATE_KEYS = ("model", "lattice", "train.trainable")
+
+
+def _flat_config(text: str) -> dict[str, Any]:
+  """{dotted key: value} of a ConfigDict's YAML (`to_yaml`), read with a safe loader: python
+  tags become plain values (a ConfigDict its fields, a FieldReference its value)."""
+  import yaml
+
+  class Loader(yaml.SafeLoader):
+    pass
+
+  def python(loader, suffix, node):
+    del suffix
+    if isinstance(node, yaml.MappingNode):
+      d = loader.construct_mapping(node, deep=True)
+      return d.get("_fields", d.get("_value", d)) if isinstance(d, dict) else d
+    if isinstance(node, yaml.SequenceNode):
+      return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+  Loader.add_multi_constructor("tag:yaml.org,2002:python/", python)
+  flat: dict[str, Any] = {}
+
+  def walk(prefix: str, x: Any) -> None:
+    if isinstance(x, dict) and ("_fields" in x or "_value" in x):  # a ConfigDict in a list
+      x = x.get("_fields", x.get("_value"))
+    if isinstance(x, dict):
+      for k, v in x.items():
+        walk(f"{prefix}.{k}" if prefix else str(k), v)
+    else:
+      flat[prefix] = tuple(x) if isinstance(x, list) else x
+
+  walk("", yaml.load(text, Loader=Loader))
+  return flat
+
+
+def config_changes(saved_yaml: str, cfg: ml_collections.ConfigDict,
+                   keys: tuple[str, ...] = STATE_KEYS) -> list[str]:
+  """"key: saved (saved) vs now (now)" for each key under `keys` whose value in the run's saved
+  config (WORKDIR/config.yaml) differs from `cfg`'s."""
+  with open(saved_yaml) as f:
+    saved = _flat_config(f.read())
+  now = _flat_config(cfg.to_yaml())
+  under = lambda k: any(k == p or k.startswith(p + ".") for p in keys)
+  return [f"{k}: {saved.get(k, '(absent)')} (saved) vs {now.get(k, '(absent)')} (now)"
+          for k in sorted(set(saved) | set(now)) if under(k) and saved.get(k) != now.get(k)]
+
+
+def explain_config_change(workdir: str, cfg: ml_collections.ConfigDict) -> str:
+  """What in the model config changed since the run's checkpoints were written, as a sentence
+  for a restore error."""
+  path = os.path.join(workdir, "config.yaml")
+  if not os.path.exists(path):
+    return (f"The run's config ({path}) is missing, so the change cannot be named; resume with "
+            "the model config the checkpoints were written with, or use a new --workdir")
+  try:
+    changes = config_changes(path, cfg)
+  except Exception as e:  # noqa: BLE001 (the comparison only refines the message)
+    return f"The run's saved config {path} could not be compared ({type(e).__name__}: {e})"
+  if not changes:
+    return (f"The run's saved config {path} has the same {', '.join(STATE_KEYS)} as this "
+            "command")
+  return (f"This command's config differs from the run's saved config {path} in "
+          + "; ".join(changes) + ". Resume with the saved values, or use a new --workdir to "
+          "start a run with the new ones")
 
 
 def export(model: Model, params: Params, tokenizer: Tokenizer, workdir: str) -> str:
