@@ -3,7 +3,9 @@
   python -m lace_jax.main --config=experiments/<file>.py[:arg] --workdir=DIR [--config.a.b=v]
 
 With no --config it runs the embedded quickstart (`lace_jax/toy/quickstart.py`). TPU pod
-jobs run the same command on every host. `--config.plan.target=tpu:v5p:2x2x2` (or cuda:h100x8,
+jobs run the same command on every host. What the mode returns is written to
+WORKDIR/result.json. `--sweep=NAME[,NAME]` runs a sweep the experiment file declares
+(`lace_jax.sweep`: --jobs, --retry_failed, --sweep_print, --sweep_index, --sweep_table). `--config.plan.target=tpu:v5p:2x2x2` (or cuda:h100x8,
 local, ...) compiles the experiment's functions for that target instead of running them
 (`lace_jax.plan`).
 """
@@ -24,6 +26,88 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", _DEFAULT_CONFIG, "Experiment file, optionally with `:arg` (e.g. :runlocal).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs, logs and checkpoints.")
+_SWEEP = flags.DEFINE_list("sweep", [], "Sweeps of the experiment file to run (functions "
+                           "sweep_<name>(); several names multiply). See lace_jax.sweep.")
+_JOBS = flags.DEFINE_integer("jobs", 1, "Sweep points run at a time.")
+_RETRY = flags.DEFINE_bool("retry_failed", False, "Rerun the sweep's failed points too.")
+_PRINT = flags.DEFINE_bool("sweep_print", False, "Print one command per sweep point (for "
+                           "array jobs, XManager, xpk) and exit.")
+_INDEX = flags.DEFINE_integer("sweep_index", None, "Run only this sweep point.")
+_TABLE = flags.DEFINE_bool("sweep_table", False, "Write the sweep's table from what has run; "
+                           "run nothing.")
+
+
+def _config_argument(argv: list[str]) -> str:
+  """The --config value as given (file[:arg]), for the sweep points' command lines."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return _DEFAULT_CONFIG
+
+
+def run_sweep(workdir: str | None) -> None:
+  from lace_jax import sweep
+  if not workdir:
+    raise app.UsageError("--sweep needs --workdir (the sweep's directory)")
+  argv = sys.argv
+  config_arg = _config_argument(argv)
+  base = [a for a in argv[1:] if a.startswith("--config.")]
+  if any(a.startswith("--config.") and "=" not in a for a in base):
+    raise app.UsageError("with --sweep, write config overrides as --config.key=value")
+  try:
+    points = sweep.points_of(config_arg, _SWEEP.value, workdir)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if _PRINT.value:
+    for p in points:
+      print(sweep.index_command(p, argv))
+    return
+  if _INDEX.value is not None:
+    if not 0 <= _INDEX.value < len(points):
+      print(f"error: --sweep_index={_INDEX.value}: the sweep has {len(points)} points "
+            f"(0..{len(points) - 1})", file=sys.stderr)
+      sys.exit(2)
+    points_to_run = [points[_INDEX.value]]
+  else:
+    points_to_run = points
+  if not _TABLE.value:
+    print(f"lace_jax: sweep {','.join(_SWEEP.value)} of {config_arg}, workdir {workdir}",
+          flush=True)
+    sweep.run(points_to_run, config_arg, base, jobs=_JOBS.value, retry_failed=_RETRY.value)
+  sweep.write_table(points, workdir)
+  if _INDEX.value is not None and points_to_run[0].state["status"] == "failed":
+    sys.exit(1)
+
+
+def _write_result(workdir: str | None, result) -> None:
+  """WORKDIR/result.json: what the mode returned (numbers, strings, nested dicts and lists)."""
+  import json
+
+  import jax
+  import numpy as np
+  if not workdir or jax.process_index() != 0 or not isinstance(result, dict):
+    return
+
+  def plain(x):
+    if isinstance(x, dict):
+      return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [plain(v) for v in x]
+    if isinstance(x, (bool, int, float, str)) or x is None:
+      return x
+    if isinstance(x, (np.generic, np.ndarray)) or hasattr(x, "__array__"):
+      a = np.asarray(x)
+      return a.item() if a.ndim == 0 else a.tolist()
+    return str(x)
+
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, "result.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(plain(result), f, indent=2)
+  os.replace(tmp, os.path.join(workdir, "result.json"))
 
 
 def main(argv: list[str]) -> None:
@@ -31,8 +115,11 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library INFO chatter would break the progress bar
-  cfg = _CONFIG.value
   workdir = _WORKDIR.value
+  if _SWEEP.value:
+    run_sweep(workdir)
+    return
+  cfg = _CONFIG.value
   try:
     run = modes.get_mode(cfg.mode)
   except ValueError as e:
@@ -52,10 +139,11 @@ def main(argv: list[str]) -> None:
   print(f"lace_jax: mode {cfg.mode}, workdir {workdir}", flush=True)
   logging.info("config:\n%s", cfg)
   try:
-    run(cfg, workdir)
+    result = run(cfg, workdir)
   except RunError as e:  # its message says it all: no traceback
     print(f"\nerror: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
+  _write_result(workdir, result)
 
 
 if __name__ == "__main__":
