@@ -32,6 +32,10 @@ class Tokenizer:
   def __init__(self, tokenizer: tokenizers.Tokenizer, *, source: str = "<tokenizer>"):
     self._tok = tokenizer
     self.source = source
+    # a copy that reads special-token strings as plain text (for untrusted text); a copy, not
+    # a flag toggled on the shared one, so that threads may encode at the same time
+    self._plain = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+    self._plain.encode_special_tokens = True
 
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> Tokenizer:
@@ -67,6 +71,35 @@ class Tokenizer:
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_plain(self, text: str) -> list[int]:
+    """`encode`, but special-token strings in `text` (e.g. a user writing `<|im_end|>`) are
+    encoded as ordinary text, never as the special tokens."""
+    return self._plain.encode(text, add_special_tokens=False).ids
+
+  def encode_chat(self, messages: Sequence[Mapping[str, str]], *,
+                  thinking: bool = True) -> list[int]:
+    """The ids of `render_messages(messages)`, with every message's role and content encoded
+    by `encode_plain`: only the template itself writes `<|im_start|>` / `<|im_end|>`, so a
+    message cannot open a turn of its own. Equals `encode(render_messages(messages))` when no
+    content contains a special-token string."""
+    start, end = self.token_id(IM_START), self.token_id(IM_END)
+    newline = self.encode_plain("\n")
+    ids: list[int] = []
+    for m in messages:
+      ids += [start, *self.encode_plain(f"{m['role']}\n{m['content']}"), end, *newline]
+    ids += [start, *self.encode_plain("assistant\n")]
+    if not thinking:
+      ids += self.encode("<think>\n\n</think>\n\n")
+    return ids
+
+  @property
+  def max_token_chars(self) -> int:
+    """The longest vocabulary entry in characters: a text of c characters has at least
+    c / max_token_chars tokens (byte-level entries spell one byte per character)."""
+    if not hasattr(self, "_max_token_chars"):
+      self._max_token_chars = max(1, max(map(len, self._tok.get_vocab(with_added_tokens=True))))
+    return self._max_token_chars
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

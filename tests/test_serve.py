@@ -300,7 +300,7 @@ def test_response_contents_and_lace_field(client, caplog):
                            "total_tokens": len(prompt) + emitted}
   (call,) = calls
   assert call["prompts"] == [prompt] and call["num_threads"] == 3 and call["seed"] == 9
-  assert call["temperature"] == 0.7 and call["top_k"] == 5 and call["max_new_tokens"] == 64
+  assert call["temperature"] == [0.7] and call["top_k"] == [5] and call["max_new_tokens"] == 64
   assert any(re.search(r"batch size=1 threads=3 prompt_tokens=\d+ new_tokens=\d+ seconds=",
                        rec.getMessage()) for rec in caplog.records)
 
@@ -320,7 +320,8 @@ def test_max_tokens_cut_and_stop_strings(client):
   body = r.json()
   assert _texts(body) == ["x=1: 5.", "x=5: 9. Not mine; ", SCRIPT[2]]
   assert [ch["finish_reason"] for ch in body["choices"]] == ["stop"] * 3
-  assert calls[-1]["stop_sequences"] == [TOKENIZER.encode(" Found"), TOKENIZER.encode("thread")]
+  assert calls[-1]["example_stop_sequences"] == [(tuple(TOKENIZER.encode(" Found")),
+                                                   tuple(TOKENIZER.encode("thread")))]
 
 
 def test_streaming_in_process_with_usage(client):
