@@ -2,7 +2,7 @@
 
   python -m lace_jax.serve --checkpoint DIR [--lattice checkpoint|none] [--port 8000]
       [--host 127.0.0.1] [--max-threads 8] [--max-prompt-tokens 2048] [--max-new-tokens 1024]
-      [--max-batch 8] [--batch-window-ms 50] [--model-name NAME]
+      [--max-batch 8] [--batch-window-ms 50] [--max-body-bytes 1048576] [--model-name NAME]
 
 Endpoints (FastAPI + uvicorn):
   GET  /health               {"status": "ok"}
@@ -15,21 +15,33 @@ Endpoints (FastAPI + uvicorn):
                              "format_ok", "format_error", "threads"}` from `grading.parse_lattice`.
 
 Batching: requests are queued; one background thread (JAX never runs on the asyncio loop)
-takes the oldest request plus every queued request compatible with it (same n, temperature,
-top_p, top_k, stop and, when sampling with temperature > 0, the same seed), up to
---max-batch, waiting until --batch-window-ms after the oldest request arrived for more, and
-runs ONE `sampling.sample` call for them all. Shapes are bucketed to bound recompilation: the
-batch is padded to a power of two (dummy rows, capped at --max-batch), the prompt width to a
-power of two >= 16 and the step count to a power of two >= 16 (capped at --max-new-tokens);
-each request's threads are then cut to its own max_tokens. Because the sampler is causal over
-columns, the cut is exact: tokens before column k never depend on later columns. One INFO
-line per batch goes to stderr:
+takes the oldest request plus every queued request compatible with it (same n and, when
+sampling, the same seed), up to --max-batch, waiting until --batch-window-ms after the oldest
+request arrived for more, and runs ONE `sampling.sample` call for them all. temperature,
+top_p, top_k and the stop sequences are per-request arrays traced by the sampler, so requests
+with different values share a batch and a compiled program. Shapes are bucketed to bound
+recompilation: the batch is padded to a power of two (dummy rows, capped at --max-batch), the
+prompt width to a power of two >= 16, the step count to a power of two >= 16 (capped at
+--max-new-tokens) and the stop sequences to power-of-two counts and lengths; past MAX_COMPILED
+distinct shapes the sampler's compilation cache is cleared. Each request's threads are then
+cut to its own max_tokens. Because the sampler is causal over columns, the cut is exact:
+tokens before column k never depend on later columns. One INFO line per batch goes to stderr:
 
   batch size=3 threads=4 prompt_tokens=96 new_tokens=72 seconds=1.234 padded_size=4
-  prompt_width=32 max_new_tokens=16                                   (one line)
+  prompt_width=32 max_new_tokens=16 stop_shape=2x4 compiles=6         (one line)
 
 size = requests in the batch, prompt_tokens = their prompt tokens (each prompt counted once),
-new_tokens = completion tokens summed over every thread of every request.
+new_tokens = completion tokens summed over every thread of every request, compiles = the
+sampler's compilations so far (prefill and decode, one each per shape bucket).
+
+Disconnects: a request whose client disconnects is cancelled: dropped if still queued; a
+running batch returns to the host every DECODE_CHUNK columns and stops once all of its
+clients are gone.
+
+Prompts: every message's content is encoded as plain text (`Tokenizer.encode_chat`): a
+`<|im_end|>` written by a client is text, not the token, so it cannot open a turn. A prompt is
+tokenized off the event loop, after a cheap bound (more characters than --max-prompt-tokens
+tokens can spell is refused untokenized).
 
 Stopping: every thread stops on `<|im_end|>` (excluded from the content). `stop` strings are
 passed to the sampler as token sequences (`tokenizer.encode(s)`; the thread then stops in the
@@ -47,11 +59,12 @@ in the OpenAI `chat.completion.chunk` format, ending with `data: [DONE]`. Concat
 Seeds: with temperature > 0 a batch samples with the seed of its requests (a fresh random seed
 when none was given); the draw depends on the batch's padded shape, so a seeded sampling
 request repeats exactly only when it runs in a batch of the same shape (e.g. alone).
-Temperature 0 is greedy and needs no seed.
+Temperature 0 (below sampling.GREEDY_EPSILON, e.g. 1e-300) is greedy and needs no seed.
 
 Errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}: 400 for a bad body
-or field, 404 for an unknown model or route, 500 when generation fails (the server keeps
-serving). The body is validated by pydantic models (`ChatCompletionRequest`): strictly typed
+or field (also JSON nested too deeply and strings with lone surrogates), 404 for an unknown
+model or route, 413 for a body over --max-body-bytes (refused before it is parsed), 500 when
+generation fails (the server keeps serving). The body is validated by pydantic models (`ChatCompletionRequest`): strictly typed
 ("2", 2.0 or true is not an integer), a JSON null counts as absent, unknown fields are ignored,
 and it must be sent with `Content-Type: application/json` (FastAPI parses nothing else).
 """
