@@ -4,6 +4,7 @@ chat and multi-thread prompt formats of spec section 5, written out without jinj
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 
 import tokenizers
@@ -32,10 +33,8 @@ class Tokenizer:
   def __init__(self, tokenizer: tokenizers.Tokenizer, *, source: str = "<tokenizer>"):
     self._tok = tokenizer
     self.source = source
-    # a copy that reads special-token strings as plain text (for untrusted text); a copy, not
-    # a flag toggled on the shared one, so that threads may encode at the same time
-    self._plain = tokenizers.Tokenizer.from_str(tokenizer.to_str())
-    self._plain.encode_special_tokens = True
+    self._plain: tokenizers.Tokenizer | None = None  # built by `encode_plain` when first needed
+    self._plain_lock = threading.Lock()
 
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> Tokenizer:
@@ -73,8 +72,16 @@ class Tokenizer:
     return self._tok.encode(text, add_special_tokens=False).ids
 
   def encode_plain(self, text: str) -> list[int]:
-    """`encode`, but special-token strings in `text` (e.g. a user writing `<|im_end|>`) are
-    encoded as ordinary text, never as the special tokens."""
+    """`encode`, but the strings of special tokens in `text` (e.g. a user writing
+    `<|im_end|>`) are encoded as ordinary text, never as those tokens (Hugging Face's
+    `split_special_tokens`; added tokens not marked special, like Qwen3's `<think>`, still
+    match)."""
+    with self._plain_lock:
+      if self._plain is None:
+        # a copy, not a flag toggled on the shared tokenizer: threads may encode at once
+        plain = tokenizers.Tokenizer.from_str(self._tok.to_str())
+        plain.encode_special_tokens = True
+        self._plain = plain
     return self._plain.encode(text, add_special_tokens=False).ids
 
   def encode_chat(self, messages: Sequence[Mapping[str, str]], *,
