@@ -466,8 +466,8 @@ def test_body_limit_and_length_check_before_tokenizing(client, monkeypatch):
   monkeypatch.setattr(TOKENIZER, "encode_chat",
                       lambda m, **kw: encoded.append(m) or [1] * 10, raising=False)
   limit = c.app.state.limits.max_prompt_chars
-  r = c.post("/v1/chat/completions", json={"model": "m",
-                                           "messages": [{"role": "user", "content": "y" * (limit + 1)}]})
+  r = c.post("/v1/chat/completions", json={
+      "model": "m", "messages": [{"role": "user", "content": "y" * (limit + 1)}]})
   assert r.status_code == 400 and "characters" in r.json()["error"]["message"], r.text[:300]
   assert not encoded and not calls
   assert c.post("/v1/chat/completions", json={"model": "m", "messages": [

@@ -64,9 +64,10 @@ Temperature 0 (below sampling.GREEDY_EPSILON, e.g. 1e-300) is greedy and needs n
 Errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}: 400 for a bad body
 or field (also JSON nested too deeply and strings with lone surrogates), 404 for an unknown
 model or route, 413 for a body over --max-body-bytes (refused before it is parsed), 500 when
-generation fails (the server keeps serving). The body is validated by pydantic models (`ChatCompletionRequest`): strictly typed
-("2", 2.0 or true is not an integer), a JSON null counts as absent, unknown fields are ignored,
-and it must be sent with `Content-Type: application/json` (FastAPI parses nothing else).
+generation fails (the server keeps serving). The body is validated by pydantic models
+(`ChatCompletionRequest`): strictly typed ("2", 2.0 or true is not an integer), a JSON null
+counts as absent, unknown fields are ignored, and it must be sent with
+`Content-Type: application/json` (FastAPI parses nothing else).
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ except ImportError as e:  # an optional dependency: say which extra brings it
 import numpy as np
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, ValidationInfo,
+                      field_validator, model_validator)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lace_jax import grading, sampling
@@ -309,7 +310,8 @@ def resolve_request(body: ChatCompletionRequest, tokenizer: Tokenizer,
                    code="context_length_exceeded")
   greedy = body.temperature < sampling.GREEDY_EPSILON  # the filters do not matter
   return ChatRequest(prompt_ids=prompt_ids, n=body.n, max_tokens=max_tokens,
-                     temperature=0.0 if greedy else body.temperature, top_p=1.0 if greedy else body.top_p,
+                     temperature=0.0 if greedy else body.temperature,
+                     top_p=1.0 if greedy else body.top_p,
                      top_k=0 if greedy else body.top_k, seed=None if greedy else body.seed,
                      stop=tuple(body.stop),
                      stop_tokens=tuple(tuple(tokenizer.encode(s)) for s in body.stop),
