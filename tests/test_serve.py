@@ -449,7 +449,7 @@ def test_body_limit_and_length_check_before_tokenizing(client, monkeypatch):
   """Issue 16.2: a body over --max-body-bytes is a 413 before parsing; a prompt with more
   characters than max_prompt_tokens tokens can hold is refused without tokenizing."""
   c, calls = client
-  big = json.dumps(_chat("x" * (2 << 20))).encode()
+  big = json.dumps({**_chat("x" * (2 << 20)), "model": "m"}).encode()
   r = c.post("/v1/chat/completions", content=big, headers={"Content-Type": "application/json"})
   assert r.status_code == 413, r.text[:300]
   assert r.json()["error"]["code"] == "request_too_large"
