@@ -13,6 +13,7 @@ loop exits early once every thread has stopped.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -89,42 +90,78 @@ def left_pad(prompts: Sequence[Sequence[Sequence[int]] | Sequence[int]], num_thr
   return tokens, valid
 
 
-def _filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-  """logits [..., V] -> sampling logits with temperature, top-k and nucleus filtering."""
+# Below this temperature (or top_p) a float32 value is indistinguishable from 0 for sampling
+# (1e-300 rounds to 0, and dividing logits by it overflows): the example is greedy (top-1).
+GREEDY_EPSILON = 1e-6
+
+# How many times each jitted sampler function was traced (= compiled, for a new shape bucket or
+# static argument): a test hook. The bodies below run once per trace, never per call.
+TRACES: collections.Counter = collections.Counter()
+
+
+def _filter_logits(logits: jax.Array, temperature: jax.Array | float, top_k: jax.Array | int,
+                   top_p: jax.Array | float) -> jax.Array:
+  """logits [B, W, V] (or [B, V]...) -> sampling logits with temperature, top-k and nucleus
+  filtering. temperature, top_k, top_p: scalars or per-example arrays [B] (traced: one
+  compilation serves every value). top_k 0 is off, top_p >= 1 is off; the most likely token
+  always survives the nucleus (top_p <= GREEDY_EPSILON keeps only it)."""
+  per_example = lambda x, dtype: jnp.asarray(x, dtype).reshape(
+      jnp.shape(x) + (1,) * (logits.ndim - jnp.ndim(x)))
+  temperature = per_example(temperature, jnp.float32)
+  top_k = per_example(top_k, jnp.int32)
+  top_p = per_example(top_p, jnp.float32)
   logits = logits / temperature
-  if top_k > 0:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+  v = logits.shape[-1]
+
+  def filtered(logits):
+    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]  # descending
+    # top-k: drop what is below the k-th largest (ties with it stay)
+    kth = jnp.take_along_axis(sorted_logits, jnp.clip(top_k - 1, 0, v - 1), axis=-1)
+    kth = jnp.where(top_k > 0, kth, -jnp.inf)
     logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    sorted_logits = jnp.where(sorted_logits < kth, -jnp.inf, sorted_logits)
+    # nucleus: keep the smallest prefix whose mass reaches top_p
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     cum = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
-    cutoff = jnp.min(jnp.where(cum < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return logits
+    keep = (cum < top_p) | (jnp.arange(v) == 0)
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where((top_p < 1.0) & (logits < cutoff), -jnp.inf, logits)
+
+  # the sort is skipped at run time when no example filters
+  return jax.lax.cond(jnp.any(top_k > 0) | jnp.any(top_p < 1.0), filtered, lambda x: x, logits)
 
 
-def _ends_with_sequence(out: jax.Array, last: jax.Array,
-                       sequences: tuple[tuple[int, ...], ...]) -> jax.Array:
-  """[B, W] bool: the tokens out[..., last - len(seq) + 1 : last + 1] equal one of sequences."""
-  hit = jnp.zeros(out.shape[:2], bool)
-  for seq in sequences:
-    n = len(seq)
-    start = jnp.maximum(last - n + 1, 0)
-    window = jax.lax.dynamic_slice_in_dim(out, start, n, axis=2)
-    hit |= (last + 1 >= n) & jnp.all(window == jnp.asarray(seq, jnp.int32), axis=-1)
-  return hit
+def _ends_with_sequence(out: jax.Array, last: jax.Array, stops: jax.Array) -> jax.Array:
+  """[B, W] bool: the tokens out[b, w, last - n + 1 : last + 1] equal one of example b's stop
+  sequences. stops [B, S, L]: S sequences per example, each right-aligned in L columns after
+  -1 padding (a row of -1 is no sequence)."""
+  b, w, n_cols = out.shape
+  seq_len = stops.shape[-1]
+  lengths = jnp.sum(stops >= 0, axis=-1)  # [B, S]
+  cols = jnp.clip(last - seq_len + 1 + jnp.arange(seq_len), 0, n_cols - 1)
+  window = jnp.take(out, cols, axis=2)  # [B, W, L]
+  same = (stops[:, None] < 0) | (window[:, :, None] == stops[:, None])  # [B, W, S, L]
+  hit = jnp.all(same, axis=-1) & (lengths[:, None] > 0) & (last + 1 >= lengths[:, None])
+  return jnp.any(hit, axis=-1)
 
 
-def _choose(rng, logits, temperature, top_k, top_p):
-  if temperature == 0.0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, _filter_logits(logits, temperature, top_k, top_p)).astype(
-      jnp.int32)
+def _choose(rng: jax.Array, logits: jax.Array, knobs: dict) -> jax.Array:
+  """logits [B, W, V] -> one token per thread [B, W]: the argmax for a greedy example
+  (temperature < GREEDY_EPSILON), else a draw from the filtered distribution."""
+  temperature = knobs["temperature"]
+  greedy = (temperature < GREEDY_EPSILON)[:, None]  # [B, 1]
+  best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def draw(logits):
+    t = jnp.where(greedy[:, 0], 1.0, temperature)
+    return jax.random.categorical(rng, _filter_logits(logits, t, knobs["top_k"],
+                                                      knobs["top_p"])).astype(jnp.int32)
+
+  drawn = jax.lax.cond(jnp.all(greedy), lambda x: best, draw, logits)
+  return jnp.where(greedy, best, drawn)
 
 
-_STATIC = ("model", "max_new_tokens", "temperature", "top_k", "top_p", "stop_ids", "pad_id",
-           "stop_sequences", "mesh", "rules")
+_STATIC = ("model", "max_new_tokens", "stop_ids", "pad_id", "mesh", "rules")
 
 
 def _constrain_cache(cache: dict, mesh, rules) -> dict:
@@ -137,12 +174,14 @@ def _constrain_cache(cache: dict, mesh, rules) -> dict:
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _prefill(model: Model, params: Params, prompt: jax.Array, prompt_valid: jax.Array,
-             rng: jax.Array, *, max_new_tokens: int, temperature: float, top_k: int,
-             top_p: float, stop_ids: tuple[int, ...], pad_id: int,
-             stop_sequences: tuple[tuple[int, ...], ...], mesh=None, rules=()):
-  """Prompt grid -> (filled caches, first emitted token and its logprob, next positions)."""
+             rng: jax.Array, rng_decode: jax.Array, knobs: dict, *, max_new_tokens: int,
+             stop_ids: tuple[int, ...], pad_id: int, mesh=None, rules=()):
+  """Prompt grid -> (filled caches, the decode loop's state: the first emitted token and its
+  logprob in column 0). knobs: the per-example sampling parameters (traced: `_knobs`)."""
+  TRACES["prefill"] += 1
   b, w, p = prompt.shape
-  cache = _constrain_cache(model.init_cache(b, w, p + max_new_tokens), mesh, rules)
+  n = max_new_tokens
+  cache = _constrain_cache(model.init_cache(b, w, p + n), mesh, rules)
   positions = ops.default_positions(prompt_valid)
   # left padding puts every prompt's end in column P-1: only its logits are formed
   with sharding.logical_rules(rules):  # activation constraints (when a mesh is set)
@@ -150,27 +189,32 @@ def _prefill(model: Model, params: Params, prompt: jax.Array, prompt_valid: jax.
                                      logits="last")
   cache = _constrain_cache(cache, mesh, rules)
   last = logits[:, :, -1]  # [B, W, V]
-  first = _choose(rng, last, temperature, top_k, top_p)
+  first = _choose(rng, last, knobs)
   first_lp = jnp.take_along_axis(jax.nn.log_softmax(last), first[..., None], -1)[..., 0]
   next_pos = jnp.max(jnp.where(prompt_valid, positions + 1, 0), axis=-1)  # [B, W]
-  return cache, first, first_lp, next_pos
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC + ("prompt_len",), donate_argnames=("cache",))
-def _decode(model: Model, params: Params, cache: dict, first: jax.Array, first_lp: jax.Array,
-            next_pos: jax.Array, rng: jax.Array, *, prompt_len: int, max_new_tokens: int,
-            temperature: float, top_k: int, top_p: float, stop_ids: tuple[int, ...],
-            pad_id: int, stop_sequences: tuple[tuple[int, ...], ...], mesh=None, rules=()):
-  """The lockstep loop: column P + i feeds token i of every live thread and emits token i+1."""
-  b, w = first.shape
-  n, p = max_new_tokens, prompt_len
-  stop = jnp.asarray(stop_ids, jnp.int32)
   out = jnp.full((b, w, n), pad_id, jnp.int32).at[:, :, 0].set(first)
   lps = jnp.zeros((b, w, n), jnp.float32).at[:, :, 0].set(first_lp)
-  hidden_sum = jnp.zeros((b, w, model.config.d_model), jnp.float32)
-  lengths = jnp.ones((b, w), jnp.int32)
   # a thread is done once it has emitted a stop token or completed a stop sequence
-  done = jnp.isin(first, stop) | _ends_with_sequence(out, jnp.int32(0), stop_sequences)
+  done = (jnp.isin(first, jnp.asarray(stop_ids, jnp.int32))
+          | _ends_with_sequence(out, jnp.int32(0), knobs["stops"]))
+  state = dict(i=jnp.int32(0), out=out, lps=lps, lengths=jnp.ones((b, w), jnp.int32),
+               hidden_sum=jnp.zeros((b, w, model.config.d_model), jnp.float32), done=done,
+               pos=next_pos, rng=rng_decode)
+  return cache, state
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("prompt_len",),
+                   donate_argnames=("cache", "state"))
+def _decode(model: Model, params: Params, cache: dict, state: dict, until: jax.Array,
+            knobs: dict, *, prompt_len: int, max_new_tokens: int, stop_ids: tuple[int, ...],
+            pad_id: int, mesh=None, rules=()):
+  """The lockstep loop: column P + i feeds token i of every live thread and emits token i+1,
+  while i < min(until, N - 1) and some thread is live. Returns the caches, the state to go on
+  from (a later call with a larger `until` continues exactly where this one stopped) and the
+  mean hidden state [B, W, D] of every token emitted so far."""
+  TRACES["decode"] += 1
+  n, p = max_new_tokens, prompt_len
+  stop = jnp.asarray(stop_ids, jnp.int32)
 
   def step(i, cache, out, pos, lengths, hidden_sum):
     token = jax.lax.dynamic_index_in_dim(out, i, axis=2, keepdims=False)
@@ -181,48 +225,106 @@ def _decode(model: Model, params: Params, cache: dict, first: jax.Array, first_l
     hidden_sum = hidden_sum + jnp.where(live[..., None], hidden.astype(jnp.float32), 0.0)
     return logits, cache, hidden_sum
 
-  def cond(state):
-    i, _, _, _, _, _, done, _, _ = state
-    return (i < n - 1) & ~jnp.all(done)
+  end = jnp.minimum(until, n - 1)
 
-  def body(state):
-    i, cache, out, lps, lengths, hidden_sum, done, pos, rng = state
-    logits, cache, hidden_sum = step(i, cache, out, pos, lengths, hidden_sum)
-    rng, sub = jax.random.split(rng)
-    nxt = _choose(sub, logits, temperature, top_k, top_p)
+  def cond(carry):
+    _, s = carry
+    return (s["i"] < end) & ~jnp.all(s["done"])
+
+  def body(carry):
+    cache, s = carry
+    i, out = s["i"], s["out"]
+    logits, cache, hidden_sum = step(i, cache, out, s["pos"], s["lengths"], s["hidden_sum"])
+    rng, sub = jax.random.split(s["rng"])
+    nxt = _choose(sub, logits, knobs)
     lp = jnp.take_along_axis(jax.nn.log_softmax(logits), nxt[..., None], -1)[..., 0]
-    emit = ~done
+    emit = ~s["done"]
     out = out.at[:, :, i + 1].set(jnp.where(emit, nxt, pad_id))
-    lps = lps.at[:, :, i + 1].set(jnp.where(emit, lp, 0.0))
-    lengths = lengths + emit.astype(jnp.int32)
-    done = done | (emit & (jnp.isin(nxt, stop) | _ends_with_sequence(out, i + 1, stop_sequences)))
-    return i + 1, cache, out, lps, lengths, hidden_sum, done, pos + 1, rng
+    lps = s["lps"].at[:, :, i + 1].set(jnp.where(emit, lp, 0.0))
+    done = s["done"] | (emit & (jnp.isin(nxt, stop)
+                                | _ends_with_sequence(out, i + 1, knobs["stops"])))
+    return cache, dict(i=i + 1, out=out, lps=lps, lengths=s["lengths"] + emit.astype(jnp.int32),
+                       hidden_sum=hidden_sum, done=done, pos=s["pos"] + 1, rng=rng)
 
-  state = (jnp.int32(0), cache, out, lps, lengths, hidden_sum, done, next_pos, rng)
-  i, cache, out, lps, lengths, hidden_sum, done, pos, _ = jax.lax.while_loop(cond, body, state)
-  # tokens emitted at the last column have not been fed: one more step for their hidden state
-  _, cache, hidden_sum = step(i, cache, out, pos, lengths, hidden_sum)
-  mean_hidden = hidden_sum / jnp.maximum(lengths, 1)[..., None]
+  cache, s = jax.lax.while_loop(cond, body, (cache, state))
+  # the tokens emitted at the last column have not been fed: one more step for their hidden
+  # state. It is not added to the state: a continuing call feeds that column again (writing
+  # the same keys), so it would count twice
+  _, cache, hidden_sum = step(s["i"], cache, s["out"], s["pos"], s["lengths"], s["hidden_sum"])
+  mean_hidden = hidden_sum / jnp.maximum(s["lengths"], 1)[..., None]
   # the caches are returned (and dropped by the caller) so the donated buffers are updated in
   # place instead of copied; returning the loop's cache instead of this last step's kept a
   # second whole cache alive on XLA:TPU (the last step could not write in place)
-  return out, lps, lengths, done, mean_hidden, cache
+  return cache, s, mean_hidden
+
+
+class Cancelled(Exception):
+  """`sample` stopped because its `should_cancel` callback returned True."""
+
+
+def _bucket(x: int, lo: int = 1) -> int:
+  """The smallest power of two >= max(x, lo) (0 stays 0): a shape bucket."""
+  return 0 if x == 0 else max(lo, 1 << max(0, x - 1).bit_length())
+
+
+def _per_example(name: str, value, b: int, dtype) -> np.ndarray:
+  """A scalar or B values -> an array [B] of `dtype`; ValueError naming `name` otherwise."""
+  arr = np.asarray(value, dtype)
+  if arr.ndim == 0:
+    return np.full((b,), arr, dtype)
+  if arr.shape != (b,):
+    raise ValueError(f"{name} has shape {arr.shape}; expected a scalar or one value per "
+                     f"prompt ({b},)")
+  return arr
+
+
+def _stop_array(shared: Sequence[Sequence[int]], per_example: Sequence | None, b: int,
+                max_new_tokens: int) -> np.ndarray:
+  """Stop sequences -> [B, S, L] right-aligned after -1 padding; S and L are powers of two (or
+  0) so that few shapes are compiled. A sequence longer than max_new_tokens can never be
+  completed and is left out."""
+  if per_example is not None and len(per_example) != b:
+    raise ValueError(f"example_stop_sequences has {len(per_example)} entries for {b} prompts")
+  rows = []
+  for i in range(b):
+    seqs = list(shared) + (list(per_example[i]) if per_example is not None else [])
+    seqs = [[int(t) for t in q] for q in seqs]
+    for q in seqs:
+      if any(t < 0 for t in q):
+        raise ValueError(f"stop sequence {q} has a negative token id")
+    rows.append([q for q in seqs if 0 < len(q) <= max_new_tokens])
+  s = _bucket(max((len(r) for r in rows), default=0))
+  length = _bucket(max((len(q) for r in rows for q in r), default=0))
+  stops = np.full((b, s, length), -1, np.int32)
+  for i, r in enumerate(rows):
+    for j, q in enumerate(r):
+      stops[i, j, length - len(q):] = q
+  return stops
 
 
 def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_tokens: int,
-           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+           temperature: float | Sequence[float] = 1.0, top_p: float | Sequence[float] = 1.0,
+           top_k: int | Sequence[int] = 0, seed: int = 0,
            stop_ids: Sequence[int] = (), pad_id: int = 0,
            stop_sequences: Sequence[Sequence[int]] = (),
+           example_stop_sequences: Sequence[Sequence[Sequence[int]]] | None = None,
            prompt_width: int | None = None, mesh=None, rules=None,
-           batch_chunk: int = 0) -> SampleOutput:
+           batch_chunk: int = 0, decode_chunk: int = 0,
+           should_cancel=None) -> SampleOutput:
   """Generates W threads per prompt in lockstep.
 
   prompts: B entries, each a list of token ids (the same prompt for every thread) or W lists
     (per-thread prompts).
-  temperature 0 is greedy. stop_ids: tokens that end a thread (e.g. the tokenizer's
-    `<|im_end|>` id); the stop token is kept in the output.
+  temperature, top_p, top_k: one value for every prompt or B values (one per prompt). They are
+    traced, not compiled in: every value runs the same compiled program. temperature 0 (below
+    GREEDY_EPSILON) is greedy; top_k 0 and top_p 1 are off; top_p below GREEDY_EPSILON keeps
+    only the most likely token.
+  stop_ids: tokens that end a thread (e.g. the tokenizer's `<|im_end|>` id); the stop token is
+    kept in the output.
   stop_sequences: token-id sequences that end a thread once it has emitted them (stop strings:
     pass `tokenizer.encode(s)`; a string the model spells with other tokens is not caught).
+    example_stop_sequences: B lists of further sequences, one list per prompt. Both are traced
+    arrays, padded to power-of-two counts and lengths.
   prompt_width: pad every prompt to exactly this many tokens (one compilation for many calls).
   mesh, rules: lay the batch and the caches out on a device mesh (batch over data/fsdp, kv
     heads over tensor, by `rules`, default `lace_jax.sharding.DEFAULT_RULES`); the params
@@ -231,16 +333,27 @@ def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_t
   batch_chunk: generate at most this many prompts per sampler call (0 = all at once): bounds
     the caches' memory; one compilation serves every chunk. Chunk i samples with
     fold_in(key(seed), i) (chunk 0 with key(seed) itself).
+  decode_chunk, should_cancel: with decode_chunk > 0 the decode loop returns to the host every
+    decode_chunk columns (same tokens, one extra model step per return) and calls
+    `should_cancel()`; True raises `Cancelled`.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-    raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], "
-                     f"top_k={top_k} >= 0")
-  if batch_chunk < 0:
-    raise ValueError(f"batch_chunk={batch_chunk} must be >= 0 (0 = the whole batch)")
+  if batch_chunk < 0 or decode_chunk < 0:
+    raise ValueError(f"batch_chunk={batch_chunk} and decode_chunk={decode_chunk} must be >= 0 "
+                     "(0 = the whole batch / every column in one call)")
   tokens, valid = left_pad(prompts, num_threads, pad_id, width=prompt_width)
   b = tokens.shape[0]
+  knobs = dict(temperature=_per_example("temperature", temperature, b, np.float32),
+               top_p=_per_example("top_p", top_p, b, np.float32),
+               top_k=_per_example("top_k", top_k, b, np.int32),
+               stops=_stop_array(stop_sequences, example_stop_sequences, b, max_new_tokens))
+  raw = dict(temperature=np.asarray(temperature, np.float64), top_p=np.asarray(top_p, np.float64),
+             top_k=np.asarray(top_k))
+  if ((raw["temperature"] < 0) | np.isnan(raw["temperature"])).any() or (
+      ~((raw["top_p"] > 0) & (raw["top_p"] <= 1))).any() or (raw["top_k"] < 0).any():
+    raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], "
+                     f"top_k={top_k} >= 0")
   chunk = b if batch_chunk == 0 else min(batch_chunk, b)
   if b % chunk:
     raise ValueError(f"{b} prompts do not split into chunks of batch_chunk={batch_chunk}")
@@ -250,27 +363,37 @@ def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_t
     if chunk % ways:
       raise ValueError(f"sampler batch {chunk} is not divisible by the data-parallel ways "
                        f"data*fsdp = {ways} of mesh {dict(mesh.shape)}")
-  static = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                top_p=float(top_p), stop_ids=tuple(int(s) for s in stop_ids), pad_id=int(pad_id),
-                stop_sequences=tuple(tuple(int(t) for t in q) for q in stop_sequences if len(q)),
-                mesh=mesh, rules=rules if mesh is not None else ())
+  static = dict(max_new_tokens=max_new_tokens, stop_ids=tuple(int(s) for s in stop_ids),
+                pad_id=int(pad_id), mesh=mesh, rules=rules if mesh is not None else ())
+  n = max_new_tokens
+  step = n - 1 if decode_chunk == 0 else decode_chunk
   parts = []
   for i, start in enumerate(range(0, b, chunk)):
     key = jax.random.key(seed)
     key = key if i == 0 else jax.random.fold_in(key, i)
     rng_prefill, rng_decode = jax.random.split(key)
     prompt, prompt_valid = tokens[start:start + chunk], valid[start:start + chunk]
+    part_knobs = jax.tree.map(lambda x: x[start:start + chunk], knobs)
     if mesh is not None:
       put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
-      prompt, prompt_valid = put(prompt), put(prompt_valid)
+      prompt, prompt_valid, part_knobs = put(prompt), put(prompt_valid), jax.tree.map(
+          put, part_knobs)
     with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-      cache, first, first_lp, next_pos = _prefill(model, params, jnp.asarray(prompt),
-                                                  jnp.asarray(prompt_valid), rng_prefill,
-                                                  **static)
-      out, lps, lengths, done, mean_hidden, _ = _decode(
-          model, params, cache, first, first_lp, next_pos, rng_decode,
-          prompt_len=tokens.shape[-1], **static)
-    parts.append(jax.device_get((out, lps, lengths, done, mean_hidden)))
+      cache, state = _prefill(model, params, jnp.asarray(prompt), jnp.asarray(prompt_valid),
+                              rng_prefill, rng_decode, part_knobs, **static)
+      until = step
+      while True:
+        cache, state, mean_hidden = _decode(model, params, cache, state, jnp.int32(until),
+                                            part_knobs, prompt_len=tokens.shape[-1], **static)
+        if until >= n - 1:
+          break
+        if should_cancel is not None and should_cancel():
+          raise Cancelled(f"cancelled after {until} of {n} columns")
+        if bool(jax.device_get(jnp.all(state["done"]))):
+          break
+        until += step
+    parts.append(jax.device_get((state["out"], state["lps"], state["lengths"], state["done"],
+                                 mean_hidden)))
   out, lps, lengths, done, mean_hidden = (np.concatenate([np.asarray(p[j]) for p in parts])
                                           for j in range(5))
   reasons = [["stop" if d else "length" for d in row] for row in done]
@@ -298,28 +421,34 @@ def full_grid(out: SampleOutput) -> tuple[np.ndarray, np.ndarray]:
 
 
 def abstract_calls(model: Model, params, *, batch: int, num_threads: int, prompt_len: int,
-                   max_new_tokens: int, mesh, rules, temperature: float = 1.0, top_k: int = 0,
-                   top_p: float = 1.0, stop_ids: Sequence[int] = (0,)) -> list[tuple]:
+                   max_new_tokens: int, mesh, rules, stop_ids: Sequence[int] = (0,),
+                   stop_shape: tuple[int, int] = (0, 0)) -> list[tuple]:
   """The sampler's two jitted calls for one chunk of `batch` prompts, with abstract arguments
   laid out on `mesh` (nothing allocated): [(name, jitted, args, kwargs, arg groups)], for the
-  plan mode (`lace_jax.plan`). `params`: ShapeDtypeStructs carrying their shardings."""
+  plan mode (`lace_jax.plan`). `params`: ShapeDtypeStructs carrying their shardings.
+  stop_shape: (sequences, length) of the stop-sequence array (`_stop_array`)."""
   rules = tuple(rules)
   b, w, p, n = batch, num_threads, prompt_len, max_new_tokens
   bs = lambda ndim: sharding.batch_sharding(mesh, ndim)
   sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=bs(len(shape)))
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding.replicated(mesh))
-  static = dict(max_new_tokens=n, temperature=float(temperature), top_k=int(top_k),
-                top_p=float(top_p), stop_ids=tuple(stop_ids), pad_id=0, stop_sequences=(),
-                mesh=mesh, rules=rules)
+  key = jax.random.key(0).dtype
+  rng = jax.ShapeDtypeStruct((), key, sharding=sharding.replicated(mesh))
+  static = dict(max_new_tokens=n, stop_ids=tuple(stop_ids), pad_id=0, mesh=mesh, rules=rules)
+  knobs = dict(temperature=sd((b,), jnp.float32), top_p=sd((b,), jnp.float32),
+               top_k=sd((b,), jnp.int32), stops=sd((b, *stop_shape), jnp.int32))
   prompt, prompt_valid = sd((b, w, p), jnp.int32), sd((b, w, p), jnp.bool_)
   cache = jax.eval_shape(lambda: model.init_cache(b, w, p + n))
   cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), cache,
                        sharding.cache_sharding(cache, mesh, rules))
-  first, first_lp, next_pos = sd((b, w), jnp.int32), sd((b, w), jnp.float32), sd((b, w), jnp.int32)
+  state = dict(i=jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)),
+               out=sd((b, w, n), jnp.int32), lps=sd((b, w, n), jnp.float32),
+               lengths=sd((b, w), jnp.int32), hidden_sum=sd((b, w, model.config.d_model),
+                                                            jnp.float32),
+               done=sd((b, w), jnp.bool_), pos=sd((b, w), jnp.int32), rng=rng)
+  until = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
   return [
-      ("prefill", _prefill, (model, params, prompt, prompt_valid, rng), static,
-       {"params": params, "batch": (prompt, prompt_valid)}),
-      ("decode", _decode, (model, params, cache, first, first_lp, next_pos, rng),
-       dict(static, prompt_len=p), {"params": params, "cache": cache,
-                                    "batch": (first, first_lp, next_pos)}),
+      ("prefill", _prefill, (model, params, prompt, prompt_valid, rng, rng, knobs), static,
+       {"params": params, "batch": (prompt, prompt_valid, knobs)}),
+      ("decode", _decode, (model, params, cache, state, until, knobs),
+       dict(static, prompt_len=p), {"params": params, "cache": cache, "batch": (state, knobs)}),
   ]

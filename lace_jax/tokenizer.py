@@ -4,6 +4,7 @@ chat and multi-thread prompt formats of spec section 5, written out without jinj
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 
 import tokenizers
@@ -32,6 +33,8 @@ class Tokenizer:
   def __init__(self, tokenizer: tokenizers.Tokenizer, *, source: str = "<tokenizer>"):
     self._tok = tokenizer
     self.source = source
+    self._plain: tokenizers.Tokenizer | None = None  # built by `encode_plain` when first needed
+    self._plain_lock = threading.Lock()
 
   @classmethod
   def from_file(cls, path: str | os.PathLike) -> Tokenizer:
@@ -67,6 +70,43 @@ class Tokenizer:
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_plain(self, text: str) -> list[int]:
+    """`encode`, but the strings of special tokens in `text` (e.g. a user writing
+    `<|im_end|>`) are encoded as ordinary text, never as those tokens (Hugging Face's
+    `split_special_tokens`; added tokens not marked special, like Qwen3's `<think>`, still
+    match)."""
+    with self._plain_lock:
+      if self._plain is None:
+        # a copy, not a flag toggled on the shared tokenizer: threads may encode at once
+        plain = tokenizers.Tokenizer.from_str(self._tok.to_str())
+        plain.encode_special_tokens = True
+        self._plain = plain
+    return self._plain.encode(text, add_special_tokens=False).ids
+
+  def encode_chat(self, messages: Sequence[Mapping[str, str]], *,
+                  thinking: bool = True) -> list[int]:
+    """The ids of `render_messages(messages)`, with every message's role and content encoded
+    by `encode_plain`: only the template itself writes `<|im_start|>` / `<|im_end|>`, so a
+    message cannot open a turn of its own. Equals `encode(render_messages(messages))` when no
+    content contains a special-token string."""
+    start, end = self.token_id(IM_START), self.token_id(IM_END)
+    newline = self.encode_plain("\n")
+    ids: list[int] = []
+    for m in messages:
+      ids += [start, *self.encode_plain(f"{m['role']}\n{m['content']}"), end, *newline]
+    ids += [start, *self.encode_plain("assistant\n")]
+    if not thinking:
+      ids += self.encode("<think>\n\n</think>\n\n")
+    return ids
+
+  @property
+  def max_token_chars(self) -> int:
+    """The longest vocabulary entry in characters: a text of c characters has at least
+    c / max_token_chars tokens (byte-level entries spell one byte per character)."""
+    if not hasattr(self, "_max_token_chars"):
+      self._max_token_chars = max(1, max(map(len, self._tok.get_vocab(with_added_tokens=True))))
+    return self._max_token_chars
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

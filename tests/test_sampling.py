@@ -146,3 +146,73 @@ def test_sharded_sampler_equals_unsharded_and_chunks_are_seeded_calls():
     sampling.sample(m, sharded_params, prompts[:4], mesh=mesh, **kw)
   with pytest.raises(ValueError, match="batch_chunk=3"):
     sampling.sample(m, params, prompts, batch_chunk=3, **kw)
+
+
+def _compiled() -> int:
+  """Programs in the sampler's jit caches (prefill + decode); exists on old code too."""
+  return sampling._prefill._cache_size() + sampling._decode._cache_size()
+
+
+def test_sampling_parameters_share_one_compilation():
+  """Issue 16.1: temperature, top_p, top_k and stop sequences are traced, so new values reuse
+  the compiled sampler of their shape bucket."""
+  m, params = _model(True)
+  kw = dict(num_threads=2, max_new_tokens=6, seed=1)
+  sampling.sample(m, params, PROMPTS, temperature=0.3, stop_sequences=[[7, 8]], **kw)
+  before = _compiled()
+  for i, (t, p, k) in enumerate([(0.3001, 0.9, 0), (0.7, 0.5, 3), (1.3, 1.0, 7), (0.0, 1.0, 0)]):
+    sampling.sample(m, params, PROMPTS, temperature=t, top_p=p, top_k=k,
+                    stop_sequences=[[9 + i, 10]], **kw)
+  assert _compiled() == before
+
+
+def test_per_example_parameters():
+  """One call with a greedy row and a sampled row: the greedy row equals a greedy call alone
+  (rows are independent examples) and the temperature array reaches each row."""
+  m, params = _model(True)
+  kw = dict(num_threads=2, max_new_tokens=8, seed=5)
+  greedy = sampling.sample(m, params, PROMPTS, temperature=0.0, **kw)
+  mixed = sampling.sample(m, params, PROMPTS, temperature=[0.0, 1.0], top_k=[0, 4], **kw)
+  hot = sampling.sample(m, params, PROMPTS, temperature=1.0, top_k=4, **kw)
+  np.testing.assert_array_equal(mixed.tokens[0], greedy.tokens[0])
+  np.testing.assert_array_equal(mixed.tokens[1], hot.tokens[1])
+  with pytest.raises(ValueError, match=r"temperature has shape \(3,\)"):
+    sampling.sample(m, params, PROMPTS, temperature=[0.0, 1.0, 2.0], **kw)
+
+
+def test_stop_sequence_longer_than_the_generation():
+  """Issue 16.4: a stop sequence longer than max_new_tokens can never end a thread; it used to
+  fail in the jitted decode ("slice_sizes must be less than or equal to operand shape")."""
+  m, params = _model(True)
+  kw = dict(num_threads=2, max_new_tokens=8, temperature=0.0)
+  ref = sampling.sample(m, params, PROMPTS, **kw)
+  out = sampling.sample(m, params, PROMPTS, stop_sequences=[list(range(1, 31))], **kw)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+
+
+@pytest.mark.parametrize("tiny", [dict(temperature=1e-300), dict(temperature=1e-7),
+                                  dict(top_p=1e-300)])
+def test_vanishing_temperature_or_top_p_is_greedy(tiny):
+  """Issue 16.6: 1e-300 is 0 in float32; temperature or top_p below GREEDY_EPSILON is greedy
+  (top-1), not a division by zero."""
+  m, params = _model(True)
+  kw = dict(num_threads=2, max_new_tokens=8, seed=2)
+  greedy = sampling.sample(m, params, PROMPTS, temperature=0.0, **kw)
+  out = sampling.sample(m, params, PROMPTS, **tiny, **kw)
+  np.testing.assert_array_equal(out.tokens, greedy.tokens)
+  np.testing.assert_allclose(out.logprobs, greedy.logprobs, atol=1e-6)
+
+
+def test_decode_chunks_give_the_same_tokens_and_can_be_cancelled():
+  m, params = _model(True)
+  kw = dict(num_threads=2, max_new_tokens=12, temperature=1.0, top_p=0.9, seed=4)
+  ref = sampling.sample(m, params, PROMPTS, **kw)
+  asked = []
+  out = sampling.sample(m, params, PROMPTS, decode_chunk=3,
+                        should_cancel=lambda: asked.append(1) and False, **kw)
+  np.testing.assert_array_equal(out.tokens, ref.tokens)
+  np.testing.assert_array_equal(out.lengths, ref.lengths)
+  np.testing.assert_allclose(out.mean_hidden, ref.mean_hidden, atol=1e-6)
+  assert asked  # asked between chunks
+  with pytest.raises(sampling.Cancelled):
+    sampling.sample(m, params, PROMPTS, decode_chunk=3, should_cancel=lambda: True, **kw)

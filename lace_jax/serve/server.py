@@ -2,7 +2,7 @@
 
   python -m lace_jax.serve --checkpoint DIR [--lattice checkpoint|none] [--port 8000]
       [--host 127.0.0.1] [--max-threads 8] [--max-prompt-tokens 2048] [--max-new-tokens 1024]
-      [--max-batch 8] [--batch-window-ms 50] [--model-name NAME]
+      [--max-batch 8] [--batch-window-ms 50] [--max-body-bytes 1048576] [--model-name NAME]
 
 Endpoints (FastAPI + uvicorn):
   GET  /health               {"status": "ok"}
@@ -15,21 +15,33 @@ Endpoints (FastAPI + uvicorn):
                              "format_ok", "format_error", "threads"}` from `grading.parse_lattice`.
 
 Batching: requests are queued; one background thread (JAX never runs on the asyncio loop)
-takes the oldest request plus every queued request compatible with it (same n, temperature,
-top_p, top_k, stop and, when sampling with temperature > 0, the same seed), up to
---max-batch, waiting until --batch-window-ms after the oldest request arrived for more, and
-runs ONE `sampling.sample` call for them all. Shapes are bucketed to bound recompilation: the
-batch is padded to a power of two (dummy rows, capped at --max-batch), the prompt width to a
-power of two >= 16 and the step count to a power of two >= 16 (capped at --max-new-tokens);
-each request's threads are then cut to its own max_tokens. Because the sampler is causal over
-columns, the cut is exact: tokens before column k never depend on later columns. One INFO
-line per batch goes to stderr:
+takes the oldest request plus every queued request compatible with it (same n and, when
+sampling, the same seed), up to --max-batch, waiting until --batch-window-ms after the oldest
+request arrived for more, and runs ONE `sampling.sample` call for them all. temperature,
+top_p, top_k and the stop sequences are per-request arrays traced by the sampler, so requests
+with different values share a batch and a compiled program. Shapes are bucketed to bound
+recompilation: the batch is padded to a power of two (dummy rows, capped at --max-batch), the
+prompt width to a power of two >= 16, the step count to a power of two >= 16 (capped at
+--max-new-tokens) and the stop sequences to power-of-two counts and lengths; past MAX_COMPILED
+distinct shapes the sampler's compilation cache is cleared. Each request's threads are then
+cut to its own max_tokens. Because the sampler is causal over columns, the cut is exact:
+tokens before column k never depend on later columns. One INFO line per batch goes to stderr:
 
   batch size=3 threads=4 prompt_tokens=96 new_tokens=72 seconds=1.234 padded_size=4
-  prompt_width=32 max_new_tokens=16                                   (one line)
+  prompt_width=32 max_new_tokens=16 stop_shape=2x4 compiles=6         (one line)
 
 size = requests in the batch, prompt_tokens = their prompt tokens (each prompt counted once),
-new_tokens = completion tokens summed over every thread of every request.
+new_tokens = completion tokens summed over every thread of every request, compiles = the
+sampler's compilations so far (prefill and decode, one each per shape bucket).
+
+Disconnects: a request whose client disconnects is cancelled: dropped if still queued; a
+running batch returns to the host every DECODE_CHUNK columns and stops once all of its
+clients are gone.
+
+Prompts: every message's content is encoded as plain text (`Tokenizer.encode_chat`): a
+`<|im_end|>` written by a client is text, not the token, so it cannot open a turn. A prompt is
+tokenized off the event loop, after a cheap bound (more characters than --max-prompt-tokens
+tokens can spell is refused untokenized).
 
 Stopping: every thread stops on `<|im_end|>` (excluded from the content). `stop` strings are
 passed to the sampler as token sequences (`tokenizer.encode(s)`; the thread then stops in the
@@ -47,13 +59,15 @@ in the OpenAI `chat.completion.chunk` format, ending with `data: [DONE]`. Concat
 Seeds: with temperature > 0 a batch samples with the seed of its requests (a fresh random seed
 when none was given); the draw depends on the batch's padded shape, so a seeded sampling
 request repeats exactly only when it runs in a batch of the same shape (e.g. alone).
-Temperature 0 is greedy and needs no seed.
+Temperature 0 (below sampling.GREEDY_EPSILON, e.g. 1e-300) is greedy and needs no seed.
 
 Errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}: 400 for a bad body
-or field, 404 for an unknown model or route, 500 when generation fails (the server keeps
-serving). The body is validated by pydantic models (`ChatCompletionRequest`): strictly typed
-("2", 2.0 or true is not an integer), a JSON null counts as absent, unknown fields are ignored,
-and it must be sent with `Content-Type: application/json` (FastAPI parses nothing else).
+or field (also JSON nested too deeply and strings with lone surrogates), 404 for an unknown
+model or route, 413 for a body over --max-body-bytes (refused before it is parsed), 500 when
+generation fails (the server keeps serving). The body is validated by pydantic models
+(`ChatCompletionRequest`): strictly typed ("2", 2.0 or true is not an integer), a JSON null
+counts as absent, unknown fields are ignored, and it must be sent with
+`Content-Type: application/json` (FastAPI parses nothing else).
 """
 
 from __future__ import annotations
@@ -71,7 +85,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, Any, Literal, get_args
 
 try:
@@ -81,8 +95,8 @@ except ImportError as e:  # an optional dependency: say which extra brings it
 import numpy as np
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import (BaseModel, BeforeValidator, Field, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, ValidationInfo,
+                      field_validator, model_validator)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lace_jax import grading, sampling
@@ -93,6 +107,9 @@ log = logging.getLogger("lace_jax.serve")  # not __name__: that is "__main__" un
 
 MAX_STOP_STRINGS = 16
 MIN_BUCKET = 16
+DECODE_CHUNK = 32  # columns between checks that a running batch's clients are still there
+MAX_COMPILED = 64  # distinct sampler shapes kept compiled (the cache is cleared past it)
+DEFAULT_MAX_BODY_BYTES = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,11 +125,31 @@ class ApiError(Exception):
     self.status, self.message, self.param, self.code = status, message, param, code
 
 
+class AsciiJSONResponse(JSONResponse):
+  """JSON with non-ASCII characters escaped: an error message quoting a client's lone
+  surrogate ("\\ud800") still encodes (UTF-8 cannot)."""
+
+  def render(self, content: Any) -> bytes:
+    return json.dumps(content, ensure_ascii=True, allow_nan=False,
+                      separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, message: str, *, param: str | None = None,
                    code: str | None = None, type_: str = "invalid_request_error") -> JSONResponse:
   """`{"error": {"message", "type", "param", "code"}}` with HTTP `status`."""
-  return JSONResponse(status_code=status, content={
+  return AsciiJSONResponse(status_code=status, content={
       "error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def _valid_unicode(text: str) -> str:
+  """`text` if it encodes as UTF-8; ValueError for a lone surrogate (JSON allows "\\ud800";
+  the tokenizer does not)."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(f"contains a lone surrogate {text[e.start]!r} at character {e.start}, "
+                     "which is not valid Unicode") from None
+  return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,13 +160,13 @@ def error_response(status: int, message: str, *, param: str | None = None,
 
 class TextPart(BaseModel, strict=True):
   type: Literal["text"]  # OpenAI content parts: only text parts are supported
-  text: str
+  text: Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class Message(BaseModel, strict=True):
   role: Literal["system", "user", "assistant"] = Field(
       description="one of 'system', 'user', 'assistant'")
-  content: str | list[TextPart] = Field(
+  content: Annotated[str, AfterValidator(_valid_unicode)] | list[TextPart] = Field(
       description='a string or a list of text parts {"type": "text", "text": "..."}')
 
   @field_validator("content")
@@ -157,7 +194,7 @@ class ChatCompletionRequest(BaseModel, strict=True):
   top_p: float = Field(1.0, gt=0, le=1, description="a number in (0, 1]")
   top_k: int = Field(0, ge=0, description="an integer >= 0 (0 is off)")
   seed: int | None = Field(None, ge=0, lt=2**32, description="an integer from 0 to 2**32 - 1")
-  stop: Annotated[list[Annotated[str, Field(min_length=1)]],
+  stop: Annotated[list[Annotated[str, Field(min_length=1), AfterValidator(_valid_unicode)]],
                   BeforeValidator(lambda s: [s] if isinstance(s, str) else s)] = Field(
       [], max_length=MAX_STOP_STRINGS,
       description=f"a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings")
@@ -197,7 +234,10 @@ def _describe(error: dict) -> tuple[str | None, str]:
       got = ""
       break
   else:
-    got = "" if error["type"] == "missing" else f" is {json.dumps(error['input'])[:200]}"
+    try:
+      got = "" if error["type"] == "missing" else f" is {json.dumps(error['input'])[:200]}"
+    except (RecursionError, TypeError, ValueError):  # deeply nested or not JSON: not quoted
+      got = ""
   name = f"'{param}'" if param else "the request body"
   return param or None, f"{name}{got}: {error['msg']}; expected {expected}"
 
@@ -216,12 +256,17 @@ class ChatRequest:
   stop: tuple[str, ...]
   stream: bool
   include_usage: bool
+  stop_tokens: tuple[tuple[int, ...], ...] = ()  # `stop` encoded (the sampler's sequences)
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature < sampling.GREEDY_EPSILON
 
   @property
   def key(self) -> tuple:
-    """Requests with equal keys can share one `sample` call."""
-    seed = self.seed if self.temperature > 0 else None
-    return (self.n, self.temperature, self.top_p, self.top_k, self.stop, seed)
+    """Requests with equal keys can share one `sample` call: temperature, top_p, top_k and
+    stop are per-example sampler inputs, so only n and the seed of a sampled request split."""
+    return (self.n, None if self.greedy else self.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +276,7 @@ class Limits:
   max_prompt_tokens: int
   max_new_tokens: int
   vocab_size: int
+  max_prompt_chars: int  # more characters than this cannot fit max_prompt_tokens tokens
 
 
 def resolve_request(body: ChatCompletionRequest, tokenizer: Tokenizer,
@@ -249,16 +295,26 @@ def resolve_request(body: ChatCompletionRequest, tokenizer: Tokenizer,
     if value > hi:
       raise ApiError(400, f"'{param}' is {value}; expected an integer from {lo} to {hi} ({why})",
                      param=param)
-  prompt_ids = tokenizer.encode(render_messages([m.model_dump() for m in body.messages]))
+  messages = [m.model_dump() for m in body.messages]
+  # a cheap bound before tokenizing: a token spells at most max_token_chars characters
+  chars = sum(len(m["content"]) for m in messages)
+  if chars > limits.max_prompt_chars:
+    raise ApiError(400, f"the messages have {chars} characters, more than the server's "
+                   f"--max-prompt-tokens {limits.max_prompt_tokens} tokens can hold",
+                   param="messages", code="context_length_exceeded")
+  # content is encoded as plain text: a "<|im_end|>" typed by a client opens no turn
+  prompt_ids = tokenizer.encode_chat(messages)
   if len(prompt_ids) > limits.max_prompt_tokens:
     raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens, more than the server's "
                    f"--max-prompt-tokens {limits.max_prompt_tokens}", param="messages",
                    code="context_length_exceeded")
-  greedy = body.temperature == 0  # the filters do not matter, so they do not split batches
+  greedy = body.temperature < sampling.GREEDY_EPSILON  # the filters do not matter
   return ChatRequest(prompt_ids=prompt_ids, n=body.n, max_tokens=max_tokens,
-                     temperature=body.temperature, top_p=1.0 if greedy else body.top_p,
-                     top_k=0 if greedy else body.top_k, seed=body.seed,
+                     temperature=0.0 if greedy else body.temperature,
+                     top_p=1.0 if greedy else body.top_p,
+                     top_k=0 if greedy else body.top_k, seed=None if greedy else body.seed,
                      stop=tuple(body.stop),
+                     stop_tokens=tuple(tuple(tokenizer.encode(s)) for s in body.stop),
                      stream=body.stream, include_usage=body.stream_options.include_usage)
 
 
@@ -339,6 +395,13 @@ class Job:
   request: ChatRequest
   arrival: float  # time.monotonic()
   future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+  gone: threading.Event = dataclasses.field(default_factory=threading.Event)  # client left
+
+  def cancel(self) -> None:
+    """The client went away: a queued job is dropped; a running batch stops at its next
+    decode chunk once every job in it is gone."""
+    self.gone.set()
+    self.future.cancel()
 
 
 def _bucket(x: int, lo: int, hi: int) -> int:
@@ -354,7 +417,8 @@ class Batcher:
   the thread (bounded by `timeout_s`)."""
 
   def __init__(self, model: Model, params: Params, tokenizer: Tokenizer, *, max_batch: int,
-               batch_window_s: float, max_prompt_tokens: int, max_new_tokens: int):
+               batch_window_s: float, max_prompt_tokens: int, max_new_tokens: int,
+               decode_chunk: int = DECODE_CHUNK, max_compiled: int = MAX_COMPILED):
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.max_batch, self.batch_window_s = max_batch, batch_window_s
     self.max_width = -(-max_prompt_tokens // MIN_BUCKET) * MIN_BUCKET
@@ -366,6 +430,10 @@ class Batcher:
     self._stopping = False
     self._thread: threading.Thread | None = None
     self.batches_run = 0
+    self.batches_cancelled = 0
+    self.decode_chunk = decode_chunk
+    self.max_compiled = max_compiled
+    self._shapes: set[tuple] = set()  # the sampler shapes compiled since the last clear
 
   def start(self) -> None:
     with self._cond:
@@ -386,13 +454,14 @@ class Batcher:
     if self._thread is not None:
       self._thread.join(timeout_s)
 
-  def submit(self, request: ChatRequest) -> concurrent.futures.Future:
+  def submit(self, request: ChatRequest) -> Job:
+    """Queues `request`; its job's future resolves to the Completion."""
     self.start()
     job = Job(request, time.monotonic())
     with self._cond:
       self._pending.append(job)
       self._cond.notify_all()
-    return job.future
+    return job
 
   def _take_batch(self) -> list[Job] | None:
     """Blocks until a batch is ready; None once stopping."""
@@ -425,7 +494,15 @@ class Batcher:
       if not batch:
         continue
       try:
-        results = self.run_batch([j.request for j in batch])
+        results = self.run_batch([j.request for j in batch],
+                                 should_cancel=lambda: all(j.gone.is_set() for j in batch))
+      except sampling.Cancelled as e:  # every client of the batch went away
+        self.batches_cancelled += 1
+        log.info("batch of %d requests cancelled: every client disconnected (%s)",
+                 len(batch), e)
+        for job in batch:
+          job.future.set_exception(e)
+        continue
       except Exception as e:  # answered as a 500; the thread keeps serving
         log.exception("generation failed for a batch of %d requests", len(batch))
         for job in batch:
@@ -434,23 +511,31 @@ class Batcher:
       for job, result in zip(batch, results):
         job.future.set_result(result)
 
-  def run_batch(self, requests: Sequence[ChatRequest]) -> list[Completion]:
-    """One `sample` call for compatible requests (equal `key`)."""
+  def run_batch(self, requests: Sequence[ChatRequest],
+                should_cancel: Callable[[], bool] | None = None) -> list[Completion]:
+    """One `sample` call for compatible requests (equal `key`); `should_cancel` is asked
+    between decode chunks (`sampling.Cancelled` when it says True)."""
     first = requests[0]
     if any(r.key != first.key for r in requests):
       raise ValueError("run_batch: the requests of one batch must have equal keys")
     start = time.perf_counter()
     padded = _bucket(len(requests), 1, max(self.max_batch, len(requests)))
-    prompts = [r.prompt_ids for r in requests]
-    prompts += [prompts[0]] * (padded - len(prompts))
+    rows = list(requests) + [first] * (padded - len(requests))  # dummy rows repeat the first
+    prompts = [r.prompt_ids for r in rows]
     width = _bucket(max(len(p) for p in prompts), MIN_BUCKET, self.max_width)
     steps = _bucket(max(r.max_tokens for r in requests), MIN_BUCKET, self.max_new_tokens)
     seed = first.seed if first.seed is not None else random.SystemRandom().randrange(2**31)
+    stops = [r.stop_tokens for r in rows]
+    self._bound_compiled(first.n, padded, width, steps, stops)
+    # sampling parameters and stop sequences are traced per-example arrays: any values share
+    # the compiled sampler of this shape bucket
     out = sampling.sample(
         self.model, self.params, prompts, num_threads=first.n, max_new_tokens=steps,
-        temperature=first.temperature, top_p=first.top_p, top_k=first.top_k, seed=seed,
-        stop_ids=self.stop_ids, pad_id=self.pad_id,
-        stop_sequences=[self.tokenizer.encode(s) for s in first.stop], prompt_width=width)
+        temperature=[r.temperature for r in rows], top_p=[r.top_p for r in rows],
+        top_k=[r.top_k for r in rows], seed=seed, stop_ids=self.stop_ids, pad_id=self.pad_id,
+        example_stop_sequences=stops, prompt_width=width,
+        decode_chunk=self.decode_chunk if should_cancel is not None else 0,
+        should_cancel=should_cancel)
     results = []
     for b, r in enumerate(requests):
       threads = [finish_thread(self.tokenizer, out.tokens[b, w], int(out.lengths[b, w]),
@@ -461,10 +546,29 @@ class Batcher:
                                 lace_summary([t.text for t in threads])))
     self.batches_run += 1
     log.info("batch size=%d threads=%d prompt_tokens=%d new_tokens=%d seconds=%.3f "
-             "padded_size=%d prompt_width=%d max_new_tokens=%d", len(requests), first.n,
-             sum(c.prompt_tokens for c in results), sum(c.completion_tokens for c in results),
-             time.perf_counter() - start, padded, width, steps)
+             "padded_size=%d prompt_width=%d max_new_tokens=%d stop_shape=%s compiles=%d",
+             len(requests), first.n, sum(c.prompt_tokens for c in results),
+             sum(c.completion_tokens for c in results), time.perf_counter() - start, padded,
+             width, steps, "x".join(map(str, self._stop_shape(stops, steps))),
+             sum(sampling.TRACES.values()))
     return results
+
+  @staticmethod
+  def _stop_shape(stops: Sequence[Sequence[Sequence[int]]], steps: int) -> tuple[int, int]:
+    """The (sequences, length) bucket of the sampler's stop array (`sampling._stop_array`)."""
+    return sampling._stop_array((), stops, len(stops), steps).shape[1:]
+
+  def _bound_compiled(self, n: int, padded: int, width: int, steps: int,
+                      stops: Sequence[Sequence[Sequence[int]]]) -> None:
+    """Every shape is a power-of-two bucket, so the compiled samplers are few; past
+    `max_compiled` distinct shapes their cache is cleared (frees the compiled programs)."""
+    shape = (n, padded, width, steps, self._stop_shape(stops, steps))
+    if shape not in self._shapes and len(self._shapes) >= self.max_compiled:
+      log.info("%d sampler shapes compiled: clearing the compilation cache", len(self._shapes))
+      sampling._prefill.clear_cache()
+      sampling._decode.clear_cache()
+      self._shapes.clear()
+    self._shapes.add(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,9 +611,70 @@ def _sse_chunks(c: Completion, *, completion_id: str, created: int, model: str,
   return events
 
 
+class BodyTooLarge(StarletteHTTPException):
+  """A request body over the server's --max-body-bytes (an HTTPException, so that FastAPI
+  passes it through while reading the body)."""
+
+  def __init__(self, max_bytes: int):
+    super().__init__(413, f"the request body is larger than the server's --max-body-bytes "
+                     f"{max_bytes}")
+    self.max_bytes = max_bytes
+
+  def response(self) -> JSONResponse:
+    return error_response(413, self.detail, code="request_too_large")
+
+
+class BodyLimit:
+  """ASGI middleware refusing a request body over `max_bytes` with 413, before anything parses
+  it. A declared Content-Length over the limit is answered without buffering the body: it is
+  read and discarded (up to DRAIN_LIMIT_BYTES, so that a client that sends the whole body
+  before reading gets the answer), then refused. A body without a length is counted as it
+  arrives."""
+
+  DRAIN_LIMIT_BYTES = 256 << 20
+
+  def __init__(self, app, max_bytes: int):
+    self.app, self.max_bytes = app, max_bytes
+
+  async def __call__(self, scope, receive, send) -> None:
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    length = dict(scope["headers"]).get(b"content-length", b"")
+    if length.isdigit() and int(length) > self.max_bytes:
+      drained, more = 0, True
+      while more and drained <= self.DRAIN_LIMIT_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+          return  # the client left
+        drained += len(message.get("body", b""))
+        more = message.get("more_body", False)
+      log.info("refused a request body of %s bytes (limit %d)", length.decode(),
+               self.max_bytes)
+      return await BodyTooLarge(self.max_bytes).response()(scope, receive, send)
+    received = 0
+
+    async def counted():
+      nonlocal received
+      message = await receive()
+      if message["type"] == "http.request":
+        received += len(message.get("body", b""))
+        if received > self.max_bytes:
+          raise BodyTooLarge(self.max_bytes)
+      return message
+
+    await self.app(scope, counted, send)
+
+
+async def _disconnected(request: fastapi.Request) -> None:
+  """Returns once the client of `request` (whose body was read) has disconnected."""
+  while (await request.receive())["type"] != "http.disconnect":
+    pass
+
+
 def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name: str, max_threads: int = 8,
                max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, max_batch: int = 8,
-               batch_window_ms: float = 50.0) -> fastapi.FastAPI:
+               batch_window_ms: float = 50.0,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> fastapi.FastAPI:
   """The FastAPI app serving `model` with `params` (module docstring: endpoints, batching, streaming).
 
   The generation thread starts with the app's lifespan (or on the first request) and stops at
@@ -518,7 +683,8 @@ def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name
   does not fit the model.
   """
   for name, value in (("max_threads", max_threads), ("max_prompt_tokens", max_prompt_tokens),
-                      ("max_new_tokens", max_new_tokens), ("max_batch", max_batch)):
+                      ("max_new_tokens", max_new_tokens), ("max_batch", max_batch),
+                      ("max_body_bytes", max_body_bytes)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{name}={value!r}; expected an integer >= 1")
   if not (isinstance(batch_window_ms, (int, float)) and 0 <= batch_window_ms < float("inf")):
@@ -534,7 +700,8 @@ def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name
   for token in (IM_END, ENDOFTEXT):  # the stop and pad tokens: KeyError naming a missing one
     tokenizer.token_id(token)
 
-  limits = Limits(model_name, max_threads, max_prompt_tokens, max_new_tokens, cfg.vocab_size)
+  limits = Limits(model_name, max_threads, max_prompt_tokens, max_new_tokens, cfg.vocab_size,
+                  max_prompt_tokens * tokenizer.max_token_chars)
   batcher = Batcher(model, params, tokenizer, max_batch=max_batch,
                     batch_window_s=batch_window_ms / 1e3,
                     max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
@@ -547,11 +714,17 @@ def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name
     await asyncio.to_thread(batcher.stop)
 
   app = fastapi.FastAPI(title="lace_jax", lifespan=lifespan)
+  app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
   app.state.batcher = batcher
   app.state.limits = limits
 
   @app.exception_handler(StarletteHTTPException)
   async def http_error(request: fastapi.Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc, BodyTooLarge):
+      return exc.response()
+    if isinstance(exc.__cause__, RecursionError):  # FastAPI's json.loads gave up
+      return error_response(400, "the request body is nested too deeply to parse; expected "
+                            "a chat completion object", code="invalid_json")
     code = "not_found" if exc.status_code == 404 else None
     return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                           code=code)
@@ -600,10 +773,24 @@ def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name
     return model_card()
 
   @app.post("/v1/chat/completions")
-  async def chat_completions(body: ChatCompletionRequest) -> Any:
-    req = resolve_request(body, tokenizer, limits)
+  async def chat_completions(body: ChatCompletionRequest, request: fastapi.Request) -> Any:
+    # tokenizing takes time for a long prompt: off the event loop, which keeps serving
+    req = await asyncio.to_thread(resolve_request, body, tokenizer, limits)
+    job = batcher.submit(req)
+    result = asyncio.wrap_future(job.future)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-      completion: Completion = await asyncio.wrap_future(batcher.submit(req))
+      await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+      gone.cancel()
+    if not result.done():  # the client disconnected: nobody reads the answer
+      job.cancel()
+      result.cancel()
+      log.info("client disconnected: request (n=%d, max_tokens=%d) cancelled", req.n,
+               req.max_tokens)
+      return fastapi.Response(status_code=499)
+    try:
+      completion: Completion = result.result()
     except Exception as e:
       return error_response(500, f"generation failed: {type(e).__name__}: {e}",
                             type_="server_error")
@@ -659,6 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-batch", type=_positive, default=8, help="requests per sample call")
   p.add_argument("--batch-window-ms", type=_non_negative, default=50.0,
                  help="how long the oldest queued request waits for others to batch with")
+  p.add_argument("--max-body-bytes", type=_positive, default=DEFAULT_MAX_BODY_BYTES,
+                 help="largest request body; a larger one is refused with 413")
   p.add_argument("--model-name", default=None,
                  help="model id to serve (default: the checkpoint directory's basename)")
   return p
@@ -688,7 +877,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                      max_threads=args.max_threads,
                      max_prompt_tokens=args.max_prompt_tokens,
                      max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
-                     batch_window_ms=args.batch_window_ms)
+                     batch_window_ms=args.batch_window_ms,
+                     max_body_bytes=args.max_body_bytes)
   except (ValueError, KeyError) as e:
     sys.exit(f"lace_jax.serve: {e}")
   log.info("serving %s as %r (lattice=%s) on http://%s:%d", ckpt, name,
