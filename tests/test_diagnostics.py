@@ -154,3 +154,19 @@ def test_uniform_attention_has_the_entropy_of_the_readable_keys():
           expect.append(np.log(n))
   for i in LAYERS:
     np.testing.assert_allclose(got[f"lattice/entropy/layer_{i}"], np.mean(expect), rtol=1e-5)
+
+
+def test_on_a_mesh_with_sharded_params_the_same_numbers():
+  """As GRPO runs them: params sharded over data x fsdp x tensor, the rules' constraints on."""
+  from lace_jax import sharding
+  model, params = _model("causal")
+  tokens, valid = _grid(3)
+  want = lattice_diagnostics(model, params, tokens, valid)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rules = sharding.rules_with_overrides(())
+  sharded = jax.device_put(params, sharding.logical_to_sharding(model.logical_axes(), mesh,
+                                                                rules))
+  got = lattice_diagnostics(model, sharded, tokens, valid, mesh=mesh, rules=rules)
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, err_msg=k)
