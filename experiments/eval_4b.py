@@ -28,6 +28,9 @@ def get_config(arg=None):
       "instruction": "default",  # format note appended to each prompt; "" for none
       "thinking": True,
       "grader_workers": 4, "grader_timeout_s": 10.0,
+      # lattices of each dataset's first batch measured for the thread-level diagnostics
+      # (lattice/cross_thread, lattice/entropy, lattice/gate; lace_jax.diagnostics); 0 = none
+      "diagnostics_rollouts": 8,
   })
   # the accelerators this recipe is made to fit: --config.plan.target=default plans them
   cfg.plan = experiment.plan_section("cuda:h100x8", "tpu:v5p:2x2x2", "cuda:rtx6000pro")

@@ -8,6 +8,9 @@ For every problem, W threads are generated together and graded:
   format_rate   exactly one valid [[best]] thread (spec section 5)
   diversity     mean over thread pairs of (1 - cosine) of mean final hidden states
   tokens_per_query, seconds_per_query
+  lattice/cross_thread, lattice/entropy, lattice/gate (and per lattice layer: .../layer_<i>)
+                the thread-level diagnostics (`lace_jax.diagnostics`) of the first batch's
+                lattices (at most `diagnostics_rollouts` of them); absent without a lattice
 Variants compare configurations side by side on the same problems: "model" (as configured),
 "lattice_off" (the same weights without the side path: the Isolated Parallel ablation), and
 any extra checkpoints in `eval.checkpoints`.
@@ -25,14 +28,18 @@ import numpy as np
 from tqdm import tqdm
 
 from lace_jax import grading
+from lace_jax.diagnostics import lattice_diagnostics
 from lace_jax.rl import grpo
 from lace_jax.model import Model, Params, without_lattice
-from lace_jax.sampling import SampleOutput, sample
+from lace_jax.sampling import SampleOutput, full_grid, sample
 from lace_jax.tokenizer import (THREAD_INSTRUCTION, Tokenizer, instruction_template,
                                 thread_prompts)
 
 METRICS = ("lace_acc", "maj_acc", "mean_acc", "pass@1", "pass@W", "format_rate", "diversity",
            "tokens_per_query", "seconds_per_query")
+# the diagnostics' means over layers shown in the table (when a variant has a lattice)
+DIAGNOSTICS = (("lattice/cross_thread", "cross_thread"), ("lattice/entropy", "lattice_entropy"),
+               ("lattice/gate", "gate"))
 
 
 def _norm(a: str | None) -> str | None:
@@ -43,11 +50,15 @@ def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[
              num_threads: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
              batch_size: int, seed: int = 0, instruction: str = THREAD_INSTRUCTION,
              thinking: bool = True, desc: str = "eval",
-             on_batch: Callable[[SampleOutput], None] | None = None) -> tuple[dict, list[dict]]:
+             on_batch: Callable[[SampleOutput], None] | None = None,
+             diagnostics_rollouts: int = 8) -> tuple[dict, list[dict]]:
   """Returns (metrics averaged over problems, one record per problem). `on_batch`, if given,
-  sees every batch's SampleOutput (e.g. to analyse the samples without drawing them again)."""
+  sees every batch's SampleOutput (e.g. to analyse the samples without drawing them again).
+  The lattice diagnostics are measured on the first batch's first `diagnostics_rollouts`
+  lattices (0: not measured)."""
   w = num_threads
   records = []
+  diagnostics = {}
   for start in tqdm(range(0, len(problems), batch_size), desc=desc, dynamic_ncols=True,
                     disable=jax.process_index() != 0):
     chunk = problems[start:start + batch_size]
@@ -60,6 +71,10 @@ def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[
     seconds = time.perf_counter() - t0
     if on_batch is not None:
       on_batch(out)
+    if start == 0 and diagnostics_rollouts > 0:
+      tokens, valid = full_grid(out)
+      diagnostics = lattice_diagnostics(model, params, tokens[:diagnostics_rollouts],
+                                        valid[:diagnostics_rollouts])
     texts = out.texts(tokenizer)
     parsed = [grading.parse_lattice(t) for t in texts]
     votes = [grading.majority_vote([_norm(a) for a in p.answers]) for p in parsed]
@@ -82,18 +97,24 @@ def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[
           "threads": texts[i]})
   metrics = {k: float(np.mean([r[k] for r in records])) for k in METRICS}
   metrics["problems"] = len(records)
+  metrics.update(diagnostics)
   return metrics, records
 
 
 def markdown_table(results: dict[str, dict[str, dict]]) -> str:
-  """results[variant][dataset] = metrics -> one row per (variant, dataset)."""
-  head = "| variant | dataset | n | " + " | ".join(METRICS) + " |"
-  lines = [head, "|" + "---|" * (len(METRICS) + 3)]
+  """results[variant][dataset] = metrics -> one row per (variant, dataset); the lattice
+  diagnostics' columns when some variant has them ("-" for one without a lattice)."""
+  diag = [(k, name) for k, name in DIAGNOSTICS
+          if any(k in m for per in results.values() for m in per.values())]
+  head = ("| variant | dataset | n | " + " | ".join(METRICS + tuple(n for _, n in diag))
+          + " |")
+  lines = [head, "|" + "---|" * (len(METRICS) + len(diag) + 3)]
   for variant, per in results.items():
     for ds, m in per.items():
       cells = [f"{100 * m[k]:.1f}" if k.endswith(("acc", "rate")) or k.startswith("pass")
                else f"{m[k]:.3f}" if k in ("diversity", "seconds_per_query")
                else f"{m[k]:.1f}" for k in METRICS]
+      cells += [f"{m[k]:.3f}" if k in m else "-" for k, _ in diag]
       lines.append(f"| {variant} | {ds} | {m['problems']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -135,7 +156,8 @@ def run(cfg, workdir: str | None) -> dict:
             vmodel, vparams, tokenizer, problems, grader, num_threads=e.num_threads,
             max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
             top_k=e.top_k, batch_size=e.batch_size, seed=cfg.seed, instruction=template,
-            thinking=e.thinking, desc=f"{vname}/{ds}")
+            thinking=e.thinking, desc=f"{vname}/{ds}",
+            diagnostics_rollouts=e.get("diagnostics_rollouts", 8))
         results[vname][ds] = metrics
         if workdir and jax.process_index() == 0:
           with open(os.path.join(workdir, f"predictions_{vname}_{ds}.jsonl"), "w") as f:

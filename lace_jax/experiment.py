@@ -159,6 +159,9 @@ def grpo_section(*, questions_per_step: int, rollouts_per_question: int,
       # sampler's own log-probs are the old policy's; mu > 1: a teacher-forced pass)
       "rollout_batch": 0,  # rollouts per sampler call (0 = all of a step's at once)
       "logprob_batch": 0,  # rollouts per log-prob pass (0 = the train step's microbatch)
+      # rollouts of each logged step measured for the thread-level lattice diagnostics
+      # (lace_jax.diagnostics): 0 = the step's first group (G rollouts), < 0 = none
+      "diagnostics_rollouts": 0,
       "grader_workers": 4, "grader_timeout_s": 10.0,
   })
 

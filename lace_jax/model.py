@@ -170,7 +170,7 @@ class Lattice(nn.Module):
     thetas = tuple(th if th > 0 else cfg.rope_theta for th in lat.rope_thetas)
     q = ops.multi_axis_rope(q, coords, lat.rope_sections, thetas)
     k = ops.multi_axis_rope(k, coords, lat.rope_sections, thetas)
-    # for analysis (`lace_jax.toy.attention_profile`): a no-op unless "intermediates" is mutable
+    # for analysis (`lace_jax.diagnostics`): a no-op unless "intermediates" is mutable
     self.sow("intermediates", "qk", (q, k))
     new_cache = None
     if cur is None:
@@ -195,6 +195,7 @@ class Lattice(nn.Module):
       bg = _param(self, "gate_bias", (gates,), ("lattice_gate",), nn.initializers.zeros, pdt)
       hp = jnp.concatenate([h, p], axis=-1)  # [B, W, T, 2R]
       g = jax.nn.sigmoid(jnp.einsum("BWTX,XY->BWTY", hp, wg.astype(dt)) + bg.astype(dt))
+      self.sow("intermediates", "gate", g)  # [B, W, T, R or C], as "qk" above
       if lat.gate == "head":  # one gate per lattice head, shared by its E dims
         g = jnp.repeat(g, e, axis=-1)
       p = g * p  # [B, W, T, R]

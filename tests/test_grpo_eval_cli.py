@@ -1,6 +1,7 @@
 """GRPO and eval as users run them (`:runlocal`, subprocesses)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,6 +12,18 @@ from tests.test_train_cli import _env
 
 GRPO_FIELDS = ("reward", "accuracy", "format_rate", "diversity", "kl", "clip_fraction",
                "entropy", "response_length", "rollout_time", "update_time", "loss")
+# the thread-level lattice diagnostics (`lace_jax.diagnostics`); the tiny preset's lattice band
+# is layer 2
+DIAGNOSTICS = ("lattice/cross_thread", "lattice/entropy", "lattice/gate",
+               "lattice/cross_thread/layer_2", "lattice/entropy/layer_2", "lattice/gate/layer_2")
+
+
+def _check_diagnostics(m, w):
+  missing = [f for f in DIAGNOSTICS if f not in m]
+  assert not missing, missing
+  assert all(isinstance(m[f], float) and math.isfinite(m[f]) for f in DIAGNOSTICS), m
+  assert 0.0 < m["lattice/cross_thread"] < 1.0 and 0.0 < m["lattice/gate"] < 1.0
+  assert 0.0 < m["lattice/entropy"] < math.log(w * 1024)  # spread over some keys, not all
 
 
 def _run(config, workdir, *overrides):
@@ -30,6 +43,7 @@ def test_grpo_runlocal_logs_every_field(tmp_path):
     assert not missing, missing
     assert 0 <= row["accuracy"] <= 1 and 0 <= row["format_rate"] <= 1
     assert row["kl"] == 0.0  # first inner update: the policy is the old policy
+    _check_diagnostics(row, 4)
   assert os.path.exists(tmp_path / "export" / "model.safetensors")
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
 
@@ -45,8 +59,13 @@ def test_eval_runlocal_produces_the_full_table(tmp_path):
       assert m["problems"] == 4
       assert set(m) >= {"lace_acc", "maj_acc", "mean_acc", "pass@1", "pass@W", "format_rate",
                         "diversity", "tokens_per_query", "seconds_per_query"}
+  for m in results["model"].values():
+    _check_diagnostics(m, 4)
+  assert not any(k.startswith("lattice/") for m in results["lattice_off"].values() for k in m)
   table = open(tmp_path / "results.md").read()
   assert table.count("\n") == 2 + 10 and "| model | math500 | 4 |" in table
+  assert "| cross_thread | lattice_entropy | gate |" in table
+  assert table.splitlines()[-1].endswith("| - | - | - |")  # lattice_off has no lattice
   assert "| lattice_off | gsm8k_test | 4 |" in r.stdout
   preds = [json.loads(l) for l in open(tmp_path / "predictions_model_aime24.jsonl")]
   assert len(preds) == 4 and all(len(p["threads"]) == 4 for p in preds)

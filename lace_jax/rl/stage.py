@@ -8,7 +8,10 @@ of each with the lockstep sampler on the current parameters (one rollout = one W
 lattice), verified rewards (`lace_jax.rl.grpo.lattice_rewards`), group advantages, the old and
 reference log-probabilities; then `grpo.inner_updates` optimizer updates on that batch.
 Rollout statistics (reward, accuracy, format rate, diversity, response length, rollout time)
-are logged beside the update's metrics.
+are logged beside the update's metrics; at each logged step also the thread-level lattice
+diagnostics (`lace_jax.diagnostics`: lattice/cross_thread, lattice/entropy, lattice/gate, each
+per lattice layer too) of the step's first `grpo.diagnostics_rollouts` rollouts (0: the first
+group of G; < 0: none), under the parameters that generated them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from lace_jax import experiment, grading, sharding
+from lace_jax.diagnostics import lattice_diagnostics
 from lace_jax.model import Model
 from lace_jax.rl import grpo
 from lace_jax.sampling import full_grid, sample
@@ -124,6 +128,15 @@ class GRPOStage:
             "format_rate": float(r["format"].mean()), "diversity": float(r["diversity"].mean()),
             "response_length": float(out.lengths.mean()), "rollout_time": rollout_s,
             "grader_timeouts": float(self.grader.stats.get("timeouts", 0))}
+    n = diagnostics_rollouts(cfg)
+    logged = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
+    # a fixed slice of every logged step: one compilation, a bounded cost
+    if n and logged and self.model.lattice is not None:
+      t1 = time.perf_counter()
+      host.update(lattice_diagnostics(
+          self.model, state["params"], tokens[:n], valid[:n], mesh=self.mesh,
+          rules=sharding.rules_with_overrides(cfg.sharding.rules)))
+      host["diagnostics_time"] = time.perf_counter() - t1
     return local, host
 
   def summary(self) -> dict:
@@ -131,6 +144,15 @@ class GRPOStage:
 
   def close(self) -> None:
     self.grader.close()
+
+
+def diagnostics_rollouts(cfg: ml_collections.ConfigDict) -> int:
+  """Rollouts scored for the lattice diagnostics at a logged step (0 if none)."""
+  g = cfg.grpo
+  n = g.get("diagnostics_rollouts", 0)
+  if n < 0:
+    return 0
+  return min(n or g.rollouts_per_question, g.questions_per_step * g.rollouts_per_question)
 
 
 def batch_shapes(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:

@@ -96,33 +96,21 @@ def attention_profile(model, params, tokens: np.ndarray, valid: np.ndarray,
   heads and over valid queries, at every generated column (prompt_width ... T-1). Computed from
   the queries and keys the lattice layers `sow`, with the reference mask and softmax.
   """
-  from kernels.lattice_attention.reference import lattice_mask
-  from kernels.lattice_attention import reference as ref
+  from lace_jax import diagnostics
   lat = model.lattice
   tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
-  positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0).astype(jnp.int32)
 
   @jax.jit
   def profile(params):
-    _, state = model.module.apply({"params": params}, tokens, positions, valid,
-                                  mutable=["intermediates"])
-    out = {}
     b, w, t = tokens.shape
     cols = jnp.arange(t, dtype=jnp.int32)
-    allowed = lattice_mask(w, cols, cols, valid, lat.mask)  # [B, W*T, W*T]
-    other = jnp.repeat(jnp.arange(w), t)[:, None] != jnp.repeat(jnp.arange(w), t)[None, :]
-    for name, layer in state["intermediates"].items():
-      if "lattice" not in layer:
-        continue
-      q, k = layer["lattice"]["qk"][0]  # [B, W, T, C, E]
-      c, e = q.shape[-2:]
-      scores = jnp.einsum("BQCE,BKCE->BCQK", q.reshape(b, w * t, c, e),
-                          k.reshape(b, w * t, c, e), preferred_element_type=jnp.float32)
-      probs = ref.masked_softmax_weights(scores * e**-0.5, allowed[:, None])  # [B, C, WT, WT]
-      mass = jnp.sum(jnp.where(other[None, None], probs, 0.0), axis=-1)  # [B, C, W*T]
+    qv = valid.astype(jnp.float32)
+    out = {}
+    for i, x in diagnostics.lattice_intermediates(model, params, tokens, valid).items():
+      probs, _ = diagnostics.attention_probs(x["q"], x["k"], valid, lat.mask, cols)
+      mass = diagnostics.other_thread_mass(probs, w)  # [B, C, W*T]
       mass = mass.mean(axis=1).reshape(b, w, t)
-      qv = valid.astype(jnp.float32)
-      out[name] = (mass * qv).sum(axis=(0, 1)) / jnp.maximum(qv.sum(axis=(0, 1)), 1.0)  # [T]
+      out[f"layers_{i}"] = (mass * qv).sum(axis=(0, 1)) / jnp.maximum(qv.sum(axis=(0, 1)), 1.0)
     return out
 
   res = jax.device_get(profile(params))
