@@ -437,6 +437,12 @@ def test_read_problems_missing_or_empty(tmp_path):
     read_problems(str(tmp_path / "empty.jsonl"))
 
 
+def test_read_problems_directory_is_reported_as_one(tmp_path):
+  with pytest.raises(IsADirectoryError, match=rf"problems file {tmp_path} is a directory; "
+                                              r"expected a JSONL file"):
+    read_problems(str(tmp_path))
+
+
 def test_read_problems_is_the_one_reader(tmp_path):
   """GSM8K golds, the instruction stripped, per-thread problems (the toy tasks' and GRPO's
   files) and bundled names, all through read_problems."""
