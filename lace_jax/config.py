@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Literal
 
@@ -61,6 +62,13 @@ class ModelConfig:
         raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}; expected one of {_DTYPES}")
     if self.remat not in _REMAT:
       raise ValueError(f"ModelConfig.remat={self.remat!r}; expected one of {_REMAT}")
+    # a NaN or non-positive theta or eps gives NaN activations: every token then decodes alike
+    for field in ("rms_eps", "rope_theta"):
+      _check_number(f"ModelConfig.{field}", getattr(self, field), positive=True)
+    _check_number("ModelConfig.init_std", self.init_std, positive=False)
+    if int(self.max_position_embeddings) <= 0:
+      raise ValueError(f"ModelConfig.max_position_embeddings must be positive, got "
+                       f"{self.max_position_embeddings!r}")
 
   def replace(self, **kwargs) -> ModelConfig:
     return dataclasses.replace(self, **kwargs)
@@ -105,6 +113,12 @@ class ModelConfig:
       raise ValueError(f"{source}: missing required fields {missing}")
     if theta is None:
       raise ValueError(f"{source}: neither rope_theta nor rope_parameters.rope_theta is set")
+    # numbers are checked here to name the config.json field and file (NaN and Infinity are
+    # valid in Python's JSON)
+    theta_key = "rope_theta" if "rope_theta" in hf else "rope_parameters.rope_theta"
+    theta = _check_number(f"{source}: {theta_key}", theta, positive=True)
+    rms_eps = _check_number(f"{source}: rms_norm_eps", hf.get("rms_norm_eps", 1e-6),
+                            positive=True)
     d = int(hf["hidden_size"])
     n = int(hf["num_attention_heads"])
     dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
@@ -116,8 +130,8 @@ class ModelConfig:
         num_kv_heads=int(hf.get("num_key_value_heads", n)),
         head_dim=int(hf.get("head_dim") or d // n),
         mlp_dim=int(hf["intermediate_size"]),
-        rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta),
+        rms_eps=rms_eps,
+        rope_theta=theta,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 40_960)),
         param_dtype=dtype if dtype in _DTYPES else "float32",
@@ -158,6 +172,19 @@ class ModelConfig:
         "bos_token_id": 151643 if self.vocab_size > 151643 else None,
         "eos_token_id": 151645 if self.vocab_size > 151645 else None,
     }
+
+
+def _check_number(name: str, value: Any, *, positive: bool) -> float:
+  """float(value), or ValueError naming `name` unless it is a finite number > 0 (positive)
+  or >= 0."""
+  bound = "> 0" if positive else ">= 0"
+  try:
+    x = float(value)
+  except (TypeError, ValueError):
+    x = math.nan
+  if isinstance(value, bool) or not math.isfinite(x) or x < 0 or (positive and x == 0):
+    raise ValueError(f"{name}={value!r}; expected a finite number {bound}")
+  return x
 
 
 def read_hf_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
@@ -245,6 +272,10 @@ class LatticeConfig:
                        f"rope_thetas={self.rope_thetas} must have the same length")
     if len(set(self.rope_axes)) != len(self.rope_axes):
       raise ValueError(f"rope_axes={self.rope_axes} must be distinct")
+    for i, (fraction, theta) in enumerate(zip(self.rope_fractions, self.rope_thetas)):
+      _check_number(f"LatticeConfig.rope_fractions[{i}]", fraction, positive=False)
+      _check_number(f"LatticeConfig.rope_thetas[{i}] (0 = the backbone's)", theta, positive=False)
+    _check_number("LatticeConfig.init_std (0 = 1/sqrt(fan_in))", self.init_std, positive=False)
     self.rope_sections  # validates the split of E
 
   @property
@@ -298,4 +329,7 @@ class LatticeConfig:
     if unknown:
       raise ValueError(f"{source}: unknown lattice fields {unknown}; expected a subset of "
                        f"{sorted(names)}")
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+    try:
+      return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"{source}: {e}") from e

@@ -122,6 +122,10 @@ def load_examples(path: str, tokenizer: Tokenizer, *, num_threads: int, max_len:
     raise ValueError(f"data.bad_records={bad_records!r}; expected 'skip' or 'fail'")
   if fmt not in ("threads", "text"):
     raise ValueError(f"data.format={fmt!r}; expected 'threads' or 'text'")
+  if os.path.isdir(path):
+    record = '{"text": ...} object' if fmt == "text" else "multi-thread record"
+    raise IsADirectoryError(f"data.path={path} is a directory; expected a JSONL file (one "
+                            f"{record} per line)")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"data file {path} does not exist")
   if fmt == "text" and num_threads != 1:

@@ -27,6 +27,7 @@ Name map (ours -> Hugging Face; torch Linear weights are [out, in], ours are [in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -150,9 +151,22 @@ def _tensor_files(checkpoint_dir: str) -> dict[str, str]:
       files[name] = path
     return files
   if os.path.isfile(single):
-    with safe_open(single, "numpy") as f:
+    with _open_safetensors(single) as f:
       return {name: single for name in f.keys()}
   raise FileNotFoundError(f"{checkpoint_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+
+
+@contextlib.contextmanager
+def _open_safetensors(path: str) -> Iterator:
+  """safe_open(path), with a CheckpointError naming the file when the file is not readable
+  safetensors (truncated, corrupt): the library's own errors do not name it."""
+  try:
+    f = safe_open(path, "numpy")
+  except Exception as e:  # SafetensorError, OSError, ...
+    raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); "
+                          "is it truncated or corrupt (an interrupted download or copy)?") from e
+  with f:
+    yield f
 
 
 def _read_tensors(files: dict[str, str], names: list[str]) -> Iterator[tuple[str, np.ndarray]]:
@@ -160,13 +174,39 @@ def _read_tensors(files: dict[str, str], names: list[str]) -> Iterator[tuple[str
   for n in names:
     by_file.setdefault(files[n], []).append(n)
   for path, ns in by_file.items():
-    with safe_open(path, "numpy") as f:
+    with _open_safetensors(path) as f:
       present = set(f.keys())
       for n in ns:
         if n not in present:
           raise CheckpointError(f"{path}: tensor {n!r} is listed in {INDEX_FILE} but not stored "
                                 "in this file")
-        yield n, f.get_tensor(n)
+        try:
+          arr = f.get_tensor(n)
+        except Exception as e:
+          raise CheckpointError(f"{path}: tensor {n!r} cannot be read ({type(e).__name__}: {e}); "
+                                "is the file truncated or corrupt?") from e
+        yield n, arr
+
+
+def _check_finite(checks: list[tuple[str, str, str, jax.Array, jax.Array]],
+                  checkpoint_dir: str) -> None:
+  """Raises CheckpointError naming every tensor with a NaN or infinite value. checks: (tensor
+  name, its file, its stored dtype, the loaded array, a device flag `all finite`): the flags
+  are fetched together, once, so the check costs one pass over the weights on the device."""
+  flags = jax.device_get([c[4] for c in checks])
+  bad = [c for c, ok in zip(checks, flags) if not ok]
+  if not bad:
+    return
+  lines = []
+  for name, path, stored, x, _ in bad[:5]:
+    n_nan, n_inf = (int(v) for v in jax.device_get((jnp.isnan(x).sum(), jnp.isinf(x).sum())))
+    cast = "" if stored == str(x.dtype) else \
+        f" (stored as {stored}, loaded as {x.dtype}: values beyond its range become inf)"
+    lines.append(f"{path}: tensor {name!r} has {n_nan} NaN and {n_inf} infinite values of "
+                 f"{x.size}{cast}")
+  more = f"\n  ... and {len(bad) - 5} more tensors" if len(bad) > 5 else ""
+  raise CheckpointError(f"{checkpoint_dir}: refusing to load non-finite weights:\n  "
+                        + "\n  ".join(lines) + more)
 
 
 def load_pretrained(checkpoint_dir: str | os.PathLike,
@@ -225,6 +265,7 @@ def load_pretrained(checkpoint_dir: str | os.PathLike,
   params: dict = {}
   by_name = {e.hf_name: e for e in wanted}
   pdt = jnp.dtype(cfg.param_dtype)
+  checks = []  # NaN / inf in a weight makes every output NaN: refuse it here, by name
   for name, arr in _read_tensors(files, [e.hf_name for e in wanted]):
     e = by_name[name]
     shape = tuple(_get(expected, e.path).shape)
@@ -232,7 +273,12 @@ def load_pretrained(checkpoint_dir: str | os.PathLike,
       raise CheckpointError(f"{files[name]}: tensor {name!r} has shape {tuple(arr.shape)}, "
                             f"expected {e.hf_shape(shape)} (from the shapes in {config_path}"
                             f"{' and its lattice' if lattice else ''})")
-    _set(params, e.path, jnp.asarray(e.from_hf(arr, shape), dtype=pdt))
+    with np.errstate(over="ignore"):  # an overflowing cast is reported by _check_finite
+      x = jnp.asarray(e.from_hf(arr, shape), dtype=pdt)
+    _set(params, e.path, x)
+    checks.append((name, files[name], str(arr.dtype), x, jnp.isfinite(x).all()))
+  _check_finite(checks, checkpoint_dir)
+  del checks
   if fresh:
     init = Model(cfg, lattice).init(seed)
     for e in fresh:

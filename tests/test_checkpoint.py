@@ -234,3 +234,61 @@ def test_lattice_qk_norm_round_trip_and_identity_at_init(tmp_path):
   assert loaded.lattice == lat
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded_p)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ----- issue 16: non-finite numbers and unreadable files are refused on load, by name -----
+
+def test_error_non_finite_weight(saved):
+  def poison(t):
+    w = t["model.layers.1.mlp.up_proj.weight"]
+    w[3, 5], w[0, 0] = np.nan, np.inf
+  _edit_tensors(saved, poison)
+  with pytest.raises(lj.CheckpointError,
+                     match=r"refusing to load non-finite weights:\n  .*model.safetensors: tensor "
+                           r"'model.layers.1.mlp.up_proj.weight' has 1 NaN and 1 infinite values"):
+    lj.load_pretrained(saved)
+
+
+def test_error_float32_weight_overflowing_float16(saved):
+  _edit_tensors(saved, lambda t: t["model.norm.weight"].__setitem__(0, 1e6))
+  lj.load_pretrained(saved)  # finite in float32
+  with pytest.raises(lj.CheckpointError, match=r"'model.norm.weight' has 0 NaN and 1 infinite "
+                                               r"values of 128 \(stored as float32, loaded as "
+                                               r"float16"):
+    lj.load_pretrained(saved, dtype="float16")
+
+
+@pytest.mark.parametrize("field,value,name", [
+    ("rope_theta", float("nan"), "rope_theta"),
+    ("rope_theta", 0.0, "rope_theta"),
+    ("rms_norm_eps", -1e-6, "rms_norm_eps"),
+    ("rms_norm_eps", float("inf"), "rms_norm_eps"),
+    ("rms_norm_eps", "small", "rms_norm_eps"),
+])
+def test_error_non_finite_or_non_positive_config_numbers(saved, field, value, name):
+  cfg = json.loads((saved / "config.json").read_text())
+  cfg[field] = value
+  cfg.pop("rope_parameters")  # else it would be read as a second spelling of rope_theta
+  (saved / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ValueError, match=rf"config.json: {name}=.*expected a finite number > 0"):
+    lj.load_pretrained(saved)
+
+
+def test_config_numbers_are_checked_in_the_dataclasses():
+  with pytest.raises(ValueError, match=r"ModelConfig.rope_theta=nan; expected a finite number"):
+    lj.ModelConfig.preset("tiny", rope_theta=float("nan"))
+  with pytest.raises(ValueError, match=r"ModelConfig.rms_eps=-1.0; expected a finite number > 0"):
+    lj.ModelConfig.preset("tiny", rms_eps=-1.0)
+  with pytest.raises(ValueError, match=r"LatticeConfig.rope_thetas\[1\].*=inf"):
+    lj.LatticeConfig(layers=(1,), width=16, rope_thetas=(0.0, float("inf")))
+  with pytest.raises(ValueError, match=r"lattice: LatticeConfig.init_std.*=-0.1"):
+    lj.LatticeConfig.from_dict({"layers": [1], "width": 16, "init_std": -0.1}, source="lattice")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 4])
+def test_error_truncated_safetensors_names_the_file(saved, keep):
+  path = saved / "model.safetensors"
+  data = path.read_bytes()
+  path.write_bytes(data[:int(len(data) * keep)] if keep < 1 else data[:keep])
+  with pytest.raises(lj.CheckpointError, match=rf"{path}: not a readable safetensors file"):
+    lj.load_pretrained(saved)

@@ -142,6 +142,25 @@ def test_is_equivalent_rejects_non_strings():
     is_equivalent("1", None)
 
 
+# Cut-off or partial answers (issue 16, item 8): math-verify's plain-expression extraction
+# reads a number out of them (`1+1+` -> 1), a reward hack in GRPO. Equivalent to nothing,
+# themselves included.
+PARTIAL = [("1+1+", "1"), ("1+1+", "2"), ("7-", "7"), ("7-", "7-"), ("x=", "x"), ("=3", "3"),
+           (r"2\times", "2"), ("3)", "3"), ("(1+1", "2"), ("1,2,", "1.2"), ("1+*1", "1"),
+           (r"\frac{1}{", "1"), ("1}+{2", "1"), ("5", "5+")]
+
+
+@pytest.mark.parametrize("pred,gold", PARTIAL)
+def test_partial_answers_are_not_equivalent(pred, gold):
+  assert is_equivalent(pred, gold) is False
+
+
+def test_long_dangling_answer_is_rejected_quickly():
+  start = time.perf_counter()
+  assert is_equivalent("1+" * 50000, "1") is False
+  assert time.perf_counter() - start < 2.0
+  assert is_equivalent("2**3", "8") is True  # a whole plain expression still parses
+
 # ---------------------------------------------------------------------------------------------
 # Extraction and lattice format
 
@@ -416,6 +435,12 @@ def test_read_problems_missing_or_empty(tmp_path):
   (tmp_path / "empty.jsonl").write_text("\n")
   with pytest.raises(ValueError, match="no problems"):
     read_problems(str(tmp_path / "empty.jsonl"))
+
+
+def test_read_problems_directory_is_reported_as_one(tmp_path):
+  with pytest.raises(IsADirectoryError, match=rf"problems file {tmp_path} is a directory; "
+                                              r"expected a JSONL file"):
+    read_problems(str(tmp_path))
 
 
 def test_read_problems_is_the_one_reader(tmp_path):

@@ -224,6 +224,14 @@ def test_single_thread_text_source(tmp_path, tokenizer):
   assert grid["tokens"].shape == (1, 32) and grid["loss_mask"].sum() == grid["valid"].sum() - 1
 
 
+def test_data_path_that_is_a_directory_is_reported_as_one(tmp_path, tokenizer):
+  with pytest.raises(IsADirectoryError, match=rf"data.path={tmp_path} is a directory; expected a "
+                                              r"JSONL file \(one multi-thread record per line\)"):
+    data.load_examples(str(tmp_path), tokenizer, num_threads=W, max_len=T)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    data.load_examples(str(tmp_path / "nope.jsonl"), tokenizer, num_threads=W, max_len=T)
+
+
 def test_indivisible_sharding_names_the_parameter():
   mesh = sharding.make_mesh({"data": 2, "tensor": 4})
   with pytest.raises(ValueError, match=r"parameter \['layers_0'\]\['attn'\]\['k_proj'\] of shape "

@@ -178,3 +178,48 @@ def test_two_processes_match_one(tmp_path):
   assert sorted(one) == sorted(two) == [1, 2, 3]
   np.testing.assert_allclose([two[s] for s in (1, 2, 3)], [one[s] for s in (1, 2, 3)], atol=1e-5)
   assert json.load(open(tmp_path / "two" / "export" / "config.json"))["lace_lattice"]
+
+
+# ----- issue 16 item 9: the run's counts are checked before any work; resuming a finished run
+
+@pytest.mark.parametrize("key,value", [("train.steps", 0), ("train.steps", -5),
+                                       ("train.save_every", 0), ("train.log_every", 0),
+                                       ("train.grad_accum", 0), ("train.keep_checkpoints", 0),
+                                       ("train.batch_size", 0), ("data.max_len", -1)])
+def test_bad_counts_are_refused_before_any_work(tmp_path, key, value):
+  cfg = _sft_config()
+  section, name = key.split(".")
+  cfg[section][name] = value
+  with pytest.raises(ValueError, match=rf"^{re.escape(key)}={value}; expected an int >= 1"):
+    modes.get_mode("sft")(cfg, str(tmp_path))
+  assert os.listdir(tmp_path) == []  # no checkpoint, log or export: nothing ran
+
+
+def test_resuming_a_finished_run_trains_nothing_and_says_so(tmp_path, capsys):
+  cfg = _sft_config(steps=2, save_every=2)
+  modes.get_mode("sft")(cfg, str(tmp_path))
+  capsys.readouterr()
+  again = modes.get_mode("sft")(cfg, str(tmp_path))  # the same command again: exit 0
+  out = capsys.readouterr().out
+  assert "already done: step 2 >= train.steps=2" in out and "done: 2 steps" not in out, out
+  assert again["trained_steps"] == 0 and again["final_loss"] is None
+  assert os.path.isfile(os.path.join(again["export"], "model.safetensors"))
+  assert sorted(_losses(tmp_path)) == [1, 2]  # nothing trained or logged again
+  # a config asking for fewer steps than the workdir's run trained: refused, exit code 1
+  args = (SFT, "--config.train.steps=1", "--config.train.batch_size=8")
+  fewer = subprocess.run(_cmd(*args, workdir=tmp_path), env=_env(8), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+  assert fewer.returncode == 1, fewer.stderr[-3000:]
+  assert "holds step 2, past train.steps=1" in fewer.stderr, fewer.stderr[-3000:]
+  assert "done:" not in fewer.stdout
+
+
+@pytest.mark.parametrize("key", ["grpo.inner_updates", "grpo.questions_per_step",
+                                 "train.save_every"])
+def test_grpo_counts_are_refused_before_any_work(tmp_path, key):
+  cfg = _load(os.path.join(ROOT, "experiments", "grpo_1p7b.py:runlocal"))
+  section, name = key.split(".")
+  cfg[section][name] = 0
+  with pytest.raises(ValueError, match=rf"^{re.escape(key)}=0; expected an int >= 1"):
+    modes.get_mode("grpo")(cfg, str(tmp_path))
+  assert os.listdir(tmp_path) == []

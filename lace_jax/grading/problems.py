@@ -98,6 +98,10 @@ def read_problems(path_or_name: str, name: str | None = None) -> list[Problem]:
     path, source = BENCHMARKS[path_or_name], name or path_or_name
   else:
     path = path_or_name
+    if os.path.isdir(path):
+      raise IsADirectoryError(f"problems file {path} is a directory; expected a JSONL file of "
+                              f'{{"problem", "answer"}} records or one of the bundled benchmarks '
+                              f"{sorted(BENCHMARKS)}")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"problems file {path} does not exist (nor is it one of the "
                               f"bundled benchmarks {sorted(BENCHMARKS)})")

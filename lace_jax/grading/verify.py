@@ -50,13 +50,49 @@ def _normalise(s: str) -> str:
 
 def _prepare(s: str) -> str:
   """Rewrites for what math-verify does not parse: unescaped `$` (the model's own math-mode
-  delimiters) and a trailing period are dropped, and a bare scientific-notation number
-  `1.5e3` becomes `1.5\\times10^{3}` (math-verify reads `e` as Euler's number)."""
-  s = _DOLLAR_RE.sub("", s).strip().rstrip(".").rstrip()
+  delimiters) and a trailing period are dropped, a degree sign `°` becomes `^\\circ` (which
+  math-verify drops), and a bare scientific-notation number `1.5e3` becomes
+  `1.5\\times10^{3}` (math-verify reads `e` as Euler's number)."""
+  s = _DOLLAR_RE.sub("", s).strip().rstrip(".").rstrip().replace("°", "^\\circ")
   m = _SCI_RE.fullmatch(s)
   if m:
     s = f"{m.group(1)}\\times10^{{{m.group(2)}}}"
   return s
+
+
+# An answer ending in a binary operator or relation (`1+1+`, `7-`, `x=`, `2\times`), or
+# starting with one that cannot be unary (`=3`, `*2`), is cut off: math-verify's plain-expression
+# extraction would read a number out of it (`1+1+` -> 1), which in GRPO is a reward hack.
+_TRAILING_OP_RE = re.compile(
+    r"(?:[+\-*/^_=<>,;:×÷·]|\\(?:times|cdot|div|pm|mp|le|leq|ge|geq|ne|neq|lt|gt|approx|cup"
+    r"|cap|setminus|in|to|mid))$")
+_LEADING_OP_RE = re.compile(r"^(?:[*/^_=<>,;:×÷·!)\]]|\\(?:times|cdot|div)(?![A-Za-z]))")
+
+
+def _malformed(s: str) -> str | None:
+  """Why the normalised answer `s` is not a complete expression (a dangling operator,
+  unbalanced braces or brackets), else None. String work only, linear in len(s)."""
+  if _TRAILING_OP_RE.search(s):
+    return "ends in an operator"
+  if _LEADING_OP_RE.match(s):
+    return "starts with a binary operator"
+  braces = brackets = 0  # `{}`; `(` `[` `\{` against `)` `]` `\}` (intervals mix them: `(1,2]`)
+  i = 0
+  while i < len(s):
+    ch = s[i]
+    if ch == "\\":
+      nxt = s[i + 1:i + 2]
+      brackets += (nxt == "{") - (nxt == "}")
+      i += 2
+    else:
+      braces += (ch == "{") - (ch == "}")
+      brackets += (ch in "([") - (ch in ")]")
+      i += 1
+    if braces < 0 or brackets < 0:
+      return "closes a bracket it never opened"
+  if braces or brackets:
+    return "leaves a bracket open"
+  return None
 
 
 _MV = None
@@ -79,14 +115,24 @@ def _math_verify():
 
 
 def _parse(s: str) -> list:
-  """math-verify's parse of a bare answer string. The answer is wrapped in `$...$` (math-verify
-  extracts LaTeX only from math environments, so `\\frac12`, `(1,2]`, `\\{1,2\\}`, `\\$18` fail
-  bare); if that yields nothing, in `\\boxed{}`, then as is."""
-  parse, _, config = _math_verify()
-  for text in (f"${s}$", f"\\boxed{{{s}}}", s):
-    parsed = parse(text, extraction_config=config, parsing_timeout=None)
+  """math-verify's parse of a bare answer string, of the WHOLE string or nothing. The answer is
+  read as LaTeX wrapped in `$...$` (math-verify extracts LaTeX only from math environments, so
+  `\\frac12`, `(1,2]`, `\\{1,2\\}`, `\\$18` fail bare), else in `\\boxed{}`; a LaTeX parse
+  either reads the whole expression or fails. If both fail, as a plain expression (`2**3`), but
+  only when the one match math-verify extracts is the whole answer: its expression regex
+  otherwise reads a number out of any text (`1+1+` -> 1, `3)` -> 3, `1,2,` -> 1.2). A string
+  nothing parses gives [] (not equivalent to anything, itself included)."""
+  parse, _, (latex, expr) = _math_verify()
+  for text in (f"${s}$", f"\\boxed{{{s}}}"):
+    parsed = parse(text, extraction_config=[latex], fallback_mode="no_fallback",
+                   parsing_timeout=None)
     if parsed:
       return parsed
+  # first_match: only the first match is tried, and its string comes back after its value
+  parsed = parse(s, extraction_config=[expr], fallback_mode="first_match",
+                 extraction_mode="first_match", parsing_timeout=None)
+  if len(parsed) == 2 and "".join(parsed[1].split()) == "".join(s.split()):
+    return parsed[:1]
   return []
 
 
@@ -99,7 +145,10 @@ def is_equivalent(pred: str, gold: str) -> bool:
   equality to 6 decimals, symbolic equality, sets, intervals, tuples, matrices, equations.
   Semantics inherited from math-verify: `\\text{}` units are dropped (`5\\text{ cm}` == 5 ==
   `5\\text{ m}`), `^\\circ` is dropped, `x\\%` equals both x and x/100, and a bare comma list
-  `1,2` is a set. Any parsing or comparison error gives False. NO timeout: math-verify's
+  `1,2` is a set. An answer that does not parse as a whole is equivalent to nothing (itself
+  included): a dangling operator (`1+1+`, `7-`, `=3`) or an unbalanced bracket is rejected before
+  parsing (`_malformed`), and a parse of only part of the string is not used (`_parse`). Any
+  parsing or comparison error gives False. NO timeout: math-verify's
   SIGALRM timeouts are disabled (so this is safe on any thread); use `Grader` for untrusted
   input.
   """
@@ -107,7 +156,7 @@ def is_equivalent(pred: str, gold: str) -> bool:
     raise TypeError(f"is_equivalent expects two str, got pred {type(pred).__name__}, "
                     f"gold {type(gold).__name__}")
   p, g = _normalise(pred), _normalise(gold)
-  if not p or not g:
+  if not p or not g or _malformed(p) or _malformed(g):
     return False
   if p == g:
     return True

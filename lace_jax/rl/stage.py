@@ -265,4 +265,10 @@ def make_stage(setup: loop.Setup) -> GRPOStage:
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   """Mode `grpo`."""
+  loop.check_counts(cfg, {"grpo.questions_per_step": "questions per optimizer step",
+                          "grpo.rollouts_per_question": "rollouts G of each question",
+                          "grpo.max_new_tokens": "tokens each thread may generate",
+                          "grpo.inner_updates": "optimizer updates per batch of rollouts",
+                          "data.num_threads": "threads W of each rollout",
+                          "data.prompt_len": "prompt width P"})
   return loop.run(cfg, workdir, make_stage)

@@ -102,4 +102,7 @@ def batch_shapes(cfg: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStru
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   """Modes `pretrain` and `sft`."""
+  loop.check_counts(cfg, {"train.batch_size": "examples per optimizer step",
+                          "data.num_threads": "threads W of each example",
+                          "data.max_len": "tokens T per thread"})
   return loop.run(cfg, workdir, make_stage)

@@ -88,9 +88,38 @@ def log0(msg: str) -> None:
     print(msg, flush=True)
 
 
+# The run loop's counts, each an int >= 1, with what it means (for the error message).
+TRAIN_COUNTS = {
+    "train.steps": "optimizer steps of the run (batches)",
+    "train.save_every": "steps between checkpoints; the last step is always saved, so "
+                        "train.save_every >= train.steps saves only at the end",
+    "train.log_every": "steps between logged metrics; the last step is always logged",
+    "train.grad_accum": "microbatches per step",
+    "train.keep_checkpoints": "checkpoints kept on disk",
+}
+
+
+def check_counts(cfg: ml_collections.ConfigDict, counts: dict[str, str]) -> None:
+  """Raises ValueError naming the first key of `counts` ("section.key": meaning) whose value
+  in `cfg` is not an int >= 1; run before anything is loaded or compiled."""
+  for key, meaning in counts.items():
+    section, name = key.split(".")
+    if section not in cfg or name not in cfg[section]:
+      raise ValueError(f"config has no {key} ({meaning}); expected an int >= 1")
+    value = cfg[section][name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{key}={value!r}; expected an int >= 1 ({meaning})")
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str | None,
         make_stage: Callable[[Setup], Stage]) -> dict:
-  """Runs (or resumes) the training stage `make_stage` builds; returns a summary dict."""
+  """Runs (or resumes) the training stage `make_stage` builds; returns a summary dict.
+
+  The run's counts (`TRAIN_COUNTS`) are checked first, before anything is loaded or compiled.
+  Resuming from a checkpoint at step train.steps trains nothing: it says so ("already done")
+  and exports that checkpoint again; a checkpoint past train.steps (the run trained further
+  than this config asks) raises ValueError, since no step-train.steps model is left to export.
+  """
   from tqdm import tqdm
 
   from lace_jax.training.checkpointer import Checkpointer, StateCheckpointError
@@ -99,6 +128,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
   if not workdir:
     raise ValueError(f"mode {cfg.mode!r} needs --workdir (checkpoints, logs and the export go "
                      "there)")
+  check_counts(cfg, TRAIN_COUNTS)
   t0 = time.perf_counter()
   tr = cfg.train
   model_cfg, lattice = experiment.model_configs(cfg)
@@ -122,6 +152,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
                         async_save=tr.async_checkpointing)
     cleanup.callback(ckpt.close)
     start = ckpt.latest_step()
+    if start is not None and start > tr.steps:
+      raise ValueError(f"{ckpt.directory} holds step {start}, past train.steps={tr.steps}: this "
+                       f"workdir's run already trained further than the config asks. Set "
+                       f"train.steps >= {start} to continue it, or use a new --workdir")
     if start is not None:
       try:
         state = ckpt.restore(start, trainer.abstract_state(), stage.iterator)
@@ -131,6 +165,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
     else:
       start = 0
       state = trainer.init_state(cfg.seed, experiment.load_checkpoint(cfg, model_cfg, lattice))
+    if start == tr.steps:  # a finished run's command again: nothing to train or compile
+      log0(f"already done: step {start} >= train.steps={tr.steps} in {ckpt.directory}; "
+           "nothing to train (raise train.steps to continue); exporting that checkpoint")
+      export_dir = export(Model(model_cfg, lattice), state["params"], tokenizer, workdir)
+      return {"steps": tr.steps, "start_step": start, "trained_steps": 0, "final_loss": None,
+              "last": {}, "export": export_dir, "seconds": time.perf_counter() - t0,
+              "compiled_memory": {}, **stage.summary()}
 
     compiled, mem = trainer.compile(stage.batch_shapes, stage.loss)
     log0(f"mesh {sharding.describe(mesh)}; compiled {cfg.mode} step memory: "
@@ -203,12 +244,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
          "Run the same command to resume.")
     raise SystemExit(143)
   export_dir = export(Model(model_cfg, lattice), state["params"], tokenizer, workdir)
-  summary = {"steps": tr.steps, "start_step": start,
+  summary = {"steps": tr.steps, "start_step": start, "trained_steps": tr.steps - start,
              "final_loss": history[-1]["loss"] if history else None,
              "last": history[-1] if history else {}, "export": export_dir,
              "seconds": time.perf_counter() - t0, "compiled_memory": mem, **stage.summary()}
-  log0(f"done: {tr.steps} steps, final loss {summary['final_loss']}, exported to {export_dir} "
-       f"({summary['seconds']:.0f}s)")
+  resumed = f" ({tr.steps - start} in this run, resumed from step {start})" if start else ""
+  log0(f"done: {tr.steps} steps{resumed}, final loss {summary['final_loss']}, exported to "
+       f"{export_dir} ({summary['seconds']:.0f}s)")
   return summary
 
 
