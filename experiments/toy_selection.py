@@ -1,0 +1,53 @@
+"""The selection diagnostic (lace_jax.toy.selection): does the lattice learn to pick another
+thread's marked digit among distractors? And the sweeps of the selection study (issue 15):
+what makes selection slow to learn.
+
+  python -m lace_jax.main --config=experiments/toy_selection.py --workdir=runs/selection
+  python -m lace_jax.main --config=experiments/toy_selection.py --workdir=runs/selection_study \
+      --sweep=factors,seeds --jobs=2
+  python -m lace_jax.main --config=experiments/toy_selection.py --workdir=runs/selection_off \
+      --config.lattice.enabled=False        # the no-lattice control: chance (10%)
+
+`:quick` is a 200-step version for a smoke test.
+"""
+
+from lace_jax import sweep
+from lace_jax.toy import selection
+
+
+def get_config(arg=None):
+  cfg = selection.selection_config()
+  if arg == "quick":
+    cfg.selection.update(steps=200, eval_every=100, eval_problems=256)
+  return cfg
+
+
+def sweep_seeds():
+  return sweep.values("seed", [0, 1, 2])
+
+
+def sweep_factors():
+  """One factor at a time from the defaults (each a list of alternatives to the default)."""
+  base = [{}]  # the defaults themselves
+  return base + [
+      {"lattice.enabled": False},  # the control: no side path
+      {"lattice.source": "hidden"},
+      {"lattice.qk_norm": True},
+      {"lattice.init_std": 0.02},
+      {"lattice.init_std": 0.2},
+      {"selection.lattice_lr_multiplier": 3.0},
+      {"selection.lattice_lr_multiplier": 10.0},
+      {"lattice.width": 64, "lattice.heads": 2},
+      {"lattice.width": 32, "lattice.heads": 1},
+      {"lattice.mask": "other_threads"},
+      {"lattice.rope_fractions": (1.0, 0.0)},
+      {"lattice.rope_thetas": (0.0, 100.0)},
+      {"lattice.gate": "head"},
+      {"lattice.gate": "none"},
+      {"lattice.layers": (3,)},
+      {"lattice.layers": (1, 2, 3)},
+  ]
+
+
+def sweep_distract():
+  return sweep.values("selection.distract", [0, 2, 6, 12])

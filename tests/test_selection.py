@@ -1,0 +1,58 @@
+"""The selection diagnostic mode (lace_jax.toy.selection): problems are what the doc says, a
+run trains, evaluates, logs and reports diagnostics; the experiment file's sweeps load."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lace_jax import sweep
+from lace_jax.toy import selection
+
+
+def test_problems_copy_and_sum():
+  rng = np.random.default_rng(0)
+  tok, ans = selection.problems(rng, 50, task="copy", num_threads=3, distract=4)
+  assert tok.shape == (50, 3, 12) and ans.shape == (50, 3)
+  marked = tok[:, :, 1 + 4 + 1]  # the digit after MARK
+  assert (tok[:, :, 5] == selection.MARK).all() and (tok[:, :, -1] == selection.EQ).all()
+  np.testing.assert_array_equal(ans, np.roll(marked, -1, axis=1))  # the next thread's digit
+  tok, ans = selection.problems(rng, 50, task="sum", num_threads=2, distract=0)
+  np.testing.assert_array_equal(ans[:, 0], tok[:, :, 2].sum(1) % 10)
+  with pytest.raises(ValueError, match="selection.task"):
+    selection.problems(rng, 1, task="max", num_threads=2, distract=0)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_selection_run_trains_and_reports(tmp_path, enabled):
+  cfg = selection.selection_config()
+  cfg.lattice.enabled = enabled
+  cfg.selection.update(steps=30, eval_every=15, eval_problems=64, batch_size=16, distract=0,
+                       lr=3e-3)
+  result = selection.run(cfg, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [15, 30]
+  assert rows[-1]["loss"] < 2.5  # below log(16): it learnt something (the answer is a digit)
+  assert result["accuracy"] == rows[-1]["accuracy"] and 0.0 <= result["accuracy"] <= 1.0
+  assert ("lattice/cross_thread" in result) == enabled
+  if enabled:
+    assert 0.0 < result["lattice/cross_thread"] < 1.0 and 0.0 < result["lattice/gate"] < 1.0
+
+
+def test_selection_experiment_declares_the_study():
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments",
+                      "toy_selection.py")
+  points = sweep.load_sweep(path, ["factors", "seeds"])
+  assert len(points) == 3 * len(sweep.load_sweep(path, ["factors"]))
+  assert {"lattice.enabled": False, "seed": 0} in points  # the no-lattice control
+  spec = importlib.util.spec_from_file_location("sel", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config()
+  for p in sweep.load_sweep(path, ["factors"]):  # every override names a real key
+    for key in p:
+      node = cfg
+      for part in key.split("."):
+        node = node[part]
