@@ -142,7 +142,10 @@ def main(argv: list[str]) -> None:
     result = run(cfg, workdir)
   except RunError as e:  # its message says it all: no traceback
     print(f"\nerror: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+    sys.stdout.flush()
+    # threads of a failed checkpoint read or write (orbax) may still report their own failures
+    # while the interpreter shuts down, after the first cause has been said: stop here
+    os._exit(1)
   _write_result(workdir, result)
 
 

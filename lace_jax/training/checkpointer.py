@@ -18,6 +18,7 @@ import gc
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 import grain
@@ -61,17 +62,53 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {msg.rstrip('.')}"
 
 
+_ORPHAN_ERRORS = ("Event loop is closed", "Python is likely shutting down",
+                  "Encountered error while reading array index",
+                  "Encountered error while writing array")
+
+
+def _orphan(exc: BaseException | None) -> bool:
+  """An error of a read or write that a failed orbax operation left running."""
+  return exc is not None and any(m in str(exc) for m in _ORPHAN_ERRORS)
+
+
+def _silence_orphans() -> None:
+  """From now on, errors of the reads and writes a failed orbax operation left running are
+  logged at debug level instead of printed. They arrive on tensorstore's threads at any later
+  moment (a traceback ending in "Event loop is closed" each, dozens of them), after the one
+  StateCheckpointError that says the first cause; every other error is printed as before."""
+  if getattr(sys.excepthook, "_lace_orphans", False):
+    return
+  previous, previous_thread, previous_unraisable = (sys.excepthook, threading.excepthook,
+                                                    sys.unraisablehook)
+
+  def excepthook(kind, value, tb):
+    if _orphan(value):
+      log.debug("after a failed checkpoint operation: %s", value)
+    else:
+      previous(kind, value, tb)
+
+  def thread_hook(args):
+    if _orphan(args.exc_value):
+      log.debug("after a failed checkpoint operation: %s", args.exc_value)
+    else:
+      previous_thread(args)
+
+  def unraisable(u):
+    if _orphan(u.exc_value):
+      log.debug("after a failed checkpoint operation: %s", u.exc_value)
+    else:
+      previous_unraisable(u)
+
+  excepthook._lace_orphans = True
+  sys.excepthook, threading.excepthook, sys.unraisablehook = excepthook, thread_hook, unraisable
+
+
 def _collect_quietly() -> None:
-  """Finalises now what a failed orbax operation left behind (the coroutines of its cancelled
-  reads and writes), with their errors on closing silenced: left to interpreter exit, each
-  prints a traceback ending in "Event loop is closed" or "Python is likely shutting down"."""
-  old = sys.unraisablehook
-  sys.unraisablehook = lambda u: log.debug("after a failed checkpoint operation: %s",
-                                           u.exc_value)
-  try:
-    gc.collect()
-  finally:
-    sys.unraisablehook = old
+  """Silences the orphans of a failed orbax operation (`_silence_orphans`) and finalises now
+  the coroutines of its cancelled reads and writes."""
+  _silence_orphans()
+  gc.collect()
 
 
 class _HeldOrbaxErrors(logging.Filter):
