@@ -36,7 +36,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels.attention.reference import NEG_INF
 from kernels.lattice_attention.mask import Mode, may_attend, validate_mode
-from kernels.lattice_attention.pallas_gpu import check_block
+from kernels.lattice_attention.pallas_gpu import check_block, check_launch
 from kernels.lattice_attention.reference import lattice_attention_reference
 
 
@@ -112,10 +112,7 @@ class DecodeBlockSizes:
         or self.split_k % self.block_k):
       raise ValueError(f"split_k={self.split_k!r}: expected a positive multiple of "
                        f"block_k={self.block_k}")
-    if self.num_warps not in (1, 2, 4, 8, 16, 32):
-      raise ValueError(f"num_warps={self.num_warps!r}: expected a power of two from 1 to 32")
-    if not isinstance(self.num_stages, int) or self.num_stages < 1:
-      raise ValueError(f"num_stages={self.num_stages!r}: expected an integer >= 1")
+    check_launch("", self.num_warps, self.num_stages)
 
   @classmethod
   def for_shapes(cls, b: int, w: int, s: int, c: int, e: int, *,
