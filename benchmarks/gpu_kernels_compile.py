@@ -63,7 +63,9 @@ def measure(gpu: str, e: int, w: int, *, b: int, t: int, s: int, c: int) -> list
     temp = compiled.memory_analysis().temp_size_in_bytes
     rows.append(dict(gpu=gpu, E=e, W=w, kernel=name, ok=True, compile_s=round(seconds, 2),
                      temp_mib=round(temp / MiB, 1), operand_mib=round(operand / MiB, 1),
-                     triton_calls=plan.custom_calls(compiled).get("__gpu$xla.gpu.triton", 0)))
+                     # trees before plan.custom_calls (the "before" figures) have none
+                     triton_calls=plan.custom_calls(compiled).get("__gpu$xla.gpu.triton", 0)
+                     if hasattr(plan, "custom_calls") else None))
   return rows
 
 
