@@ -40,8 +40,10 @@ def sweep_factors():
       {"lattice.width": 64, "lattice.heads": 2},
       {"lattice.width": 32, "lattice.heads": 1},
       {"lattice.mask": "other_threads"},
+      {"lattice.mask": "same_position"},
       {"lattice.rope_fractions": (1.0, 0.0)},
       {"lattice.rope_thetas": (0.0, 100.0)},
+      {"lattice.rope_thetas": (100.0, 10_000.0)},  # a token-axis base for 16-token threads
       {"lattice.gate": "head"},
       {"lattice.gate": "none"},
       {"lattice.layers": (3,)},

@@ -104,10 +104,11 @@ def plan_section(*targets: str, prompt_len: int = 512) -> ml_collections.ConfigD
 
 def optim_section(*, lr: float, warmup_steps: int, weight_decay: float = 0.1,
                   clip_norm: float = 1.0) -> ml_collections.ConfigDict:
-  """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr`."""
+  """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr`; the lattice's
+  parameters learn at `lattice_lr_multiplier` x that (the selection study, docs/results.md)."""
   return ml_collections.ConfigDict({
       "lr": lr, "warmup_steps": warmup_steps, "min_lr_ratio": 0.1, "weight_decay": weight_decay,
-      "b1": 0.9, "b2": 0.95, "eps": 1e-8, "clip_norm": clip_norm})
+      "b1": 0.9, "b2": 0.95, "eps": 1e-8, "clip_norm": clip_norm, "lattice_lr_multiplier": 1.0})
 
 
 def train_section(*, steps: int, trainable: str = "all", grad_accum: int = 1,

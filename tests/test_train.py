@@ -108,6 +108,42 @@ def test_trainable_lattice_leaves_backbone_bit_identical(examples, tokenizer):
   assert changed > 0
 
 
+def test_lattice_lr_multiplier_scales_only_lattice_updates():
+  """optim.lattice_lr_multiplier = m: the first update of every lattice parameter is m x the
+  plain AdamW's, every backbone parameter's is unchanged; at 1.0 the optimizer state has
+  exactly the plain form (old checkpoints restore); a bad value is refused, named."""
+  from lace_jax.model import Model
+  params = Model(CFG, LAT).init(seed=0)
+  params = jax.tree.map(lambda x: x + 0.1, params)  # W_up off zero: weight decay differs too
+  rng = np.random.default_rng(0)
+  grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), params)
+  labels = train.trainable_labels(params, "all")
+
+  def first_update(multiplier):
+    optim = experiment.optim_section(lr=1e-3, warmup_steps=2)
+    optim.lattice_lr_multiplier = multiplier
+    tx, _ = train.make_optimizer(optim, 10, labels)
+    updates, state = tx.update(grads, tx.init(params), params)
+    return updates, state
+
+  plain, plain_state = first_update(1.0)
+  fast, _ = first_update(7.0)
+  n_lattice = 0
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(plain), jax.tree.leaves(fast)):
+    assert np.abs(np.asarray(a)).max() > 0, jax.tree_util.keystr(path)
+    scale = 7.0 if lj.model.is_lattice_param(path) else 1.0
+    n_lattice += scale == 7.0
+    np.testing.assert_allclose(b, scale * np.asarray(a), rtol=1e-6, err_msg=jax.tree_util.keystr(path))
+  assert n_lattice >= 8
+  optim = experiment.optim_section(lr=1e-3, warmup_steps=2)
+  del optim["lattice_lr_multiplier"]  # a config from before the option
+  tx_old, _ = train.make_optimizer(optim, 10, labels)
+  assert (jax.tree.structure(tx_old.init(params)) == jax.tree.structure(plain_state))
+  for bad in (0.0, -1.0, float("nan")):
+    with pytest.raises(ValueError, match="optim.lattice_lr_multiplier"):
+      first_update(bad)
+
+
 def test_sft_loss_ignores_prompt_tokens(examples, tokenizer):
   model, params = lj.build_model(CFG, LAT, seed=0)
   b = {k: jnp.asarray(v[0]) for k, v in _batches(examples, tokenizer, 1, batch_size=2)[0].items()}

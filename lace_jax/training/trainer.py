@@ -42,7 +42,9 @@ def trainable_labels(params: Params, trainable: str) -> Params:
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, labels: Params,
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW (decay on matrices only) with linear warmup + cosine decay and global-norm
-  clipping; frozen parameters get exactly zero updates and carry no optimizer state."""
+  clipping; frozen parameters get exactly zero updates and carry no optimizer state. The
+  lattice's updates are scaled by `optim.lattice_lr_multiplier` (its learning rate x that;
+  at 1.0, the default, the transformation and its state are exactly the plain AdamW's)."""
   warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
   base = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
@@ -53,6 +55,13 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, labels: P
       optax.clip_by_global_norm(optim.clip_norm),
       optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                   weight_decay=optim.weight_decay, mask=decay_mask))
+  multiplier = optim.get("lattice_lr_multiplier", 1.0)
+  if not isinstance(multiplier, (int, float)) or not multiplier > 0:
+    raise ValueError(f"optim.lattice_lr_multiplier={multiplier!r}; expected a number > 0")
+  if multiplier != 1.0:
+    lattice_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda p, _: is_lattice_param(p), params)
+    tx = optax.chain(tx, optax.masked(optax.scale(float(multiplier)), lattice_mask))
   tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule
 
