@@ -29,21 +29,22 @@ def sweep_seeds():
 def sweep_factors():
   """One factor at a time from the defaults (each a list of alternatives to the default)."""
   base = [{}]  # the defaults themselves
+  # ordered by what the first runs suggested matters most (a rerun skips finished points)
   return base + [
       {"lattice.enabled": False},  # the control: no side path
-      {"lattice.source": "hidden"},
+      {"selection.lattice_lr_multiplier": 10.0},
+      {"selection.lattice_lr_multiplier": 3.0},
       {"lattice.qk_norm": True},
+      {"lattice.rope_thetas": (100.0, 10_000.0)},  # a token-axis base for 16-token threads
+      {"lattice.source": "hidden"},
       {"lattice.init_std": 0.02},
       {"lattice.init_std": 0.2},
-      {"selection.lattice_lr_multiplier": 3.0},
-      {"selection.lattice_lr_multiplier": 10.0},
       {"lattice.width": 64, "lattice.heads": 2},
       {"lattice.width": 32, "lattice.heads": 1},
       {"lattice.mask": "other_threads"},
       {"lattice.mask": "same_position"},
       {"lattice.rope_fractions": (1.0, 0.0)},
       {"lattice.rope_thetas": (0.0, 100.0)},
-      {"lattice.rope_thetas": (100.0, 10_000.0)},  # a token-axis base for 16-token threads
       {"lattice.gate": "head"},
       {"lattice.gate": "none"},
       {"lattice.layers": (3,)},
@@ -53,3 +54,7 @@ def sweep_factors():
 
 def sweep_distract():
   return sweep.values("selection.distract", [0, 2, 6, 12])
+
+
+# what the sweep table's plot shows (lace_jax.sweep)
+SWEEP_PLOT = ("accuracy", "steps_to_target", "lattice/cross_thread", "lattice/entropy")

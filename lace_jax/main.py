@@ -77,7 +77,7 @@ def run_sweep(workdir: str | None) -> None:
     print(f"lace_jax: sweep {','.join(_SWEEP.value)} of {config_arg}, workdir {workdir}",
           flush=True)
     sweep.run(points_to_run, config_arg, base, jobs=_JOBS.value, retry_failed=_RETRY.value)
-  sweep.write_table(points, workdir)
+  sweep.write_table(points, workdir, plot_metrics=sweep.plot_metrics_of(config_arg))
   if _INDEX.value is not None and points_to_run[0].state["status"] == "failed":
     sys.exit(1)
 

@@ -68,6 +68,11 @@ def run_toy(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   return toy.run_comparison(cfg, workdir)
 
 
+def run_quickstart(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
+  from lace_jax.toy import quickstart
+  return quickstart.run(cfg, workdir)
+
+
 def run_selection(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   from lace_jax.toy import selection
   return selection.run(cfg, workdir)
@@ -83,6 +88,7 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict, str | None], dict]] = {
     "relay": run_toy,
     "toy_search": run_toy,
     "selection": run_selection,
+    "quickstart": run_quickstart,
 }
 
 

@@ -44,6 +44,7 @@ import math
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -152,14 +153,27 @@ class Point:
     os.replace(tmp, os.path.join(self.workdir, STATE))  # never a half-written state
 
 
-def load_sweep(config_file: str, names: Sequence[str]) -> list[Override]:
-  """The points of `--sweep=name1,name2` (several names multiply) from the experiment file."""
+def _load_module(config_file: str):
   path = config_file.split(":")[0]
   spec = importlib.util.spec_from_file_location("lace_sweep_experiment", path)
   if spec is None or spec.loader is None:
     raise ValueError(f"--sweep: cannot load the experiment file {path}")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return path, module
+
+
+def plot_metrics_of(config_file: str) -> tuple[str, ...] | None:
+  """The experiment file's `SWEEP_PLOT` (result keys to plot, e.g. ("accuracy",
+  "steps_to_target")), or None: the plot then takes the first varying metrics."""
+  _, module = _load_module(config_file)
+  metrics = getattr(module, "SWEEP_PLOT", None)
+  return tuple(metrics) if metrics else None
+
+
+def load_sweep(config_file: str, names: Sequence[str]) -> list[Override]:
+  """The points of `--sweep=name1,name2` (several names multiply) from the experiment file."""
+  path, module = _load_module(config_file)
   available = sorted(n[len("sweep_"):] for n in dir(module)
                      if n.startswith("sweep_") and callable(getattr(module, n)))
   sweeps = []
@@ -328,14 +342,46 @@ def _cell(v: Any) -> str:
   return str(v).replace("|", "\\|")
 
 
-def write_table(points: Sequence[Point], workdir: str, *, log=print) -> dict[str, str]:
-  """DIR/sweep.md, .csv, .json (and sweep.png): one row per point."""
-  columns, rows = table(points)
-  os.makedirs(workdir, exist_ok=True)
+def over_seeds(columns: Sequence[str], rows: Sequence[dict], seed_key: str = "seed",
+               ) -> tuple[list[str], list[dict]]:
+  """The table with the points that differ only in `seed_key` merged: one row per setting of
+  the other swept keys, `n` finished seeds, and for every metric its mean and (population)
+  standard deviation over them (`<metric>` and `<metric>.std`) and the per-seed values
+  (`<metric>.per_seed`, in seed order). Rows with no finished seed keep empty metrics."""
+  swept = [c for c in columns if c not in ("status", "point", "error")
+           and not c.startswith("result.")]
+  metrics = [c for c in columns if c.startswith("result.")]
+  keys = [c for c in swept if c != seed_key]
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    groups.setdefault(tuple(r.get(k, "") for k in keys), []).append(r)
+  out_cols = keys + ["n"]
+  for m in metrics:
+    out_cols += [m, m + ".std", m + ".per_seed"]
+  out_cols.append("seeds")
+  out = []
+  for key, members in groups.items():
+    members = sorted(members, key=lambda r: str(r.get(seed_key, "")))
+    done = [r for r in members if r["status"] == "done"]
+    row: dict[str, Any] = dict(zip(keys, key))
+    row["n"] = len(done)
+    row["seeds"] = " ".join(str(r.get(seed_key, "")) for r in done)
+    for m in metrics:
+      vals = [r.get(m) for r in done]
+      nums = [float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
+      row[m + ".per_seed"] = " / ".join("" if v is None or v == "" else _cell(v) for v in vals)
+      if nums:
+        row[m] = statistics.fmean(nums)
+        row[m + ".std"] = statistics.pstdev(nums)
+    out.append(row)
+  return out_cols, out
+
+
+def _write_tables(columns, rows, workdir: str, stem: str) -> dict[str, str]:
   md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   md += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-  paths = {"md": os.path.join(workdir, "sweep.md"), "csv": os.path.join(workdir, "sweep.csv"),
-           "json": os.path.join(workdir, "sweep.json")}
+  paths = {"md": os.path.join(workdir, f"{stem}.md"), "csv": os.path.join(workdir, f"{stem}.csv"),
+           "json": os.path.join(workdir, f"{stem}.json")}
   with open(paths["md"], "w") as f:
     f.write("\n".join(md) + "\n")
   with open(paths["csv"], "w", newline="") as f:
@@ -344,10 +390,32 @@ def write_table(points: Sequence[Point], workdir: str, *, log=print) -> dict[str
     w.writerows(rows)
   with open(paths["json"], "w") as f:
     json.dump({"columns": columns, "rows": rows}, f, indent=2, default=str)
-  png = _plot(columns, rows, points, os.path.join(workdir, "sweep.png"))
+  paths["markdown"] = "\n".join(md)
+  return paths
+
+
+def write_table(points: Sequence[Point], workdir: str, *, log=print,
+                plot_metrics: Sequence[str] | None = None) -> dict[str, str]:
+  """DIR/sweep.md, .csv, .json (and sweep.png): one row per point. When `seed` is swept, also
+  DIR/sweep_seeds.md, .csv, .json: the points merged over seeds (mean, std, per-seed values;
+  `over_seeds`), and the plot shows those means with each seed as a dot. `plot_metrics`: the
+  result keys to plot (default: the first four that vary)."""
+  columns, rows = table(points)
+  os.makedirs(workdir, exist_ok=True)
+  paths = _write_tables(columns, rows, workdir, "sweep")
+  md = paths.pop("markdown")
+  seeded = any("seed" in p.overrides for p in points)
+  if seeded:
+    s_cols, s_rows = over_seeds(columns, rows)
+    seed_paths = _write_tables(s_cols, s_rows, workdir, "sweep_seeds")
+    seed_md = seed_paths.pop("markdown")
+    paths.update({f"seeds_{k}": v for k, v in seed_paths.items()})
+  png = _plot(columns, rows, points, os.path.join(workdir, "sweep.png"), plot_metrics)
   if png:
     paths["png"] = png
-  log("\n".join(md))
+  log(md)
+  if seeded:
+    log(seed_md)
   counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "running",
                                                               "pending")}
   log(f"sweep: {counts['done']} done, {counts['failed']} failed, "
@@ -355,8 +423,9 @@ def write_table(points: Sequence[Point], workdir: str, *, log=print) -> dict[str
   return paths
 
 
-def _plot(columns, rows, points, path) -> str | None:
-  """Each metric (up to 4) per point, bars labelled by the point's swept values."""
+def _plot(columns, rows, points, path, plot_metrics=None) -> str | None:
+  """Each metric (up to 4) per point, bars labelled by the point's swept values; with seeds
+  swept, one bar per setting at the mean over seeds, each seed a dot."""
   try:
     import matplotlib
     matplotlib.use("Agg")
@@ -364,19 +433,38 @@ def _plot(columns, rows, points, path) -> str | None:
   except ImportError:
     return None
   swept = [c for c in columns if points and any(c in p.overrides for p in points)]
-  metrics = [c for c in columns if c not in swept and c not in ("status", "point", "error")]
-  metrics = [m for m in metrics if any(isinstance(r.get(m), float) for r in rows)][:4]
+  numeric = lambda m: [r.get(m) for r in rows if isinstance(r.get(m), (int, float))
+                       and not isinstance(r.get(m), bool)]
+  if plot_metrics:
+    metrics = [m if m.startswith("result.") else f"result.{m}" for m in plot_metrics]
+    metrics = [m for m in metrics if numeric(m)]
+  else:
+    metrics = [c for c in columns if c not in swept and c not in ("status", "point", "error")]
+    metrics = [m for m in metrics if len(set(numeric(m))) > 1][:4]  # constants say nothing
   if not metrics:
     return None
-  labels = [",".join(f"{k.split('.')[-1]}={r[k]}" for k in swept) or r["point"] for r in rows]
-  fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6, 0.5 * len(rows) + 2),
-                                                      2.6 * len(metrics)), squeeze=False)
+  keys = [k for k in swept if k != "seed"]
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    groups.setdefault(tuple(r.get(k, "") for k in keys), []).append(r)
+  labels = [",".join(f"{k.split('.')[-1]}={v}" for k, v in zip(keys, g) if v != "")
+            or "defaults" for g in groups]
+  n = len(groups)
+  fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6, 0.45 * n + 2), 2.4 * len(metrics)),
+                           squeeze=False)
   for ax, m in zip(axes[:, 0], metrics):
-    ys = [r.get(m) if isinstance(r.get(m), float) else float("nan") for r in rows]
-    ax.bar(range(len(rows)), ys, color=["C0" if r["status"] == "done" else "C3" for r in rows])
-    ax.set_ylabel(m, fontsize=8)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    for i, members in enumerate(groups.values()):
+      ys = [float(r[m]) for r in members if r["status"] == "done"
+            and isinstance(r.get(m), (int, float)) and not isinstance(r.get(m), bool)]
+      if ys:
+        ax.bar(i, sum(ys) / len(ys), color="C0", alpha=0.6)
+        ax.scatter([i] * len(ys), ys, color="k", s=8, zorder=3)
+      else:
+        ax.bar(i, 0.0, color="C3")
+    ax.set_ylabel(m.removeprefix("result."), fontsize=8)
+    ax.set_xticks(range(n))
+    ax.set_xticklabels(labels if ax is axes[-1, 0] else [], rotation=60, ha="right", fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -87,6 +87,29 @@ def test_helpers_multiply_and_name_points():
   assert sweep.point_name({"x": 1}) != sweep.point_name({"x": "1"})
 
 
+def test_over_seeds_merges_points_that_differ_only_in_seed(tmp_path):
+  """mean, population std and per-seed values per setting; unfinished seeds left out of the
+  statistics; the plot is written from grouped rows."""
+  rows = [{"x": "1", "seed": "0", "result.acc": 0.5, "status": "done"},
+          {"x": "1", "seed": "1", "result.acc": 0.7, "status": "done"},
+          {"x": "1", "seed": "2", "result.acc": 0.1, "status": "failed"},
+          {"x": "2", "seed": "0", "result.acc": 0.9, "status": "done"},
+          {"x": "2", "seed": "1", "status": "pending"}]
+  cols, out = sweep.over_seeds(["x", "seed", "result.acc", "status", "point"], rows)
+  assert cols == ["x", "n", "result.acc", "result.acc.std", "result.acc.per_seed", "seeds"]
+  by_x = {r["x"]: r for r in out}
+  assert by_x["1"]["n"] == 2 and by_x["1"]["seeds"] == "0 1"
+  assert by_x["1"]["result.acc"] == pytest.approx(0.6)
+  assert by_x["1"]["result.acc.std"] == pytest.approx(0.1)
+  assert by_x["1"]["result.acc.per_seed"] == "0.5 / 0.7"
+  assert by_x["2"]["n"] == 1 and by_x["2"]["result.acc.std"] == 0.0
+  points = [sweep.Point(i, {"x": int(r["x"]), "seed": int(r["seed"])}, str(tmp_path / str(i)))
+            for i, r in enumerate(rows)]
+  png = sweep._plot(["x", "seed", "result.acc", "status", "point"], rows, points,
+                    str(tmp_path / "p.png"), ("acc",))
+  assert png and os.path.getsize(png) > 0
+
+
 def test_sweep_runs_multiplies_and_tables(experiment, tmp_path):
   wd = tmp_path / "sw"
   r = _main(f"--config={experiment}", f"--workdir={wd}", "--sweep=threads,context", "--jobs=2")

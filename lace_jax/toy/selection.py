@@ -55,6 +55,7 @@ def selection_config() -> ml_collections.ConfigDict:
       "eval_every": 100,
       "eval_problems": 512,
       "target": 0.95,  # steps_to_target: the first evaluation at this accuracy
+      "stop_at_target": False,  # end the run at that evaluation (the quickstart does)
   })
   return cfg
 
@@ -143,6 +144,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
       if log:
         log.write(json.dumps(row) + "\n")
         log.flush()
+      if first_at_target is not None and s.stop_at_target:
+        break
   if log:
     log.close()
   diag = lattice_diagnostics(model, params, jnp.asarray(eval_tok[:64]),
@@ -150,6 +153,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   result = {"accuracy": history[-1]["accuracy"], "best_accuracy": max(r["accuracy"]
                                                                       for r in history),
             "steps_to_target": first_at_target, "target": s.target, "chance": 0.1,
+            "steps": history[-1]["step"],
             "seconds": time.time() - t0, **{k: float(v) for k, v in diag.items()}}
   print(f"selection ({s.task}, W={s.num_threads}, k={s.distract}, "
         f"{'lattice' if lattice else 'no lattice'}): accuracy {result['accuracy']:.3f} "
