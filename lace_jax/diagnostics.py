@@ -138,8 +138,9 @@ def _layer_index(name: str) -> int:
 
 def lattice_intermediates(model, params, tokens: jax.Array, valid: jax.Array,
                           positions: jax.Array | None = None) -> dict[int, dict[str, jax.Array]]:
-  """{layer index: {"q", "k": [B, W, T, C, E] after RoPE, "gate": [B, W, T, Y] (gated
-  lattices only)}} from a teacher-forced forward (no logits formed). Traceable."""
+  """{layer index: {"q", "k": [B, W, T, C, E] after RoPE, "input": [B, W, T, R] (the side
+  path's input after W_down), "gate": [B, W, T, Y] (gated lattices only)}} from a
+  teacher-forced forward (no logits formed). Traceable."""
   cfg = model.config
   if cfg.remat != "none":  # no gradient here: remat only complicates the sown collection
     model = model.replace(config=dataclasses.replace(cfg, remat="none"))
@@ -153,7 +154,7 @@ def lattice_intermediates(model, params, tokens: jax.Array, valid: jax.Array,
       continue
     sown = layer["lattice"]
     q, k = sown["qk"][0]
-    out[_layer_index(name)] = {"q": q, "k": k}
+    out[_layer_index(name)] = {"q": q, "k": k, "input": sown["input"][0]}
     if "gate" in sown:
       out[_layer_index(name)]["gate"] = sown["gate"][0]
   return out

@@ -155,6 +155,7 @@ class Lattice(nn.Module):
                       pdt)
       h = jnp.einsum("BWTD,DR->BWTR", src, w_down.astype(dt))
     h = constrain(h, _R)
+    self.sow("intermediates", "input", h)  # [B, W, T, R], for analysis, as "qk" below
     axes = ("lattice", "lattice_heads", "lattice_head_dim")
     wq = _param(self, "q", (r, c, e), axes, init(r), pdt)
     wk = _param(self, "k", (r, c, e), axes, init(r), pdt)
