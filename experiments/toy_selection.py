@@ -7,6 +7,12 @@ what makes selection slow to learn.
       --sweep=factors,seeds --jobs=2
   python -m lace_jax.main --config=experiments/toy_selection.py --workdir=runs/selection_off \
       --config.lattice.enabled=False        # the no-lattice control: chance (10%)
+  python -m lace_jax.main --config=experiments/toy_selection.py --workdir=runs/selection_study \
+      --sweep=chosen                        # the chosen toy lattice and the control, 5 seeds
+
+The defaults here are the side path as the paper describes it (the per-thread attention output
+as its input): the study's starting point. The toy runs use what the study chose
+(`lace_jax.toy.comparison.toy_lattice`: the same with `lattice.source=hidden`).
 
 `:quick` is a 200-step version for a smoke test.
 """
@@ -50,6 +56,14 @@ def sweep_factors():
       {"lattice.layers": (3,)},
       {"lattice.layers": (1, 2, 3)},
   ]
+
+
+def sweep_chosen():
+  """The toy default the study chose (the residual stream as the side path's source,
+  `lace_jax.toy.comparison.toy_lattice`) and the no-lattice control, on seeds 0-4 (seeds 0-2 of
+  both are points of factors x seeds as well, so a run after it adds seeds 3 and 4)."""
+  return sweep.multiply([{"lattice.source": "hidden"}, {"lattice.enabled": False}],
+                        sweep.values("seed", [0, 1, 2, 3, 4]))
 
 
 def sweep_distract():
