@@ -79,3 +79,27 @@ def test_without_the_lattice_selection_stays_at_chance():
   cfg.selection.update(steps=400, eval_every=100, eval_problems=512)
   result = selection.run(cfg, None)
   assert result["best_accuracy"] <= result["chance"] + 0.05, result
+
+
+def test_study_table_from_a_seeded_sweep(tmp_path):
+  cols = ["lattice.source", "lattice.enabled", "n", "result.accuracy", "result.accuracy.std",
+          "result.accuracy.per_seed", "result.steps_to_target.per_seed",
+          "result.lattice/cross_thread", "seeds"]
+  rows = [{"lattice.source": "", "lattice.enabled": "", "n": 2, "result.accuracy": 0.5,
+           "result.accuracy.std": 0.1, "result.accuracy.per_seed": "0.4 / 0.6",
+           "result.steps_to_target.per_seed": " / ", "result.lattice/cross_thread": 0.7},
+          {"lattice.source": "hidden", "lattice.enabled": "", "n": 2, "result.accuracy": 1.0,
+           "result.accuracy.std": 0.0, "result.accuracy.per_seed": "1 / 1",
+           "result.steps_to_target.per_seed": "100 / 200"},
+          {"lattice.source": "", "lattice.enabled": "False", "n": 1, "result.accuracy": 0.1,
+           "result.accuracy.std": 0.0, "result.accuracy.per_seed": "0.1",
+           "result.steps_to_target.per_seed": ""},
+          {"lattice.source": "", "lattice.enabled": "True", "n": 0}]
+  (tmp_path / "sweep_seeds.json").write_text(json.dumps({"columns": cols, "rows": rows}))
+  lines = selection.study_table(str(tmp_path)).splitlines()
+  assert len(lines) == 2 + 3  # header, rule, the three settings with finished seeds
+  assert "50.0 ± 10.0 | 40.0 / 60.0 | - / - | 0.700" in lines[2]
+  assert lines[3].startswith("| source=hidden | 2 | 100.0 ± 0.0") and "100 / 200" in lines[3]
+  assert lines[4].startswith("| no lattice (the control) | 1 | 10.0")
+  with pytest.raises(FileNotFoundError, match="sweep_seeds.json"):
+    selection.study_table(str(tmp_path / "nothing"))

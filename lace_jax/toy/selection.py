@@ -160,3 +160,47 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
         f"(best {result['best_accuracy']:.3f}, target {s.target} at step {first_at_target})",
         flush=True)
   return result
+
+
+def study_table(workdir: str) -> str:
+  """The selection study's compact table (markdown) from a sweep's WORKDIR/sweep_seeds.json
+  (`--sweep=...,seeds`): per setting, held-out accuracy mean ± std and per seed, the step at
+  which each seed reached the target, and the lattice diagnostics' means.
+
+    python -m lace_jax.toy.selection runs/selection_study
+  """
+  path = os.path.join(workdir, "sweep_seeds.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no table; run the sweep with seeds swept (and "
+                            "--sweep_table) first")
+  with open(path) as f:
+    data = json.load(f)
+  columns, rows = data["columns"], data["rows"]
+  keys = columns[:columns.index("n")]
+  pct = lambda x: f"{100 * x:.1f}"
+  out = ["| setting (vs the paper's side path) | seeds | accuracy % (mean ± std) | per seed | "
+         "95% reached at step | other-thread share | entropy (nats) | gate |",
+         "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    setting = ", ".join(f"{k.split('.', 1)[-1]}={r[k]}" for k in keys
+                        if r.get(k) not in ("", None))
+    if r.get("lattice.enabled") == "False":
+      setting = "no lattice (the control)"
+    if not r["n"]:
+      continue
+    acc, std = r.get("result.accuracy"), r.get("result.accuracy.std")
+    seeds = r["result.accuracy.per_seed"].split(" / ")
+    steps = r.get("result.steps_to_target.per_seed", "").split(" / ")
+    num = lambda k, f="{:.3f}": f.format(r[k]) if isinstance(r.get(k), (int, float)) else "-"
+    out.append(
+        f"| {setting or '**the paper** (source=attn_out)'} | {r['n']} | {pct(acc)} ± {pct(std)} | "
+        + " / ".join(pct(float(s)) for s in seeds) + " | "
+        + " / ".join(s or "-" for s in steps) + " | "
+        + f"{num('result.lattice/cross_thread')} | {num('result.lattice/entropy', '{:.2f}')} | "
+        + f"{num('result.lattice/gate')} |")
+  return "\n".join(out)
+
+
+if __name__ == "__main__":
+  import sys
+  print(study_table(sys.argv[1] if len(sys.argv) > 1 else "runs/selection_study"))
