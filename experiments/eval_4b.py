@@ -17,6 +17,7 @@ from lace_jax import experiment
 def get_config(arg=None):
   cfg = experiment.base_config("eval", "qwen3-4b")
   cfg.eval = ml_collections.ConfigDict({
+      # bundled benchmark names, or JSONL files of problems (labelled by file name)
       "datasets": ("aime24", "aime25", "amc2023", "math500", "gsm8k_test"),
       "num_threads": 4,  # W
       "max_new_tokens": 8192,

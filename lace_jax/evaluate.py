@@ -119,6 +119,18 @@ def markdown_table(results: dict[str, dict[str, dict]]) -> str:
   return "\n".join(lines)
 
 
+def dataset(name_or_path: str) -> tuple[str, list[grading.Problem]]:
+  """(label, problems) of an `eval.datasets` entry: a bundled benchmark name, or a JSONL file of
+  problems (`grading.read_problems`' formats), labelled by its file name without `.jsonl`."""
+  if name_or_path in grading.BENCHMARKS:
+    return name_or_path, grading.load_benchmark(name_or_path)
+  if os.path.isfile(name_or_path):
+    label = os.path.basename(name_or_path).removesuffix(".jsonl")
+    return label, grading.read_problems(name_or_path, name=label)
+  raise ValueError(f"eval.datasets entry {name_or_path!r}: neither a bundled benchmark "
+                   f"({', '.join(sorted(grading.BENCHMARKS))}) nor an existing JSONL file")
+
+
 def run(cfg, workdir: str | None) -> dict:
   """The `eval` mode: every variant on every dataset; JSON + markdown in the workdir."""
   from lace_jax import experiment
@@ -148,8 +160,8 @@ def run(cfg, workdir: str | None) -> dict:
   with grading.Grader(num_workers=e.grader_workers, timeout_s=e.grader_timeout_s) as grader:
     for vname, (vmodel, vparams) in variants.items():
       results[vname] = {}
-      for ds in e.datasets:
-        problems = grading.load_benchmark(ds)
+      for ds_arg in e.datasets:
+        ds, problems = dataset(ds_arg)
         if e.limit:
           problems = problems[:e.limit]
         metrics, records = evaluate(

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lace_jax.training.metrics import read_metrics
 from tests.test_experiments import ROOT
 from tests.test_train_cli import _env
@@ -80,3 +82,15 @@ def test_grpo_with_kl_to_the_starting_weights(tmp_path):
   assert [r["step"] for r in rows] == [1, 2]
   assert rows[0]["kl"] == 0.0 and rows[1]["kl"] > 0.0
   assert all(r["update_time"] > 0 and r["batch_time"] >= r["rollout_time"] for r in rows)
+
+
+def test_eval_reads_a_jsonl_file_of_problems_and_names_bad_entries(tmp_path):
+  from lace_jax import evaluate
+  path = tmp_path / "my_set.jsonl"
+  path.write_text('{"problem": "1 + 1 ?", "answer": "2"}\n{"problem": "2 + 2 ?", "answer": "4"}\n')
+  label, problems = evaluate.dataset(str(path))
+  assert label == "my_set" and [p.answer for p in problems] == ["2", "4"]
+  label, problems = evaluate.dataset("aime24")
+  assert label == "aime24" and len(problems) == 30
+  with pytest.raises(ValueError, match="neither a bundled benchmark"):
+    evaluate.dataset(str(tmp_path / "missing.jsonl"))
