@@ -178,6 +178,19 @@ def toy_config(task: str, *, num_threads: int, seeds: tuple[int, ...], variants:
   return cfg
 
 
+def relay_config() -> ml_collections.ConfigDict:
+  """The relay check (experiments/toy_relay.py, and part of the quickstart): W = 2 threads,
+  2,000 problems, SFT 500 steps at batch 32, greedy evaluation, accuracy per thread."""
+  cfg = toy_config("relay", num_threads=2, seeds=(0,), variants=("lace", "isolated"),
+                   stages=("sft", "eval"))
+  cfg.toy.update(train_problems=2000, max_len=20, prompt_width=17, max_new_tokens=2,
+                 headline=(("lace", "mean_acc"), ("isolated", "mean_acc")))
+  cfg.sft.train.update(steps=500, batch_size=32, save_every=500)
+  cfg.sft.optim.warmup_steps = 20
+  cfg.eval.update(temperature=0.0, batch_size=100)
+  return cfg
+
+
 def _copy(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   import copy
   c = copy.deepcopy(section)

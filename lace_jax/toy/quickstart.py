@@ -32,14 +32,8 @@ from lace_jax.toy import comparison, selection
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`:runlocal`: a smoke-test size (seconds; the numbers mean nothing)."""
-  cfg = comparison.toy_config("relay", num_threads=2, seeds=(0,), variants=("lace", "isolated"),
-                              stages=("sft", "eval"))
+  cfg = comparison.relay_config()
   cfg.mode = "quickstart"
-  cfg.toy.update(train_problems=2000, max_len=20, prompt_width=17, max_new_tokens=2,
-                 headline=(("lace", "mean_acc"), ("isolated", "mean_acc")))
-  cfg.sft.train.update(steps=500, batch_size=32, save_every=500)
-  cfg.sft.optim.warmup_steps = 20
-  cfg.eval.update(temperature=0.0, batch_size=100)
   cfg.selection = selection.selection_config().selection
   cfg.selection.stop_at_target = True
   if arg == "runlocal":

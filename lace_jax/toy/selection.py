@@ -81,13 +81,9 @@ def problems(rng: np.random.Generator, n: int, *, task: str, num_threads: int,
   return tok, np.ascontiguousarray(ans).astype(np.int32)
 
 
-def _is_lattice(path) -> bool:
-  return any(getattr(p, "key", None) == "lattice" for p in path)
-
-
 def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   from lace_jax.diagnostics import lattice_diagnostics
-  from lace_jax.model import Model
+  from lace_jax.model import Model, is_lattice_param
   s = cfg.selection
   if s.task not in TASKS:
     raise ValueError(f"selection.task={s.task!r}; expected one of {TASKS}")
@@ -102,7 +98,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   params = model.init(cfg.seed)
   lr = optax.warmup_cosine_decay_schedule(0.0, s.lr, min(100, s.steps // 10 + 1), s.steps)
   labels = jax.tree_util.tree_map_with_path(
-      lambda p, _: "lattice" if _is_lattice(p) else "backbone", params)
+      lambda p, _: "lattice" if is_lattice_param(p) else "backbone", params)
   opt = optax.multi_transform(
       {"backbone": optax.adam(lr),
        "lattice": optax.adam(lambda i: lr(i) * s.lattice_lr_multiplier)}, labels)
