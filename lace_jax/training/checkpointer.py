@@ -177,6 +177,7 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return
     self.wait()  # the previous save's failure is that step's (orbax would wait here anyway)
+    _silence_orphans()  # before the writes start: a failed write's siblings report at any moment
     error = None
     self._saving = step
     try:
@@ -194,6 +195,7 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+    _silence_orphans()  # before the reads start: a failed read's siblings report at any moment
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 (reported as one clear error below)
