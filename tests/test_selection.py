@@ -73,8 +73,12 @@ def test_chosen_toy_lattice_learns_selection_on_every_seed(seed):
   assert result["accuracy"] >= 0.95
 
 
-def test_without_the_lattice_selection_stays_at_chance():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_without_the_lattice_selection_stays_at_chance(seed):
+  """The control: W = 2 threads that cannot see each other answer the other's digit at chance
+  (10%) at best, on every seed the chosen lattice is tested on."""
   cfg = selection.selection_config()
+  cfg.seed = seed
   cfg.lattice.enabled = False
   cfg.selection.update(steps=400, eval_every=100, eval_problems=512)
   result = selection.run(cfg, None)

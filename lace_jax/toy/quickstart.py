@@ -3,7 +3,8 @@
   python -m lace_jax.main --workdir=runs/quickstart
 
 Two checks of the mechanism, each trained from scratch here with the lattice and without it
-(`lattice=None`), on the same data and budget, about 4 minutes on 2 CPU cores:
+(`lattice=None`), on the same data and budget, about 2 minutes on 2 CPU cores (171 s on a
+fresh clone with the install, docs/results.md):
 
   selection  the selection diagnostic (`lace_jax.toy.selection`, experiments/toy_selection.py):
              each of W = 2 threads must answer the other thread's marked digit, hidden among 12
