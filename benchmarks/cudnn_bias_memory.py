@@ -45,7 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 
 def build(variant: str, rows: int, t: int, n: int, kh: int, h: int, d: int, layers: int):
   """(function, its argument shapes) for one variant."""
-  from kernels.attention import attention, structured_mask
+  from lace_jax.kernels.attention import attention, structured_mask
 
   def attend(q, k, v, valid):
     if variant == "mask":  # main before this change: a dense structured mask
@@ -116,7 +116,7 @@ def main(argv=None):
   from jax._src.cudnn import fused_attention_stablehlo as fa
   fa.check_cudnn_version = lambda: 90800
 
-  import kernels
+  from lace_jax import kernels
   bias = a.rows * a.seq * a.seq * 2  # one [rows, 1, T, S] bf16 bias gradient
   print(f"rows={a.rows} T=S={a.seq} N={a.heads} K={a.kv_heads} H={a.head_dim} "
         f"layers={a.layers or 'attention only'} gpu={a.gpu}; one bf16 [rows, 1, T, S] bias "

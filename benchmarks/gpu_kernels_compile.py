@@ -27,8 +27,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from kernels.lattice_attention import decode as decode_lib  # noqa: E402
-from kernels.lattice_attention import lattice_attention_pallas  # noqa: E402
+from lace_jax.kernels.lattice_attention import decode as decode_lib  # noqa: E402
+from lace_jax.kernels.lattice_attention import lattice_attention_pallas  # noqa: E402
 from lace_jax import plan  # noqa: E402
 
 MiB = 2**20

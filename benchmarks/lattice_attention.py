@@ -16,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kernels.lattice_attention import lattice_attention
+from lace_jax.kernels.lattice_attention import lattice_attention
 
 
 def measure(impl: str, w: int, t: int, *, c: int, e: int, dtype, grad: bool, run: bool):

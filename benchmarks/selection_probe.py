@@ -17,9 +17,10 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from lace_jax import diagnostics, experiment
+from lace_jax import diagnostics
 from lace_jax.model import Model
-from lace_jax.toy import comparison, selection
+from lace_jax.toy import configs, selection
+from lace_jax.training import setup
 
 
 def readout_accuracy(x_train, y_train, x_test, y_test) -> float:
@@ -44,10 +45,10 @@ def main():
   print("| lattice.source | layer | readout accuracy, per init seed |")
   print("|---|---|---|")
   for source in ("attn_out", "hidden"):
-    cfg = selection.selection_config()
-    cfg.lattice = comparison.toy_lattice()
+    cfg = configs.selection_config()
+    cfg.lattice = configs.toy_lattice()
     cfg.lattice.source = source
-    model_cfg, lattice = experiment.model_configs(cfg)
+    model_cfg, lattice = setup.model_configs(cfg)
     model = Model(dataclasses.replace(model_cfg, vocab_size=selection.VOCAB), lattice)
     accs = {}
     for seed in range(args.seeds):

@@ -9,9 +9,9 @@ is per thread (mean@W). Without communication the best achievable is 10% (chance
 checks lattice >= 90% and isolated <= 20% and prints PASSED / FAILED; it is also a CI test.
 """
 
-from lace_jax.toy import comparison
+from lace_jax.toy import configs
 
 
 def get_config(arg=None):
   del arg
-  return comparison.relay_config()
+  return configs.relay_config()

@@ -18,13 +18,13 @@ Each seed and system can run as its own process into the same workdir
 finds every stage done and writes the table.
 """
 
-from lace_jax.toy import comparison
+from lace_jax.toy import configs
 
 
 def get_config(arg=None):
-  cfg = comparison.toy_config("pair_search", num_threads=4, seeds=(0, 1, 2),
-                              variants=("lace", "isolated", "independent"),
-                              stages=("pretrain", "sft", "grpo", "eval"))
+  cfg = configs.toy_config("pair_search", num_threads=4, seeds=(0, 1, 2),
+                           variants=("lace", "isolated", "independent"),
+                           stages=("pretrain", "sft", "grpo", "eval"))
   cfg.sft.train.steps = 3000  # every seed learns the in-thread skills (see above)
   if arg == "runlocal":  # a smoke run in about a minute
     cfg.toy.update(seeds=(0,), train_problems=64, test_problems=8)

@@ -12,17 +12,17 @@ what makes selection slow to learn.
 
 The defaults here are the side path as the paper describes it (the per-thread attention output
 as its input): the study's starting point. The toy runs use what the study chose
-(`lace_jax.toy.comparison.toy_lattice`: the same with `lattice.source=hidden`).
+(`lace_jax.toy.configs.toy_lattice`: the same with `lattice.source=hidden`).
 
 `:quick` is a 200-step version for a smoke test.
 """
 
 from lace_jax import sweep
-from lace_jax.toy import selection
+from lace_jax.toy import configs
 
 
 def get_config(arg=None):
-  cfg = selection.selection_config()
+  cfg = configs.selection_config()
   if arg == "quick":
     cfg.selection.update(steps=200, eval_every=100, eval_problems=256)
   return cfg
@@ -67,7 +67,7 @@ def sweep_factors_more():
 
 def sweep_chosen():
   """The toy default the study chose (the residual stream as the side path's source,
-  `lace_jax.toy.comparison.toy_lattice`) and the no-lattice control, on seeds 0-4 (seeds 0-2 of
+  `lace_jax.toy.configs.toy_lattice`) and the no-lattice control, on seeds 0-4 (seeds 0-2 of
   both are points of factors x seeds as well, so a run after it adds seeds 3 and 4)."""
   return sweep.multiply([{"lattice.source": "hidden"}, {"lattice.enabled": False}],
                         sweep.values("seed", [0, 1, 2, 3, 4]))

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Sequence
 
 import jax
+from jax.sharding import PartitionSpec as P
 
 _PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("lace_kernel_platform",
                                                                         default=None)
@@ -46,13 +48,11 @@ def backend() -> str:
   return "gpu" if platform in ("cuda", "rocm") else platform
 
 
-BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over (lace_jax.sharding)
-
-
-def batch_parallel(fn, *arrays, batch_axes: tuple[str, ...] = BATCH_AXES):
+def batch_parallel(fn, *arrays, batch_axes: Sequence[str]):
   """fn(*arrays) run on each device's share of the batch (axis 0 of every array and output)
-  under `jax.shard_map`, when a mesh is set (`jax.set_mesh`) whose batch axes split it;
-  otherwise fn(*arrays) as is.
+  under `jax.shard_map`, when a mesh is set (`jax.set_mesh`) whose `batch_axes` split it;
+  otherwise fn(*arrays) as is. The caller names the axes (the model passes those of its
+  sharding rules' `batch` entry, `lace_jax.sharding.batch_axes`).
 
   Pallas kernels have no partitioning rule: under GSPMD, Mosaic (TPU) refuses to compile a
   sharded call, and a Triton (GPU) call would gather its operands and run replicated on every
@@ -67,7 +67,6 @@ def batch_parallel(fn, *arrays, batch_axes: tuple[str, ...] = BATCH_AXES):
     ways *= mesh.shape[a]
   if not axes or arrays[0].shape[0] % ways:
     return fn(*arrays)
-  from jax.sharding import PartitionSpec as P
   spec = lambda x: P(axes, *([None] * (x.ndim - 1)))
   out_shape = jax.eval_shape(fn, *arrays)
   return jax.shard_map(fn, in_specs=tuple(spec(x) for x in arrays),

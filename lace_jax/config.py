@@ -15,6 +15,9 @@ import os
 from typing import Any, Literal
 
 _DTYPES = ("float32", "bfloat16", "float16")
+# vocabulary rows per slice of the chunked losses (`lace_jax.losses`): 19 slices of Qwen3's
+# 151,936; here so that the config sections (`lace_jax.experiment`) need no jax
+DEFAULT_LOGITS_CHUNK = 8192
 _REMAT = ("none", "full", "dots")
 
 

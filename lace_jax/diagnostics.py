@@ -27,7 +27,6 @@ dim · Y gate dims · L lattice layers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -35,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.attention.reference import masked_softmax_weights
-from kernels.lattice_attention.reference import lattice_mask
+from lace_jax.kernels.attention.reference import masked_softmax_weights
+from lace_jax.kernels.lattice_attention.reference import lattice_mask
 from lace_jax import ops, sharding
 
 MAX_QUERIES = 128  # query columns per thread scored by default

@@ -29,9 +29,11 @@ from tqdm import tqdm
 
 from lace_jax import grading
 from lace_jax.diagnostics import lattice_diagnostics
-from lace_jax.rl import grpo
+from lace_jax.hf_io import load_pretrained
 from lace_jax.model import Model, Params, without_lattice
+from lace_jax.rl import grpo
 from lace_jax.sampling import SampleOutput, full_grid, sample
+from lace_jax.training.setup import load_or_init, model_configs, resolve_tokenizer
 from lace_jax.tokenizer import (THREAD_INSTRUCTION, Tokenizer, instruction_template,
                                 thread_prompts)
 
@@ -133,13 +135,10 @@ def dataset(name_or_path: str) -> tuple[str, list[grading.Problem]]:
 
 def run(cfg, workdir: str | None) -> dict:
   """The `eval` mode: every variant on every dataset; JSON + markdown in the workdir."""
-  from lace_jax import experiment
-  from lace_jax.hf_io import load_pretrained
-
   e = cfg.eval
-  model_cfg, lattice = experiment.model_configs(cfg)
-  tokenizer, _ = experiment.resolve_tokenizer(cfg)
-  model, params = experiment.load_or_init(cfg, model_cfg, lattice)
+  model_cfg, lattice = model_configs(cfg)
+  tokenizer, _ = resolve_tokenizer(cfg)
+  model, params = load_or_init(cfg, model_cfg, lattice)
   if not cfg.model.checkpoint:
     print("note: no model.checkpoint given: evaluating a randomly initialised model",
           flush=True)

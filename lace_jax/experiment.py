@@ -1,4 +1,4 @@
-"""The shared sections of experiment files (ml-collections), and their conversion to configs.
+"""The shared sections of experiment files (ml-collections).
 
 Every experiment file under `experiments/` spells out its own hyperparameters and builds the
 sections every mode shares from the helpers here:
@@ -11,18 +11,23 @@ sections every mode shares from the helpers here:
 plus the sections its mode reads (data, train, optim, grpo, eval, datagen, overhead, toy), each
 key with one meaning. `lattice.layers=()` (or `lattice.enabled=False`) is the Isolated
 Parallel ablation: the same model, data and format without the side path.
+
+This module imports no jax (an experiment file loads in milliseconds, and a tool can read a
+config without the model stack); `lace_jax.training.setup` turns a config into the run's
+objects (model, tokenizer, parameters, mesh).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 import ml_collections
 from ml_collections import config_dict
 
-from lace_jax import losses, runtime
-from lace_jax.config import LatticeConfig, ModelConfig
+from lace_jax import bundled, runtime
+from lace_jax.config import DEFAULT_LOGITS_CHUNK, LatticeConfig, ModelConfig
 
 
 def model_section(preset: str, *, dtype: str = "bfloat16", param_dtype: str = "float32",
@@ -50,18 +55,6 @@ def lattice_section(preset: str, *, enabled: bool = True, **overrides) -> ml_col
     # a field that may be None needs a typed placeholder, or an override could not set it
     section[f.name] = config_dict.placeholder(str) if value is None else value
   return ml_collections.ConfigDict(section)
-
-
-def lattice_config(section: ml_collections.ConfigDict,
-                   model: ModelConfig) -> LatticeConfig | None:
-  """The `LatticeConfig` of a lattice section, or None when it is switched off."""
-  if not section.enabled or not tuple(section.layers):
-    return None
-  kwargs = {f.name: section[f.name] for f in dataclasses.fields(LatticeConfig)}
-  lat = LatticeConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
-                         for k, v in kwargs.items()})
-  lat.validate_for(model)
-  return lat
 
 
 def base_config(mode: str, preset: str, **model_kwargs) -> ml_collections.ConfigDict:
@@ -120,7 +113,7 @@ def train_section(*, steps: int, trainable: str = "all", grad_accum: int = 1,
       "grad_accum": grad_accum,  # microbatches per optimizer step (a lax.scan)
       # the loss's logits formed this many rows of the vocabulary (or positions, "tokens") at a
       # time, so [B, W, T, V] float32 logits never exist (0 = dense; lace_jax.losses)
-      "logits_chunk": losses.DEFAULT_CHUNK, "logits_chunk_over": "vocab",
+      "logits_chunk": DEFAULT_LOGITS_CHUNK, "logits_chunk_over": "vocab",
       "trainable": trainable,  # all | lattice
       "save_every": save_every, "keep_checkpoints": 3, "async_checkpointing": True,
       "log_every": log_every})
@@ -180,7 +173,6 @@ def questions_section(*, path: str, num_threads: int, prompt_len: int) -> ml_col
 def runlocal(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks an experiment to the tiny model in float32, for a CPU run in minutes; training
   stages read the bundled multi-thread dataset with its tokenizer."""
-  from lace_jax import bundled
   cfg.model = model_section("tiny", dtype="float32")
   cfg.model.tokenizer = bundled.TOY_TOKENIZER
   cfg.lattice = lattice_section("tiny")
@@ -205,61 +197,8 @@ def with_preset(cfg: ml_collections.ConfigDict, preset: str) -> ml_collections.C
 def sibling(experiment_file: str, name: str):
   """The experiment file `name`.py in the same folder as `experiment_file` (pass `__file__`),
   as a module: a variant of a recipe (e.g. the 4B run of the 1.7B recipe) starts from it."""
-  import importlib.util
   path = os.path.join(os.path.dirname(os.path.abspath(experiment_file)), f"{name}.py")
   spec = importlib.util.spec_from_file_location(f"lace_experiment_{name}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
-
-
-# -------------------------------------------------------------------- from config to objects
-
-
-def model_configs(cfg: ml_collections.ConfigDict) -> tuple[ModelConfig, LatticeConfig | None]:
-  """(ModelConfig, LatticeConfig or None) described by an experiment config."""
-  m = cfg.model
-  num_layers = m.get("num_layers")
-  if m.checkpoint:
-    if num_layers is not None:
-      raise ValueError(f"model.num_layers={num_layers} cuts a preset; a checkpoint "
-                       f"({m.checkpoint}) is loaded whole: unset one of them")
-    model = ModelConfig.from_hf(m.checkpoint, dtype=m.dtype, param_dtype=m.param_dtype,
-                                remat=m.remat, attention=m.attention)
-  else:
-    extra = {} if num_layers is None else {"num_layers": num_layers}
-    model = ModelConfig.preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                               attention=m.attention, **extra)
-  return model, lattice_config(cfg.lattice, model)
-
-
-def resolve_tokenizer(cfg: ml_collections.ConfigDict):
-  """(Tokenizer, path): model.tokenizer, else the checkpoint's tokenizer.json."""
-  from lace_jax.tokenizer import Tokenizer
-  path = cfg.model.tokenizer
-  if not path and cfg.model.checkpoint:
-    path = os.path.join(cfg.model.checkpoint, "tokenizer.json")
-  if not path:
-    raise ValueError("no tokenizer: set model.tokenizer to a tokenizer.json, or "
-                     "model.checkpoint to a directory that holds one")
-  return Tokenizer.from_file(path), path
-
-
-def load_checkpoint(cfg: ml_collections.ConfigDict, model: ModelConfig,
-                    lattice: LatticeConfig | None):
-  """The parameters in cfg.model.checkpoint with this run's lattice and dtypes, or None when
-  no checkpoint is configured (callers then initialise from cfg.seed)."""
-  if not cfg.model.checkpoint:
-    return None
-  from lace_jax.hf_io import load_pretrained
-  return load_pretrained(cfg.model.checkpoint, lattice=lattice, dtype=model.param_dtype,
-                         compute_dtype=model.dtype)[1]
-
-
-def load_or_init(cfg: ml_collections.ConfigDict, model_cfg: ModelConfig,
-                 lattice: LatticeConfig | None):
-  """(Model, params): cfg.model.checkpoint's weights if set, else fresh ones from cfg.seed."""
-  from lace_jax.model import Model
-  model = Model(model_cfg, lattice)
-  params = load_checkpoint(cfg, model_cfg, lattice)
-  return model, (model.init(cfg.seed) if params is None else params)

@@ -37,11 +37,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lace_jax.config import DEFAULT_LOGITS_CHUNK
 from lace_jax.sharding import constrain
 
 
 OVER = ("vocab", "tokens")  # the axes `token_logprobs` can chunk over
-DEFAULT_CHUNK = 8192  # vocabulary rows per slice: 19 slices of Qwen3's 151,936
+DEFAULT_CHUNK = DEFAULT_LOGITS_CHUNK  # vocabulary rows per slice (lace_jax.config)
 
 
 def token_logprobs(hidden: jax.Array, unembed: jax.Array, targets: jax.Array, *,

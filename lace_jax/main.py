@@ -12,13 +12,16 @@ local, ...) compiles the experiment's functions for that target instead of runni
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
+import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lace_jax import distributed, modes, runtime
+from lace_jax import distributed, modes, runtime, sweep
 from lace_jax.errors import RunError
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "toy", "quickstart.py")
@@ -48,7 +51,6 @@ def _config_argument(argv: list[str]) -> str:
 
 
 def run_sweep(workdir: str | None) -> None:
-  from lace_jax import sweep
   if not workdir:
     raise app.UsageError("--sweep needs --workdir (the sweep's directory)")
   argv = sys.argv
@@ -84,10 +86,6 @@ def run_sweep(workdir: str | None) -> None:
 
 def _write_result(workdir: str | None, result) -> None:
   """WORKDIR/result.json: what the mode returned (numbers, strings, nested dicts and lists)."""
-  import json
-
-  import jax
-  import numpy as np
   if not workdir or jax.process_index() != 0 or not isinstance(result, dict):
     return
 
@@ -128,7 +126,9 @@ def main(argv: list[str]) -> None:
   if "runtime" in cfg:  # before anything starts a JAX backend
     runtime.apply_libtpu_args(cfg.runtime.libtpu_init_args)
   if "plan" in cfg and cfg.plan.target:
-    from lace_jax import plan
+    # lazy, as the modes' imports (lace_jax.modes): the plan mode's stack (every stage's
+    # module, the compile-only targets) loads only when planning
+    from lace_jax import plan  # noqa: PLC0415
     print(f"lace_jax: plan of mode {cfg.mode} for {cfg.plan.target}, workdir {workdir}",
           flush=True)
     plan.run(cfg, workdir, name=os.path.basename(config_flags.get_config_filename(
@@ -142,10 +142,8 @@ def main(argv: list[str]) -> None:
     result = run(cfg, workdir)
   except RunError as e:  # its message says it all: no traceback
     print(f"\nerror: {e}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # threads of a failed checkpoint read or write (orbax) may still report their own failures
-    # while the interpreter shuts down, after the first cause has been said: stop here
-    os._exit(1)
+    sys.exit(1)  # a normal exit (flushes, atexit): a failed checkpoint operation leaves nothing
+    # running behind it (lace_jax.training.checkpointer drains orbax's reads and writes)
   _write_result(workdir, result)
 
 

@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.attention import attention
-from kernels.lattice_attention import lattice_attention, lattice_decode_attention
+from lace_jax.kernels.attention import attention
+from lace_jax.kernels.lattice_attention import lattice_attention, lattice_decode_attention
 from lace_jax import ops
-from lace_jax.sharding import constrain
+from lace_jax.sharding import batch_axes, constrain
 from lace_jax.config import LatticeConfig, ModelConfig
 
 Params = Any  # a nested dict of arrays
@@ -103,7 +103,7 @@ class Attention(nn.Module):
     if cur is None:  # training or prefill: attention over these T columns
       a = attention(q.reshape(b * w, t, n, h), kk.reshape(b * w, t, k, h),
                     v.reshape(b * w, t, k, h), key_valid=valid.reshape(b * w, t), causal=True,
-                    implementation=cfg.attention)
+                    implementation=cfg.attention, batch_axes=batch_axes())
       if cache is not None:
         new_cache = {"k": _write(cache["k"], kk, 0), "v": _write(cache["v"], v, 0)}
     else:  # one decoding column against the cache
@@ -111,7 +111,8 @@ class Attention(nn.Module):
       s = ck.shape[2]
       a = attention(q.reshape(b * w, 1, n, h), ck.reshape(b * w, s, k, h),
                     cv.reshape(b * w, s, k, h), key_valid=valid_cache.reshape(b * w, s),
-                    causal=True, q_offset=cur, implementation=cfg.attention)
+                    causal=True, q_offset=cur, implementation=cfg.attention,
+                    batch_axes=batch_axes())
       new_cache = {"k": ck, "v": cv}
     a = constrain(a.reshape(b, w, t, n, h), _Q)  # [B, W, T, N, H]
     out = constrain(jnp.einsum("BWTNH,NHD->BWTD", a, wo.astype(dt)), _X)
@@ -176,7 +177,8 @@ class Lattice(nn.Module):
     new_cache = None
     if cur is None:
       p = lattice_attention(q, k, v, key_valid=valid, mask=lat.mask,
-                            implementation=lat.implementation)  # [B, W, T, C, E]
+                            implementation=lat.implementation,
+                            batch_axes=batch_axes())  # [B, W, T, C, E]
       if cache is not None:
         new_cache = {"k": _write(cache["k"], k, 0), "v": _write(cache["v"], v, 0)}
     else:
@@ -186,7 +188,8 @@ class Lattice(nn.Module):
       p = lattice_decode_attention(
           q[:, :, 0], flat(cache["k"]), flat(cache["v"]), valid_cache.reshape(b, w * s),
           jnp.broadcast_to(cur, (b,)).astype(jnp.int32), k[:, :, 0], v[:, :, 0], valid[:, :, 0],
-          mask=lat.mask, implementation=lat.implementation)[:, :, None]  # [B, W, 1, C, E]
+          mask=lat.mask, implementation=lat.implementation,
+          batch_axes=batch_axes())[:, :, None]  # [B, W, 1, C, E]
       new_cache = {"k": _write(cache["k"], k, cur), "v": _write(cache["v"], v, cur)}
     p = jnp.einsum("BWTCE,CER->BWTR", p, wp.astype(dt))
     if lat.gate != "none":

@@ -1,46 +1,20 @@
-"""The jobs `python -m lace_jax.main` runs, selected by an experiment's `mode` field."""
+"""The jobs `python -m lace_jax.main` runs, selected by an experiment's `mode` field.
+
+Each mode's module is imported when the mode runs (the function-local imports below, the
+package's documented lazy ones): the CLI starts, answers `--help` and reports a config error
+without loading jax or any mode's dependencies (orbax, grain, math-verify, fastapi, ...).
+"""
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 from collections.abc import Callable
 
-import jax
 import ml_collections
-
-from lace_jax import overhead
-
-log = logging.getLogger(__name__)
-
-
-def _write_json(workdir: str | None, name: str, payload) -> str | None:
-  if not workdir or jax.process_index() != 0:
-    return None
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, name)
-  with open(path, "w") as f:
-    json.dump(payload, f, indent=2)
-  return path
 
 
 def run_overhead(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
-  """Lattice parameter and FLOP overhead for each preset in `cfg.overhead.presets`."""
-  rows = []
-  for preset in cfg.overhead.presets:
-    r = overhead.measure(preset, num_threads=cfg.overhead.num_threads,
-                         context=cfg.overhead.context, dtype=cfg.model.dtype)
-    print(f"  {preset}: params +{100 * r.param_overhead:.3f}%, FLOPs +{100 * r.flop_overhead:.3f}%"
-          f" ({r.seconds:.1f}s)", flush=True)
-    rows.append(r)
-  table = overhead.markdown_table(rows)
-  print(table, flush=True)
-  result = {"overhead": [r.as_dict() for r in rows], "table": table}
-  path = _write_json(workdir, "overhead.json", result)
-  if path:
-    print(f"wrote {path}")
-  return result
+  from lace_jax import overhead
+  return overhead.run(cfg, workdir)
 
 
 def run_datagen(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:

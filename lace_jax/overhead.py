@@ -5,10 +5,13 @@ FLOPs from XLA's cost analysis of the lowered forward pass on abstract arrays.""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from lace_jax.config import LatticeConfig, ModelConfig
 from lace_jax.model import Model, abstract_params, count_params
@@ -73,3 +76,25 @@ def markdown_table(rows: list[Overhead]) -> str:
         f"{r.lattice_flops / 1e9:,.1f} | {100 * r.flop_overhead:.3f}% | "
         f"{','.join(map(str, r.lattice_layers))} |")
   return "\n".join(lines)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
+  """The `overhead` mode: lattice parameter and FLOP overhead for each preset in
+  `cfg.overhead.presets`; the table printed and WORKDIR/overhead.json written."""
+  rows = []
+  for preset in cfg.overhead.presets:
+    r = measure(preset, num_threads=cfg.overhead.num_threads, context=cfg.overhead.context,
+                dtype=cfg.model.dtype)
+    print(f"  {preset}: params +{100 * r.param_overhead:.3f}%, FLOPs +{100 * r.flop_overhead:.3f}%"
+          f" ({r.seconds:.1f}s)", flush=True)
+    rows.append(r)
+  table = markdown_table(rows)
+  print(table, flush=True)
+  result = {"overhead": [r.as_dict() for r in rows], "table": table}
+  if workdir and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "overhead.json")
+    with open(path, "w") as f:
+      json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+  return result

@@ -37,17 +37,20 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import topologies
 
-import kernels
-from lace_jax import experiment, sharding
+from lace_jax import kernels, sampling, sharding
 from lace_jax.model import Model
+from lace_jax.rl import stage as grpo_stage
+from lace_jax.training import lm
+from lace_jax.training.setup import model_configs
+from lace_jax.training.trainer import Trainer
 
 GiB = 2**30
 
@@ -148,7 +151,6 @@ class Target:
 
 def resolve_target(spec: str) -> Target:
   """`local`, `tpu:<topology>` or `cuda:<gpu>[x<n>]` -> compile-only (or local) devices."""
-  from jax.experimental import topologies
   if spec == "local":
     devices = jax.devices()
     d = devices[0]
@@ -263,7 +265,6 @@ def forward_flops(model: Model, tokens: int, context: float, num_threads: int) -
 
 def _train_call(cfg, model: Model, mesh, batch_shapes: dict, loss, *, name: str = "train_step",
                 calls: int = 1) -> Call:
-  from lace_jax.training.trainer import Trainer
   tr = cfg.train
   trainer = Trainer.create(model.config, model.lattice, cfg.optim, total_steps=tr.steps,
                            trainable=tr.trainable, mesh=mesh,
@@ -278,7 +279,6 @@ def _train_call(cfg, model: Model, mesh, batch_shapes: dict, loss, *, name: str 
 
 def _sampler_calls(model: Model, mesh, rules, params, *, batch: int, num_threads: int,
                    prompt_len: int, max_new_tokens: int, calls: int, prefix: str) -> list[Call]:
-  from lace_jax import sampling
   out = []
   b, w, p, n = batch, num_threads, prompt_len, max_new_tokens
   for name, jitted, args, kwargs, groups in sampling.abstract_calls(
@@ -301,10 +301,10 @@ def _abstract_params(model: Model, mesh, rules) -> Any:
                       model.abstract_params(), shardings)
 
 
-def check_batch_split(rows: int, field: str, mesh) -> None:
+def check_batch_split(rows: int, field: str, mesh, rules) -> None:
   """Raises a ValueError naming `field` when `rows` examples do not split evenly over the
-  mesh's batch axes (data x fsdp)."""
-  n = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp"))
+  mesh's batch axes (by `rules`)."""
+  n = sharding.batch_ways(mesh, rules)
   if rows % n:
     raise ValueError(
         f"{field} gives {rows} rows per call, which do not split over the {n} devices of the "
@@ -314,25 +314,24 @@ def check_batch_split(rows: int, field: str, mesh) -> None:
 
 def stage_calls(cfg: ml_collections.ConfigDict, mesh) -> list[Call]:
   """The jitted functions `cfg.mode` runs, with abstract arguments on `mesh`."""
-  model_cfg, lattice = experiment.model_configs(cfg)
+  model_cfg, lattice = model_configs(cfg)
   model = Model(model_cfg, lattice)
   rules = sharding.rules_with_overrides(cfg.sharding.rules)
   if cfg.mode in ("pretrain", "sft"):
-    from lace_jax.training import lm
     check_batch_split(cfg.train.batch_size // cfg.train.grad_accum,
-                      "train.batch_size / train.grad_accum", mesh)
+                      "train.batch_size / train.grad_accum", mesh, rules)
     return [_train_call(cfg, model, mesh, lm.batch_shapes(cfg),
                         lm.make_loss(cfg.train.logits_chunk,
                                      cfg.train.logits_chunk_over))]
   if cfg.mode == "grpo":
-    from lace_jax.rl import stage as grpo_stage
     g, d = cfg.grpo, cfg.data
     rows = g.questions_per_step * g.rollouts_per_question
     chunk = g.rollout_batch or rows
     check_batch_split(chunk, "grpo.rollout_batch (0: questions_per_step x "
-                      "rollouts_per_question)", mesh)
+                      "rollouts_per_question)", mesh, rules)
     check_batch_split(rows // cfg.train.grad_accum,
-                      "grpo.questions_per_step x rollouts_per_question / train.grad_accum", mesh)
+                      "grpo.questions_per_step x rollouts_per_question / train.grad_accum", mesh,
+                      rules)
     params = _abstract_params(model, mesh, rules)
     calls = _sampler_calls(model, mesh, rules, params, batch=chunk, num_threads=d.num_threads,
                            prompt_len=d.prompt_len, max_new_tokens=g.max_new_tokens,
@@ -350,7 +349,7 @@ def stage_calls(cfg: ml_collections.ConfigDict, mesh) -> list[Call]:
     return calls
   if cfg.mode == "eval":
     e = cfg.eval
-    check_batch_split(e.batch_size, "eval.batch_size", mesh)
+    check_batch_split(e.batch_size, "eval.batch_size", mesh, rules)
     params = _abstract_params(model, mesh, rules)
     return _sampler_calls(model, mesh, rules, params, batch=e.batch_size,
                           num_threads=e.num_threads, prompt_len=cfg.plan.prompt_len,

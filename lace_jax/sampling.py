@@ -13,7 +13,6 @@ loop exits early once every thread has stopped.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -93,10 +92,6 @@ def left_pad(prompts: Sequence[Sequence[Sequence[int]] | Sequence[int]], num_thr
 # Below this temperature (or top_p) a float32 value is indistinguishable from 0 for sampling
 # (1e-300 rounds to 0, and dividing logits by it overflows): the example is greedy (top-1).
 GREEDY_EPSILON = 1e-6
-
-# How many times each jitted sampler function was traced (= compiled, for a new shape bucket or
-# static argument): a test hook. The bodies below run once per trace, never per call.
-TRACES: collections.Counter = collections.Counter()
 
 
 def _filter_logits(logits: jax.Array, temperature: jax.Array | float, top_k: jax.Array | int,
@@ -178,7 +173,6 @@ def _prefill(model: Model, params: Params, prompt: jax.Array, prompt_valid: jax.
              stop_ids: tuple[int, ...], pad_id: int, mesh=None, rules=()):
   """Prompt grid -> (filled caches, the decode loop's state: the first emitted token and its
   logprob in column 0). knobs: the per-example sampling parameters (traced: `_knobs`)."""
-  TRACES["prefill"] += 1
   b, w, p = prompt.shape
   n = max_new_tokens
   cache = _constrain_cache(model.init_cache(b, w, p + n), mesh, rules)
@@ -212,7 +206,6 @@ def _decode(model: Model, params: Params, cache: dict, state: dict, until: jax.A
   while i < min(until, N - 1) and some thread is live. Returns the caches, the state to go on
   from (a later call with a larger `until` continues exactly where this one stopped) and the
   mean hidden state [B, W, D] of every token emitted so far."""
-  TRACES["decode"] += 1
   n, p = max_new_tokens, prompt_len
   stop = jnp.asarray(stop_ids, jnp.int32)
 
@@ -302,6 +295,91 @@ def _stop_array(shared: Sequence[Sequence[int]], per_example: Sequence | None, b
   return stops
 
 
+def _knobs(b: int, max_new_tokens: int, temperature, top_p, top_k,
+           stop_sequences: Sequence[Sequence[int]],
+           example_stop_sequences: Sequence[Sequence[Sequence[int]]] | None) -> dict:
+  """`sample`'s sampling parameters -> the decode loop's traced per-example inputs:
+  temperature, top_p [B] float32, top_k [B] int32 and the stop sequences [B S L] int32
+  (`_stop_array`). ValueError for a value out of range or a count other than 1 or B."""
+  knobs = dict(temperature=_per_example("temperature", temperature, b, np.float32),
+               top_p=_per_example("top_p", top_p, b, np.float32),
+               top_k=_per_example("top_k", top_k, b, np.int32),
+               stops=_stop_array(stop_sequences, example_stop_sequences, b, max_new_tokens))
+  raw = dict(temperature=np.asarray(temperature, np.float64), top_p=np.asarray(top_p, np.float64),
+             top_k=np.asarray(top_k))
+  if ((raw["temperature"] < 0) | np.isnan(raw["temperature"])).any() or (
+      ~((raw["top_p"] > 0) & (raw["top_p"] <= 1))).any() or (raw["top_k"] < 0).any():
+    raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], "
+                     f"top_k={top_k} >= 0")
+  return knobs
+
+
+def _chunking(b: int, batch_chunk: int, mesh, rules) -> tuple[int, tuple]:
+  """(prompts per sampler call, the sharding rules: `rules` or the defaults on a mesh, () off
+  one). ValueError when the B prompts do not split into equal chunks, or a chunk does not
+  divide over the mesh's data-parallel ways."""
+  chunk = b if batch_chunk == 0 else min(batch_chunk, b)
+  if b % chunk:
+    raise ValueError(f"{b} prompts do not split into chunks of batch_chunk={batch_chunk}")
+  if mesh is None:
+    return chunk, ()
+  rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
+  ways = sharding.batch_ways(mesh, rules)
+  if chunk % ways:
+    raise ValueError(f"sampler batch {chunk} is not divisible by the data-parallel ways: "
+                     f"{ways} over the batch axes {sharding.batch_axes(rules)} of mesh "
+                     f"{dict(mesh.shape)}")
+  return chunk, rules
+
+
+def _chunk_key(seed: int, i: int) -> jax.Array:
+  """Chunk i's random key: fold_in(key(seed), i), chunk 0 key(seed) itself (so an unchunked
+  call samples with key(seed))."""
+  key = jax.random.key(seed)
+  return key if i == 0 else jax.random.fold_in(key, i)
+
+
+def _sample_chunk(model: Model, params: Params, prompt: np.ndarray, prompt_valid: np.ndarray,
+                  knobs: dict, key: jax.Array, *, decode_chunk: int, should_cancel,
+                  static: dict) -> tuple[np.ndarray, ...]:
+  """One chunk of prompts [b W P] -> its (out [b W N], lps [b W N], lengths [b W], done [b W],
+  mean_hidden [b W D]) on the host. The prefill, then the decode loop in calls of decode_chunk
+  columns (0: one call); between calls `should_cancel()` True raises `Cancelled`, and the loop
+  ends early once every thread is done. static: `_prefill`'s static arguments."""
+  mesh, rules, n = static["mesh"], static["rules"], static["max_new_tokens"]
+  step = n - 1 if decode_chunk == 0 else decode_chunk
+  rng_prefill, rng_decode = jax.random.split(key)
+  if mesh is not None:
+    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim, rules=rules))
+    prompt, prompt_valid, knobs = put(prompt), put(prompt_valid), jax.tree.map(put, knobs)
+  with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+    cache, state = _prefill(model, params, jnp.asarray(prompt), jnp.asarray(prompt_valid),
+                            rng_prefill, rng_decode, knobs, **static)
+    until = step
+    while True:
+      cache, state, mean_hidden = _decode(model, params, cache, state, jnp.int32(until), knobs,
+                                          prompt_len=prompt.shape[-1], **static)
+      if until >= n - 1:
+        break
+      if should_cancel is not None and should_cancel():
+        raise Cancelled(f"cancelled after {until} of {n} columns")
+      if bool(jax.device_get(jnp.all(state["done"]))):
+        break
+      until += step
+  return jax.device_get((state["out"], state["lps"], state["lengths"], state["done"],
+                         mean_hidden))
+
+
+def _output(parts: Sequence[tuple[np.ndarray, ...]], tokens: np.ndarray,
+            valid: np.ndarray) -> SampleOutput:
+  """The chunks' `_sample_chunk` results, concatenated over the batch, with the prompt grid
+  `tokens`, `valid` [B W P] they were sampled from -> the SampleOutput."""
+  out, lps, lengths, done, mean_hidden = (np.concatenate([np.asarray(p[j]) for p in parts])
+                                          for j in range(5))
+  reasons = [["stop" if d else "length" for d in row] for row in done]
+  return SampleOutput(out, lps, lengths, reasons, tokens, valid, mean_hidden)
+
+
 def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_tokens: int,
            temperature: float | Sequence[float] = 1.0, top_p: float | Sequence[float] = 1.0,
            top_k: int | Sequence[int] = 0, seed: int = 0,
@@ -326,8 +404,8 @@ def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_t
     example_stop_sequences: B lists of further sequences, one list per prompt. Both are traced
     arrays, padded to power-of-two counts and lengths.
   prompt_width: pad every prompt to exactly this many tokens (one compilation for many calls).
-  mesh, rules: lay the batch and the caches out on a device mesh (batch over data/fsdp, kv
-    heads over tensor, by `rules`, default `lace_jax.sharding.DEFAULT_RULES`); the params
+  mesh, rules: lay the batch and the caches out on a device mesh (batch over the `batch`
+    rule's axes, kv heads over tensor, by `rules`, default `lace_jax.sharding.DEFAULT_RULES`); the params
     should already be sharded on it (e.g. a train state's). B (or batch_chunk) must divide
     over the data-parallel ways.
   batch_chunk: generate at most this many prompts per sampler call (0 = all at once): bounds
@@ -344,60 +422,19 @@ def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_t
                      "(0 = the whole batch / every column in one call)")
   tokens, valid = left_pad(prompts, num_threads, pad_id, width=prompt_width)
   b = tokens.shape[0]
-  knobs = dict(temperature=_per_example("temperature", temperature, b, np.float32),
-               top_p=_per_example("top_p", top_p, b, np.float32),
-               top_k=_per_example("top_k", top_k, b, np.int32),
-               stops=_stop_array(stop_sequences, example_stop_sequences, b, max_new_tokens))
-  raw = dict(temperature=np.asarray(temperature, np.float64), top_p=np.asarray(top_p, np.float64),
-             top_k=np.asarray(top_k))
-  if ((raw["temperature"] < 0) | np.isnan(raw["temperature"])).any() or (
-      ~((raw["top_p"] > 0) & (raw["top_p"] <= 1))).any() or (raw["top_k"] < 0).any():
-    raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], "
-                     f"top_k={top_k} >= 0")
-  chunk = b if batch_chunk == 0 else min(batch_chunk, b)
-  if b % chunk:
-    raise ValueError(f"{b} prompts do not split into chunks of batch_chunk={batch_chunk}")
-  if mesh is not None:
-    rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if chunk % ways:
-      raise ValueError(f"sampler batch {chunk} is not divisible by the data-parallel ways "
-                       f"data*fsdp = {ways} of mesh {dict(mesh.shape)}")
+  knobs = _knobs(b, max_new_tokens, temperature, top_p, top_k, stop_sequences,
+                 example_stop_sequences)
+  chunk, rules = _chunking(b, batch_chunk, mesh, rules)
   static = dict(max_new_tokens=max_new_tokens, stop_ids=tuple(int(s) for s in stop_ids),
-                pad_id=int(pad_id), mesh=mesh, rules=rules if mesh is not None else ())
-  n = max_new_tokens
-  step = n - 1 if decode_chunk == 0 else decode_chunk
+                pad_id=int(pad_id), mesh=mesh, rules=rules)
   parts = []
   for i, start in enumerate(range(0, b, chunk)):
-    key = jax.random.key(seed)
-    key = key if i == 0 else jax.random.fold_in(key, i)
-    rng_prefill, rng_decode = jax.random.split(key)
-    prompt, prompt_valid = tokens[start:start + chunk], valid[start:start + chunk]
-    part_knobs = jax.tree.map(lambda x: x[start:start + chunk], knobs)
-    if mesh is not None:
-      put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
-      prompt, prompt_valid, part_knobs = put(prompt), put(prompt_valid), jax.tree.map(
-          put, part_knobs)
-    with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-      cache, state = _prefill(model, params, jnp.asarray(prompt), jnp.asarray(prompt_valid),
-                              rng_prefill, rng_decode, part_knobs, **static)
-      until = step
-      while True:
-        cache, state, mean_hidden = _decode(model, params, cache, state, jnp.int32(until),
-                                            part_knobs, prompt_len=tokens.shape[-1], **static)
-        if until >= n - 1:
-          break
-        if should_cancel is not None and should_cancel():
-          raise Cancelled(f"cancelled after {until} of {n} columns")
-        if bool(jax.device_get(jnp.all(state["done"]))):
-          break
-        until += step
-    parts.append(jax.device_get((state["out"], state["lps"], state["lengths"], state["done"],
-                                 mean_hidden)))
-  out, lps, lengths, done, mean_hidden = (np.concatenate([np.asarray(p[j]) for p in parts])
-                                          for j in range(5))
-  reasons = [["stop" if d else "length" for d in row] for row in done]
-  return SampleOutput(out, lps, lengths, reasons, tokens, valid, mean_hidden)
+    rows = slice(start, start + chunk)
+    parts.append(_sample_chunk(model, params, tokens[rows], valid[rows],
+                               jax.tree.map(lambda x: x[rows], knobs), _chunk_key(seed, i),
+                               decode_chunk=decode_chunk, should_cancel=should_cancel,
+                               static=static))
+  return _output(parts, tokens, valid)
 
 
 def teacher_forced_logprobs(model: Model, params: Params, out: SampleOutput) -> np.ndarray:
@@ -429,7 +466,7 @@ def abstract_calls(model: Model, params, *, batch: int, num_threads: int, prompt
   stop_shape: (sequences, length) of the stop-sequence array (`_stop_array`)."""
   rules = tuple(rules)
   b, w, p, n = batch, num_threads, prompt_len, max_new_tokens
-  bs = lambda ndim: sharding.batch_sharding(mesh, ndim)
+  bs = lambda ndim: sharding.batch_sharding(mesh, ndim, rules=rules)
   sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=bs(len(shape)))
   key = jax.random.key(0).dtype
   rng = jax.ShapeDtypeStruct((), key, sharding=sharding.replicated(mesh))

@@ -23,14 +23,13 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
 # logical axis -> mesh axis (or None: replicated). Parameters name their axes (`Model.
 # logical_axes`); activations are constrained at layer boundaries with the act_* names and
 # batch / thread / seq (`constrain`): a parameter's "embed" is split over fsdp, an activation's
 # model width ("act_embed") is not.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
+    ("batch", ("data", "fsdp")),  # read through batch_axes(rules)
     ("thread", None),
     ("seq", None),
     ("act_embed", None),
@@ -188,9 +187,30 @@ def cache_sharding(cache: Any, mesh: Mesh, rules) -> Any:
   return jax.tree_util.tree_map_with_path(pick, cache)
 
 
-def batch_sharding(mesh: Mesh, ndim: int, *, leading: int = 0) -> NamedSharding:
-  """Sharding of a [..leading dims.., B, ...] array: B over the batch axes, the rest replicated."""
-  return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES, *([None] * (ndim - leading - 1))))
+def batch_axes(rules: Sequence[tuple[str, Any]] | None = None) -> tuple[str, ...]:
+  """The mesh axes the logical `batch` axis is split over by `rules` (None: the rules of the
+  enclosing `logical_rules` context, else DEFAULT_RULES). Every placement of a batch (inputs,
+  the sampler's prompts, the kernels' shard_map) reads it here, so an override of the `batch`
+  rule moves them all."""
+  if rules is None:
+    rules = nn.get_logical_axis_rules() or DEFAULT_RULES
+  target = dict(rules or DEFAULT_RULES).get("batch")
+  if target is None:
+    return ()
+  return (target,) if isinstance(target, str) else tuple(target)
+
+
+def batch_ways(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None) -> int:
+  """Into how many shards `mesh` splits a batch under `rules`."""
+  return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, *, leading: int = 0,
+                   rules: Sequence[tuple[str, Any]] | None = None) -> NamedSharding:
+  """Sharding of a [..leading dims.., B, ...] array: B over the batch axes of `rules`, the rest
+  replicated."""
+  axes = batch_axes(rules) or None
+  return NamedSharding(mesh, P(*([None] * leading), axes, *([None] * (ndim - leading - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -228,12 +248,13 @@ def describe(mesh: Mesh) -> str:
   return " x ".join(f"{a}={n}" for a, n in zip(mesh.axis_names, mesh.devices.shape))
 
 
-def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, *, leading: int = 0) -> dict:
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, *, leading: int = 0,
+                 rules: Sequence[tuple[str, Any]] | None = None) -> dict:
   """Assembles each process's slice of the batch into global jax.Arrays sharded on the batch
-  axis (dimension `leading`); on one process this is a sharded device_put."""
+  axis (dimension `leading`) by `rules`; on one process this is a sharded device_put."""
   out = {}
   for name, x in local.items():
-    sharding = batch_sharding(mesh, x.ndim, leading=leading)
+    sharding = batch_sharding(mesh, x.ndim, leading=leading, rules=rules)
     global_shape = list(x.shape)
     global_shape[leading] *= jax.process_count()
     out[name] = jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))

@@ -11,7 +11,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from lace_jax import experiment, modes
+from lace_jax import modes
+from lace_jax.training import setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
@@ -35,7 +36,7 @@ def test_there_are_experiments():
 def test_experiment_loads(path, arg):
   cfg = _load(path + arg)
   assert cfg.mode in modes.MODES
-  model, lattice = experiment.model_configs(cfg)
+  model, lattice = setup.model_configs(cfg)
   if arg:
     assert model.name == "tiny"
   assert lattice is None or max(lattice.layers) < model.num_layers
@@ -74,14 +75,14 @@ def test_real_experiments_compute_in_bf16(name, arg):
   the Pallas kernels use exact IEEE dots)."""
   cfg = _load(os.path.join(ROOT, "experiments", f"{name}.py") + arg)
   assert (cfg.model.dtype, cfg.model.param_dtype) == ("bfloat16", "float32")
-  model, _ = experiment.model_configs(cfg)
+  model, _ = setup.model_configs(cfg)
   assert model.dtype == "bfloat16"
 
 
 def test_isolated_parallel_ablation_is_an_override():
   cfg = _load(os.path.join(ROOT, "experiments", "sft_4b.py"))
   cfg.lattice.layers = ()
-  assert experiment.model_configs(cfg)[1] is None
+  assert setup.model_configs(cfg)[1] is None
 
 
 def _main(*args, workdir=None):
@@ -122,7 +123,7 @@ def test_every_lattice_field_is_a_config_key():
       "enabled"}
   cfg.lattice.init_std = 0.05
   cfg.lattice.implementation = "xla_chunked"
-  lat = experiment.model_configs(cfg)[1]
+  lat = setup.model_configs(cfg)[1]
   assert lat.init_std == 0.05 and lat.implementation == "xla_chunked"
   assert lat == lj.LatticeConfig.default(lj.ModelConfig.preset("qwen3-4b"), init_std=0.05,
                                          implementation="xla_chunked")

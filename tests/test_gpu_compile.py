@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels.lattice_attention import decode as decode_lib
-from kernels.lattice_attention import lattice_attention_pallas
+from lace_jax.kernels.lattice_attention import decode as decode_lib
+from lace_jax.kernels.lattice_attention import lattice_attention_pallas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPUS = ("h100", "rtx6000pro")
@@ -88,12 +88,13 @@ def _experiment(name):
 @pytest.mark.parametrize("w", [4, 16, 128])
 def test_model_compiles_for_gpu(gpu, e, w):
   """Forward, decode loop and train step of the real recipe (2 layers) with the GPU kernels."""
-  from lace_jax import experiment, plan
+  from lace_jax import plan
+  from lace_jax.training import setup
   name, _ = gpu
   cfg = _experiment(HEAD_DIMS[e])
   cfg.model.num_layers = 2
   cfg.lattice.layers = (1,)
-  assert experiment.model_configs(cfg)[1].head_dim == e and cfg.model.dtype == "bfloat16"
+  assert setup.model_configs(cfg)[1].head_dim == e and cfg.model.dtype == "bfloat16"
   cfg.data.num_threads = w
   cfg.data.prompt_len = 64
   cfg.grpo.update(questions_per_step=1, rollouts_per_question=2, max_new_tokens=32,
@@ -118,7 +119,7 @@ def test_cudnn_backward_has_no_bias_gradient(monkeypatch):
   layers at the 4B heads (32 query, 8 kv, head dim 128, d_model 2560): XLA's temporaries must
   drop by at least one bias gradient, and the new backward must return none.
   (benchmarks/cudnn_bias_memory.py gives the full sft_4b figures.)"""
-  import kernels
+  from lace_jax import kernels
   from jax._src.cudnn import fused_attention_stablehlo as fa
   monkeypatch.setattr(fa, "check_cudnn_version", lambda: 90800)  # needs a GPU jaxlib to ask
   spec = importlib.util.spec_from_file_location(

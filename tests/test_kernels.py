@@ -13,16 +13,17 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 import lace_jax as lj
-from kernels.attention import attention, structured_mask
-from kernels.attention.reference import attention_reference
-from kernels.lattice_attention import (ChunkedBlockSizes, PallasBlockSizes, lattice_attention,
+from lace_jax.kernels.attention import attention, structured_mask
+from lace_jax.kernels.attention.reference import attention_reference
+from lace_jax.kernels.lattice_attention import (ChunkedBlockSizes, PallasBlockSizes, lattice_attention,
                                        lattice_attention_chunked, lattice_attention_pallas,
                                        lattice_attention_reference, lattice_decode_attention)
-from kernels.lattice_attention import decode as decode_lib
-from kernels.lattice_attention import pallas_gpu
-from kernels.lattice_attention.pallas_gpu import Tiles
+from lace_jax.kernels.lattice_attention import decode as decode_lib
+from lace_jax.kernels.lattice_attention import pallas_gpu
+from lace_jax.kernels.lattice_attention.pallas_gpu import Tiles
 
 MODES = ("causal", "other_threads", "same_position")
 TOL = {("xla_chunked", "float32"): 1e-5, ("pallas", "float32"): 1e-4,
@@ -97,19 +98,73 @@ def test_equals_reference_bf16(impl, mode):
     assert rel_err(g, r) <= TOL[(impl, "bfloat16")]
 
 
+class _PallasIntoBuffers:
+  """Stands in for `pallas_gpu.pl` (`jax.experimental.pallas`): every `pallas_call` gets extra
+  inputs, the given buffers, aliased to its outputs (`input_output_aliases`), and a kernel
+  wrapper that skips their refs, so outputs start from the buffers' contents instead of fresh
+  memory. Records each call's name and outputs."""
+
+  def __init__(self, buffers):
+    self.buffers, self.calls = tuple(buffers), []
+
+  def __getattr__(self, name):
+    return getattr(pl, name)
+
+  def pallas_call(self, kernel, *, in_specs, out_specs, out_shape, name, **kw):
+    assert not kw.pop("input_output_aliases", None), name
+    assert [(x.shape, x.dtype) for x in self.buffers] == [(x.shape, x.dtype) for x in out_shape]
+    n_in = len(in_specs)
+
+    def skip_buffer_refs(*refs):  # refs: inputs, buffers, outputs
+      return kernel(*refs[:n_in], *refs[n_in + len(self.buffers):])
+
+    call = pl.pallas_call(
+        skip_buffer_refs, in_specs=[*in_specs, *out_specs], out_specs=out_specs,
+        out_shape=out_shape, name=name,
+        input_output_aliases={n_in + i: i for i in range(len(self.buffers))}, **kw)
+
+    def run(*args):
+      outs = call(*args, *self.buffers)
+      self.calls.append((name, outs))
+      return outs
+
+    return run
+
+
+def forward_into_buffers(q, k, v, *, key_valid, mask, o_buffer, lse_buffer, block_sizes=None,
+                         interpret=False):
+  """`lattice_attention_pallas`'s forward (eager: the forward kernel alone) with its kernel
+  writing into the given buffers, o [B, C, W*T, E] and lse [B, C, W*T], aliased to its outputs:
+  NaN-filled buffers prove every output element is written. -> (out [B, W, T, C, E], lse)."""
+  into = _PallasIntoBuffers((o_buffer, lse_buffer))
+  orig = pallas_gpu.pl
+  pallas_gpu.pl = into
+  try:
+    out = lattice_attention_pallas(q, k, v, key_valid=key_valid, mask=mask,
+                                   block_sizes=block_sizes, interpret=interpret)
+  finally:
+    pallas_gpu.pl = orig
+  # one kernel ran, the forward, through the buffers, and its o is what the function returned
+  assert [name for name, _ in into.calls] == [f"lattice_fwd_{mask}"], into.calls
+  (_, (o, lse)), = into.calls
+  b, w, t, c, e = q.shape
+  np.testing.assert_array_equal(np.asarray(o).transpose(0, 2, 1, 3).reshape(b, w, t, c, e),
+                                np.asarray(out))
+  return out, lse
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_pallas_writes_every_output_element(mode):
   q, k, v, valid, _ = _inputs(3, 21, seed=5)
   b, w, t, c, e = q.shape
   poison_o = jnp.full((b, c, w * t, e), jnp.nan, jnp.float32)
   poison_lse = jnp.full((b, c, w * t), jnp.nan, jnp.float32)
-  o, lse = pallas_gpu.forward_into_buffers(
+  out, lse = forward_into_buffers(
       q, k, v, key_valid=valid, mask=mode, o_buffer=poison_o, lse_buffer=poison_lse,
       block_sizes=PallasBlockSizes.uniform(16, 16), interpret=True)
-  assert not np.isnan(np.asarray(o)).any() and not np.isnan(np.asarray(lse)).any()
+  assert not np.isnan(np.asarray(out)).any() and not np.isnan(np.asarray(lse)).any()
   ref = lattice_attention_reference(q, k, v, key_valid=valid, mask=mode)
-  got = np.asarray(o).transpose(0, 2, 1, 3).reshape(b, w, t, c, e)
-  assert rel_err(got, ref) <= 1e-4
+  assert rel_err(out, ref) <= 1e-4
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -147,7 +202,7 @@ def test_pallas_same_position_visits_only_matching_key_blocks():
 
 
 def test_dispatch_picks_per_backend_and_rejects_unknown():
-  from kernels.lattice_attention import default_implementation
+  from lace_jax.kernels.lattice_attention import default_implementation
   assert default_implementation("cpu") == "xla_chunked"
   assert default_implementation("tpu") == "xla_chunked"
   assert default_implementation("gpu") == "pallas"
@@ -164,7 +219,7 @@ def test_pallas_that_does_not_compile_falls_back_to_xla_chunked(monkeypatch):
   "xla_chunked" after one warning naming the shape and the error. Reproduced on CPU, where a
   Pallas call outside the interpreter really fails to compile: the probe is switched on as on a
   GPU, and the real compile error must be caught, named, and replaced."""
-  import kernels.lattice_attention as la
+  import lace_jax.kernels.lattice_attention as la
   monkeypatch.setattr(la, "_compiles_here", lambda: True)
   la._pallas_failure.cache_clear()
   q, k, v, valid, ct = _inputs(3, 9, seed=6)
@@ -380,10 +435,10 @@ def test_backbone_attention_equals_reference(impl):
   ref, ref_g = run(lambda q, k, v: attention_reference(
       q, k, v, structured_mask(t, valid, True)))
   if impl == "xla_chunked":  # small blocks so several are used
-    from kernels import attention as att
+    from lace_jax.kernels import attention as att
     fn = lambda q, k, v: att._chunked(q, k, v, valid, True, 0, 16**-0.5, block=4)
   elif impl == "flash_pallas_interpret":  # the GPU flash path, run by the Pallas interpreter
-    import kernels.lattice_attention as la
+    import lace_jax.kernels.lattice_attention as la
     real = la.lattice_attention
     fn = lambda q, k, v: attention(q, k, v, key_valid=valid, implementation="flash")
     la.lattice_attention = lambda *a, **kw: real(*a, **kw, implementation="pallas_interpret")
@@ -406,8 +461,8 @@ def test_backbone_attention_equals_reference(impl):
 def test_backbone_default_follows_the_target_platform():
   """Kernels are chosen for the platform compiled for: a `target_platform` context overrides
   the host's backend; one query column always goes to the cache-friendly chunked path."""
-  import kernels
-  from kernels.attention import default_implementation
+  from lace_jax import kernels
+  from lace_jax.kernels.attention import default_implementation
   assert default_implementation(jnp.float32, 64) == "xla"  # this CPU host
   with kernels.target_platform("tpu"):
     assert kernels.backend() == "tpu"
@@ -519,7 +574,7 @@ def test_backbone_cudnn_packing_equals_reference(dtype):
   and is_causal, run through XLA's implementation of the same jax call (cuDNN cannot run on
   CPU): equal to the reference on every valid row, forward and gradients, for any validity
   pattern (left padding, right padding, both, holes, all valid, none valid); padding rows 0."""
-  from kernels import attention as att
+  from lace_jax.kernels import attention as att
   b, t, n, kh, h = 7, 23, 4, 2, 16
   ks = jax.random.split(jax.random.key(3), 4)
   q = jax.random.normal(ks[0], (b, t, n, h)).astype(dtype)

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.lattice_attention import MASK_MODES, lattice_attention, lattice_mask
-from kernels.lattice_attention.mask import Mode, may_attend, validate_mode
+from lace_jax.kernels.lattice_attention import MASK_MODES, lattice_attention, lattice_mask
+from lace_jax.kernels.lattice_attention.mask import Mode, may_attend, validate_mode
 
 # Rows/columns are (w, t) flattened as w * T + t, for W = 2 threads and T = 2 columns.
 LITERAL = {

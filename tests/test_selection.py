@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lace_jax import sweep
-from lace_jax.toy import selection
+from lace_jax.toy import configs, selection
 
 
 def test_problems_copy_and_sum():
@@ -25,7 +25,7 @@ def test_problems_copy_and_sum():
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_selection_run_trains_and_reports(tmp_path, enabled):
-  cfg = selection.selection_config()
+  cfg = configs.selection_config()
   cfg.lattice.enabled = enabled
   cfg.selection.update(steps=30, eval_every=15, eval_problems=64, batch_size=16, distract=0,
                        lr=3e-3)
@@ -60,13 +60,13 @@ def test_selection_experiment_declares_the_study():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_chosen_toy_lattice_learns_selection_on_every_seed(seed):
-  """The toy lattice the study chose (comparison.toy_lattice: the residual stream as source)
+  """The toy lattice the study chose (configs.toy_lattice: the residual stream as source)
   reaches 95% held-out accuracy on copy with 12 distractors within 1000 steps; the full figures
   (5 seeds, 1000 steps) are in docs/results.md."""
-  from lace_jax.toy import comparison
-  cfg = selection.selection_config()
+
+  cfg = configs.selection_config()
   cfg.seed = seed
-  cfg.lattice = comparison.toy_lattice()
+  cfg.lattice = configs.toy_lattice()
   cfg.selection.update(stop_at_target=True, eval_every=50, eval_problems=256)
   result = selection.run(cfg, None)
   assert result["steps_to_target"] is not None and result["steps_to_target"] <= 1000, result
@@ -77,7 +77,7 @@ def test_chosen_toy_lattice_learns_selection_on_every_seed(seed):
 def test_without_the_lattice_selection_stays_at_chance(seed):
   """The control: W = 2 threads that cannot see each other answer the other's digit at chance
   (10%) at best, on every seed the chosen lattice is tested on."""
-  cfg = selection.selection_config()
+  cfg = configs.selection_config()
   cfg.seed = seed
   cfg.lattice.enabled = False
   cfg.selection.update(steps=400, eval_every=100, eval_problems=512)

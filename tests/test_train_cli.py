@@ -154,6 +154,84 @@ def test_a_full_disk_is_one_clear_error_naming_the_checkpoint(tmp_path, monkeypa
   assert not [e for e in os.listdir(tmp_path / "checkpoints") if e.isdigit()]
 
 
+def _first_fails_others_wait(error: Exception, cancelled: list):
+  """A stand-in for orbax's per-array read or write: the first call fails, the others wait
+  until cancelled (and say so in `cancelled`)."""
+  import asyncio
+  import itertools
+  calls = itertools.count()
+
+  async def array_io(*args, **kwargs):
+    i = next(calls)
+    await asyncio.sleep(0)  # the others start meanwhile
+    if i == 0:
+      raise error
+    try:
+      await asyncio.sleep(60)
+    except asyncio.CancelledError:
+      cancelled.append(i)
+      raise
+  return array_io
+
+
+def _hooks():
+  import threading
+  return sys.excepthook, threading.excepthook, sys.unraisablehook
+
+
+def _small_state(n=6):
+  import jax.numpy as jnp
+  return {f"w{i}": jnp.full((8, 4), float(i)) for i in range(n)}
+
+
+def test_a_failed_restore_leaves_nothing_running_and_no_hooks(tmp_path, monkeypatch):
+  import jax
+  from orbax.checkpoint._src.serialization import serialization
+
+  from lace_jax.training.checkpointer import Checkpointer, StateCheckpointError
+
+  state = _small_state()
+  ckpt = Checkpointer(str(tmp_path), keep=2)
+  ckpt.save(1, state, None)
+  ckpt.close()
+  abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+              for k, v in state.items()}
+  cancelled = []
+  monkeypatch.setattr(serialization, "async_deserialize",
+                      _first_fails_others_wait(ValueError("unreadable array"), cancelled))
+  hooks = _hooks()
+  ckpt = Checkpointer(str(tmp_path), keep=2)
+  with pytest.raises(StateCheckpointError) as err:
+    ckpt.restore(1, abstract, None)
+  ckpt.close()
+  assert str(err.value) == (f"cannot restore checkpoint step 1 from {tmp_path}/1: "
+                            "ValueError: unreadable array"), str(err.value)
+  # the other reads were cancelled and awaited before the restore raised, not left running
+  assert sorted(cancelled) == list(range(1, len(state))), cancelled
+  assert all(a is b for a, b in zip(_hooks(), hooks))  # no process-wide hook installed
+
+
+def test_a_failed_save_leaves_nothing_running_and_no_hooks(tmp_path, monkeypatch):
+  import errno
+
+  from orbax.checkpoint._src.serialization import serialization
+
+  from lace_jax.training.checkpointer import Checkpointer, StateCheckpointError
+
+  state = _small_state()
+  cancelled = []
+  monkeypatch.setattr(serialization, "async_serialize_from_host", _first_fails_others_wait(
+      OSError(errno.ENOSPC, "No space left on device", "/disk/ckpt/array"), cancelled))
+  hooks = _hooks()
+  ckpt = Checkpointer(str(tmp_path), keep=2)
+  with pytest.raises(StateCheckpointError, match="no space left on device"):
+    ckpt.save(1, state, None)
+    ckpt.wait()  # the background commit's failure
+  ckpt.close()
+  assert sorted(cancelled) == list(range(1, len(state))), cancelled
+  assert all(a is b for a, b in zip(_hooks(), hooks))
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -26,11 +26,14 @@ unspecified (no valid row ever reads them).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 
-import kernels
-from kernels.attention.reference import attention_reference
+from lace_jax import kernels
+from lace_jax.kernels import lattice_attention as lattice_lib  # the flash path's kernels
+from lace_jax.kernels.attention.reference import NEG_INF, attention_reference
 
 IMPLEMENTATIONS = ("reference", "xla", "cudnn", "pallas_tpu", "xla_chunked", "flash")
 DECODE_BLOCK = 512
@@ -59,8 +62,11 @@ def structured_mask(t: int, key_valid: jax.Array, causal: bool, q_offset=0) -> j
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array,
               causal: bool = True, q_offset: int | jax.Array = 0, scale: float | None = None,
-              implementation: str | None = None) -> jax.Array:
-  """q [B, T, N, H], k/v [B, S, K, H], key_valid [B, S] bool -> [B, T, N, H]."""
+              implementation: str | None = None, batch_axes: Sequence[str] = ()) -> jax.Array:
+  """q [B, T, N, H], k/v [B, S, K, H], key_valid [B, S] bool -> [B, T, N, H].
+
+  batch_axes: the mesh axes B is split over (under `jax.set_mesh`); a Pallas kernel runs on
+  each device's rows (`lace_jax.kernels.batch_parallel`)."""
   b, t, n, h = q.shape
   impl = implementation or default_implementation(q.dtype, t)
   if impl not in IMPLEMENTATIONS:
@@ -76,7 +82,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array,
   if impl == "xla_chunked":
     return _chunked(q, k, v, key_valid, causal, q_offset, scale)
   if impl == "flash":
-    return _flash(q, k, v, key_valid, causal, q_offset, scale)
+    return _flash(q, k, v, key_valid, causal, q_offset, scale, batch_axes)
   if impl == "cudnn":
     return _cudnn(q, k, v, key_valid, causal, q_offset, scale)
   if impl == "xla":
@@ -84,12 +90,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array,
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
     # rows with no readable key: XLA gives the mean of all values, the reference zeros
     return jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0).astype(q.dtype)
-  return _pallas_tpu(q, k, v, key_valid, causal, scale)
+  return _pallas_tpu(q, k, v, key_valid, causal, scale, batch_axes)
 
 
-def _flash(q, k, v, key_valid, causal, q_offset, scale):
+def _flash(q, k, v, key_valid, causal, q_offset, scale, batch_axes):
   """Causal GQA as one-thread lattice attention: kv heads repeated to the query heads."""
-  from kernels.lattice_attention import lattice_attention
   if not causal or not (isinstance(q_offset, int) and q_offset == 0):
     raise ValueError("attention implementation 'flash' serves causal attention from column 0 "
                      "(training, prefill); decode with 'xla_chunked'")
@@ -99,8 +104,8 @@ def _flash(q, k, v, key_valid, causal, q_offset, scale):
   g = q.shape[2] // k.shape[2]
   k = jnp.repeat(k, g, axis=2)[:, None]  # [B, 1, S, N, H]
   v = jnp.repeat(v, g, axis=2)[:, None]
-  out = lattice_attention(q[:, None], k, v, key_valid=key_valid[:, None], mask="causal",
-                          scale=scale)
+  out = lattice_lib.lattice_attention(q[:, None], k, v, key_valid=key_valid[:, None],
+                                      mask="causal", scale=scale, batch_axes=batch_axes)
   return out[:, 0]
 
 
@@ -168,7 +173,7 @@ def _gather_rows_bwd(res, g):
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def _pallas_tpu(q, k, v, key_valid, causal, scale):
+def _pallas_tpu(q, k, v, key_valid, causal, scale, batch_axes):
   from jax.experimental.pallas.ops.tpu import flash_attention as fa
   b, t, n, h = q.shape
   g = n // k.shape[2]
@@ -183,12 +188,12 @@ def _pallas_tpu(q, k, v, key_valid, causal, scale):
                              causal=causal, sm_scale=scale)
     return out.transpose(0, 2, 1, 3)
 
-  return kernels.batch_parallel(run, q, k, v, key_valid)  # Mosaic calls need a shard_map
+  # Mosaic calls need a shard_map
+  return kernels.batch_parallel(run, q, k, v, key_valid, batch_axes=batch_axes)
 
 
 def _chunked(q, k, v, key_valid, causal, q_offset, scale, block: int = DECODE_BLOCK):
   """Online softmax over key blocks of `block` columns (forward only: used for decoding)."""
-  from kernels.attention.reference import NEG_INF
   b, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
   block = min(block, s)

@@ -20,19 +20,21 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-import kernels
-from kernels.lattice_attention import decode as _decode
-from kernels.lattice_attention.decode import DecodeBlockSizes
-from kernels.lattice_attention.mask import MASK_MODES, validate_mode
-from kernels.lattice_attention.pallas_gpu import BlockSizes as PallasBlockSizes
-from kernels.lattice_attention.pallas_gpu import lattice_attention_pallas
-from kernels.lattice_attention.reference import lattice_attention_reference, lattice_mask, validate
-from kernels.lattice_attention.xla_chunked import BlockSizes as ChunkedBlockSizes
-from kernels.lattice_attention.xla_chunked import lattice_attention_chunked
+from lace_jax import kernels
+from lace_jax.kernels.lattice_attention import decode as _decode
+from lace_jax.kernels.lattice_attention.decode import DecodeBlockSizes
+from lace_jax.kernels.lattice_attention.mask import MASK_MODES, validate_mode
+from lace_jax.kernels.lattice_attention.pallas_gpu import BlockSizes as PallasBlockSizes
+from lace_jax.kernels.lattice_attention.pallas_gpu import lattice_attention_pallas
+from lace_jax.kernels.lattice_attention.reference import (lattice_attention_reference,
+                                                          lattice_mask, validate)
+from lace_jax.kernels.lattice_attention.xla_chunked import BlockSizes as ChunkedBlockSizes
+from lace_jax.kernels.lattice_attention.xla_chunked import lattice_attention_chunked
 
 IMPLEMENTATIONS = ("reference", "xla_chunked", "pallas", "pallas_interpret")
 
@@ -99,11 +101,14 @@ def _fallback(kind: str, mask: str, scale: float | None, arrays, what: str) -> b
 def lattice_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array,
                       mask: str = "causal", q_cols: jax.Array | None = None,
                       k_cols: jax.Array | None = None, scale: float | None = None,
-                      implementation: str | None = None, interpret: bool = False) -> jax.Array:
+                      implementation: str | None = None, interpret: bool = False,
+                      batch_axes: Sequence[str] = ()) -> jax.Array:
   """Cross-thread attention over the flattened W*T grid; see `reference.py` for the spec.
 
   q: [B, W, T, C, E], k/v: [B, W, S, C, E], key_valid: [B, W, S] -> [B, W, T, C, E].
-  `interpret` runs the Pallas kernels in the Pallas interpreter (CPU tests).
+  `interpret` runs the Pallas kernels in the Pallas interpreter (CPU tests). batch_axes: the
+  mesh axes B is split over (under `jax.set_mesh`): the Pallas kernel runs on each device's
+  examples (`lace_jax.kernels.batch_parallel`).
   """
   impl = _check(implementation)
   if impl == "pallas_interpret":
@@ -123,14 +128,16 @@ def lattice_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: ja
     return lattice_attention_pallas(q, k, v, key_valid=key_valid, mask=mask, scale=scale,
                                     interpret=interpret)
 
-  return kernels.batch_parallel(run, q, k, v, key_valid)  # one kernel per device's examples
+  # one kernel per device's examples
+  return kernels.batch_parallel(run, q, k, v, key_valid, batch_axes=batch_axes)
 
 
 def lattice_decode_attention(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid,
                              *, mask: str = "causal", scale: float | None = None,
-                             implementation: str | None = None, interpret: bool = False):
+                             implementation: str | None = None, interpret: bool = False,
+                             batch_axes: Sequence[str] = ()):
   """One decoding step; shapes and mask in `decode.py`. "xla_chunked" selects the direct XLA
-  form (a single query row per thread needs no blocking)."""
+  form (a single query row per thread needs no blocking). batch_axes: as `lattice_attention`'s."""
   impl = _check(implementation)
   if impl == "pallas_interpret":
     impl, interpret = "pallas", True
@@ -145,7 +152,8 @@ def lattice_decode_attention(q, k_cache, v_cache, cache_valid, length, k_new, v_
       return _decode.decode_xla(*a, mask=mask, scale=scale)
     return _decode.decode_pallas(*a, mask=mask, scale=scale, interpret=interpret)
 
-  return kernels.batch_parallel(run, *args)  # one kernel per device's examples
+  # one kernel per device's examples
+  return kernels.batch_parallel(run, *args, batch_axes=batch_axes)
 
 
 __all__ = ["ChunkedBlockSizes", "DecodeBlockSizes", "IMPLEMENTATIONS", "MASK_MODES", "PallasBlockSizes",

@@ -34,10 +34,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.attention.reference import NEG_INF
-from kernels.lattice_attention.mask import Mode, may_attend, validate_mode
-from kernels.lattice_attention.pallas_gpu import check_block, check_launch
-from kernels.lattice_attention.reference import lattice_attention_reference
+from lace_jax.kernels.attention.reference import NEG_INF
+from lace_jax.kernels.lattice_attention.mask import Mode, may_attend, validate_mode
+from lace_jax.kernels.lattice_attention.pallas_gpu import check_block, check_launch
+from lace_jax.kernels.lattice_attention.reference import lattice_attention_reference
 
 
 def _cache_mask(cache_valid, length, w, s):

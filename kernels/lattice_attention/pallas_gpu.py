@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.lattice_attention.mask import Mode, may_attend, validate_mode
+from lace_jax.kernels.lattice_attention.mask import Mode, may_attend, validate_mode
 
 NEG_INF = -1e30
 _FAR = 2**30  # a column no query reaches
@@ -228,8 +228,7 @@ def _params(tiles: Tiles):
   return pltriton.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
-def _call_fwd(qf, kf, vf, q_cols, k_cols, kvalid, *, mode, scale, w, t, s, tiles, interpret,
-              out=None):
+def _call_fwd(qf, kf, vf, q_cols, k_cols, kvalid, *, mode, scale, w, t, s, tiles, interpret):
   b, c, nq, e = qf.shape
   nk = kf.shape[2]
   ep = padded_head_dim(e)
@@ -241,27 +240,10 @@ def _call_fwd(qf, kf, vf, q_cols, k_cols, kvalid, *, mode, scale, w, t, s, tiles
   out_shape = [jax.ShapeDtypeStruct(qf.shape, qf.dtype),
                jax.ShapeDtypeStruct((b, c, nq), jnp.float32)]
   out_specs = [_head_spec(nq, e), _row_spec(nq)]
-  args = [qf, kf, vf, q_cols, k_cols, kvalid]
-  aliases = {}
-  if out is not None:  # tests pass poisoned output buffers to prove every element is written
-    in_specs += out_specs
-    args += list(out)
-    aliases = {6: 0, 7: 1}
-    kernel = _ignore_extra(kernel, 2)
   return pl.pallas_call(
       kernel, grid=(pl.cdiv(nq, tiles.block_q), b, c), in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, input_output_aliases=aliases, interpret=interpret,
-      compiler_params=_params(tiles), name=f"lattice_fwd_{mode.name.lower()}")(*args)
-
-
-def _ignore_extra(kernel, n):
-  """Wraps a kernel so n aliased input refs (placed before the outputs) are skipped."""
-
-  def wrapped(*refs):
-    ins, outs = refs[:-2 - n], refs[-2:]
-    return kernel(*ins, *outs)
-
-  return wrapped
+      out_shape=out_shape, interpret=interpret, compiler_params=_params(tiles),
+      name=f"lattice_fwd_{mode.name.lower()}")(qf, kf, vf, q_cols, k_cols, kvalid)
 
 
 # ---------------------------------------------------------------- backward
@@ -433,17 +415,3 @@ def lattice_attention_pallas(q, k, v, *, key_valid, mask="causal", q_cols=None, 
   scale = e**-0.5 if scale is None else float(scale)
   return _attn(q, k, v, key_valid, q_cols, k_cols, validate_mode(mask), scale, blocks,
                interpret)
-
-
-def forward_into_buffers(q, k, v, *, key_valid, mask, o_buffer, lse_buffer,
-                         block_sizes: BlockSizes | None = None, interpret: bool = False):
-  """The forward kernel writing into given (aliased) buffers, o [B, C, W*T, E] and
-  lse [B, C, W*T]: tests pass NaN-filled buffers to prove every output element is written."""
-  b, w, t, c, e = q.shape
-  s = k.shape[2]
-  blocks = BlockSizes.for_head_dim(e) if block_sizes is None else block_sizes
-  qf, kf, vf, kvalid = _flatten(q, k, v, key_valid)
-  return _call_fwd(qf, kf, vf, jnp.tile(jnp.arange(t, dtype=jnp.int32), w),
-                   jnp.arange(s, dtype=jnp.int32), kvalid, mode=validate_mode(mask), scale=e**-0.5,
-                   w=w, t=t, s=s, tiles=blocks.fwd, interpret=interpret,
-                   out=(o_buffer, lse_buffer))

@@ -23,8 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.attention.reference import masked_softmax_weights
-from kernels.lattice_attention.mask import may_attend
+from lace_jax.kernels.attention.reference import masked_softmax_weights
+from lace_jax.kernels.lattice_attention.mask import may_attend
 
 
 def lattice_mask(num_threads: int, q_cols: jax.Array, k_cols: jax.Array, key_valid: jax.Array,

@@ -18,8 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.attention.reference import NEG_INF
-from kernels.lattice_attention.mask import may_attend
+from lace_jax.kernels.attention.reference import NEG_INF
+from lace_jax.kernels.lattice_attention.mask import may_attend
 
 
 @dataclasses.dataclass(frozen=True)

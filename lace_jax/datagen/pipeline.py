@@ -35,10 +35,15 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from lace_jax import grading
-from lace_jax.tokenizer import TAGS
+from lace_jax.sampling import sample
+from lace_jax.tokenizer import TAGS, chat_prompt
+from lace_jax.training.setup import load_or_init, model_configs, resolve_tokenizer
 
 SOLVE = ("Solve the following problem. Reason step by step, and put your final answer in "
          "\\boxed{{}}.\n\n{problem}")
@@ -99,8 +104,6 @@ class InProcessGenerator(Generator):
     self.tokens_used = 0
 
   def complete(self, prompts, *, max_tokens, temperature, seed):
-    from lace_jax.sampling import sample
-    from lace_jax.tokenizer import chat_prompt
     out_texts = []
     for i in range(0, len(prompts), self.batch_size):
       chunk = [self.tokenizer.encode(chat_prompt(p)) for p in prompts[i:i + self.batch_size]]
@@ -123,8 +126,6 @@ class InProcessGenerator(Generator):
 
   def embed(self, texts):
     """Mean-pooled final hidden states of the model over each text."""
-    import jax
-    import jax.numpy as jnp
     ids = [self.tokenizer.encode(t) or [self.tokenizer.pad_id] for t in texts]
     width = max(map(len, ids))
     tokens = np.full((len(ids), 1, width), self.tokenizer.pad_id, np.int32)
@@ -446,7 +447,6 @@ def generate(problems: Sequence[grading.Problem], gen: Generator, grader, s: Set
              on_record: Callable[[dict], None] | None = None) -> dict:
   """Runs the pipeline over `problems`, appending to `output` (and its decisions log); skips
   problems decided by an earlier run. Returns the report."""
-  from tqdm import tqdm
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   decisions = output + ".decisions.jsonl"
   done = _finished(decisions)
@@ -500,7 +500,6 @@ def generate(problems: Sequence[grading.Problem], gen: Generator, grader, s: Set
 
 def run(cfg, workdir: str | None) -> dict:
   """The `datagen` mode."""
-  from lace_jax import experiment
   if not workdir:
     raise ValueError("mode 'datagen' needs --workdir (the output and its report go there)")
   g = cfg.datagen
@@ -515,9 +514,9 @@ def run(cfg, workdir: str | None) -> dict:
                                    else "", concurrency=g.concurrency, retries=g.retries,
                                    timeout_s=g.timeout_s, request_budget=g.request_budget)
   elif g.generator == "in_process":
-    model_cfg, lattice = experiment.model_configs(cfg)
-    tokenizer, _ = experiment.resolve_tokenizer(cfg)
-    model, params = experiment.load_or_init(cfg, model_cfg, lattice)
+    model_cfg, lattice = model_configs(cfg)
+    tokenizer, _ = resolve_tokenizer(cfg)
+    model, params = load_or_init(cfg, model_cfg, lattice)
     gen = InProcessGenerator(model, params, tokenizer, batch_size=g.batch_size)
   else:
     raise ValueError(f"datagen.generator={g.generator!r}; expected 'in_process' or 'http'")

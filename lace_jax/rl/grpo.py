@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lace_jax import losses
+from lace_jax import grading, losses
 from lace_jax.model import Model, Params
 
 # Advantage estimators and loss aggregations are small registered functions, chosen by name
@@ -158,7 +158,6 @@ def lattice_rewards(texts: list[list[str]], golds: list[str], mean_hidden: np.nd
   """Rewards of R rollouts (W thread texts each). thread_aggregated: r_i = accuracy of the
   [[best]] answer (0 on a format failure) + lambda_div * diversity_i, shape [R]; per_thread:
   r_iw = correctness of thread w's own answer + lambda_div * diversity_i, shape [R, W]."""
-  from lace_jax import grading
   if mode not in REWARD_MODES:
     raise ValueError(f"grpo.reward_mode={mode!r}; expected one of {REWARD_MODES}")
   parsed = [grading.parse_lattice(t) for t in texts]

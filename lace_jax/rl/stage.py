@@ -25,13 +25,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lace_jax import experiment, grading, sharding
+from lace_jax import grading, sharding
 from lace_jax.diagnostics import lattice_diagnostics
-from lace_jax.model import Model
+from lace_jax.model import Model, init_params
 from lace_jax.rl import grpo
 from lace_jax.sampling import full_grid, sample
 from lace_jax.tokenizer import Tokenizer, instruction_template, thread_prompts
 from lace_jax.training import loop
+from lace_jax.training.setup import Setup, load_checkpoint
 
 
 def question_order(num: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -82,7 +83,7 @@ class GRPOStage:
     m = self._logp_micro
     cut = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])
     local = {k: cut(batch[k]) for k in ("tokens", "valid", "targets")}
-    with jax.set_mesh(self.mesh):  # kernels see the mesh (`kernels.batch_parallel`)
+    with jax.set_mesh(self.mesh):  # kernels see the mesh (`lace_jax.kernels.batch_parallel`)
       out = self._logp(params, sharding.global_batch(local, self.mesh, leading=1))
     out = np.asarray(jax.device_get(out))
     return out.reshape(-1, *out.shape[2:])
@@ -204,7 +205,7 @@ def jit_logprobs(cfg: ml_collections.ConfigDict, model: Model, mesh, rules):
     return jax.lax.map(one, batch)
 
   params_sh = sharding.logical_to_sharding(model.logical_axes(), mesh, rules)
-  batch_sh = sharding.batch_sharding(mesh, 4, leading=1)
+  batch_sh = sharding.batch_sharding(mesh, 4, leading=1, rules=rules)
   jitted = jax.jit(sharding.with_rules(logprobs, rules), in_shardings=(params_sh, batch_sh),
                    out_shardings=batch_sh)
   return jitted, m
@@ -216,7 +217,7 @@ def abstract_logprob_call(cfg: ml_collections.ConfigDict, model: Model, mesh, ru
   g, d = cfg.grpo, cfg.data
   rows = g.questions_per_step * g.rollouts_per_question
   shape = (m, rows // m, d.num_threads, d.prompt_len + g.max_new_tokens)
-  sh = sharding.batch_sharding(mesh, 4, leading=1)
+  sh = sharding.batch_sharding(mesh, 4, leading=1, rules=rules)
   batch = {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh),
            "valid": jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=sh),
            "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh)}
@@ -233,7 +234,7 @@ def sampler_logprobs_grid(out) -> np.ndarray:
   return grid
 
 
-def make_stage(setup: loop.Setup) -> GRPOStage:
+def make_stage(setup: Setup) -> GRPOStage:
   cfg, tok = setup.cfg, setup.tokenizer
   g, d = cfg.grpo, cfg.data
   if jax.process_count() > 1:
@@ -252,9 +253,8 @@ def make_stage(setup: loop.Setup) -> GRPOStage:
     # placed once on the mesh with the state's shardings and kept there
     rules = sharding.rules_with_overrides(cfg.sharding.rules)
     shardings = sharding.logical_to_sharding(setup.model.logical_axes(), setup.mesh, rules)
-    ref = experiment.load_checkpoint(cfg, setup.model.config, setup.model.lattice)
+    ref = load_checkpoint(cfg, setup.model.config, setup.model.lattice)
     if ref is None:  # fresh weights: made sharded on the devices, as the train state's are
-      from lace_jax.model import init_params
       m = setup.model
       ref = jax.jit(lambda: init_params(m.config, m.lattice, cfg.seed), out_shardings=shardings)()
     else:

@@ -28,11 +28,12 @@ cut to its own max_tokens. Because the sampler is causal over columns, the cut i
 tokens before column k never depend on later columns. One INFO line per batch goes to stderr:
 
   batch size=3 threads=4 prompt_tokens=96 new_tokens=72 seconds=1.234 padded_size=4
-  prompt_width=32 max_new_tokens=16 stop_shape=2x4 compiles=6         (one line)
+  prompt_width=32 max_new_tokens=16 stop_shape=2x4                    (one line)
 
 size = requests in the batch, prompt_tokens = their prompt tokens (each prompt counted once),
-new_tokens = completion tokens summed over every thread of every request, compiles = the
-sampler's compilations so far (prefill and decode, one each per shape bucket).
+new_tokens = completion tokens summed over every thread of every request; the last five fields
+are the shape bucket, whose first batch compiles the sampler (prefill and decode; with
+JAX_LOG_COMPILES=1, JAX logs each compilation).
 
 Disconnects: a request whose client disconnects is cancelled: dropped if still queued; a
 running batch returns to the host every DECODE_CHUNK columns and stops once all of its
@@ -100,6 +101,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, Validat
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lace_jax import grading, sampling
+from lace_jax.hf_io import load_pretrained
 from lace_jax.model import Model, Params
 from lace_jax.tokenizer import ENDOFTEXT, IM_END, Tokenizer, render_messages
 
@@ -546,11 +548,10 @@ class Batcher:
                                 lace_summary([t.text for t in threads])))
     self.batches_run += 1
     log.info("batch size=%d threads=%d prompt_tokens=%d new_tokens=%d seconds=%.3f "
-             "padded_size=%d prompt_width=%d max_new_tokens=%d stop_shape=%s compiles=%d",
+             "padded_size=%d prompt_width=%d max_new_tokens=%d stop_shape=%s",
              len(requests), first.n, sum(c.prompt_tokens for c in results),
              sum(c.completion_tokens for c in results), time.perf_counter() - start, padded,
-             width, steps, "x".join(map(str, self._stop_shape(stops, steps))),
-             sum(sampling.TRACES.values()))
+             width, steps, "x".join(map(str, self._stop_shape(stops, steps))))
     return results
 
   @staticmethod
@@ -671,17 +672,12 @@ async def _disconnected(request: fastapi.Request) -> None:
     pass
 
 
-def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name: str, max_threads: int = 8,
-               max_prompt_tokens: int = 2048, max_new_tokens: int = 1024, max_batch: int = 8,
-               batch_window_ms: float = 50.0,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> fastapi.FastAPI:
-  """The FastAPI app serving `model` with `params` (module docstring: endpoints, batching, streaming).
-
-  The generation thread starts with the app's lifespan (or on the first request) and stops at
-  shutdown; `app.state.batcher` is the `Batcher`. Raises ValueError for a limit below 1, a
-  prompt + completion budget beyond the model's max_position_embeddings, or a tokenizer that
-  does not fit the model.
-  """
+def _server_limits(model: Model, tokenizer: Tokenizer, *, model_name: str, max_threads: int,
+                   max_prompt_tokens: int, max_new_tokens: int, max_batch: int,
+                   batch_window_ms: float, max_body_bytes: int) -> Limits:
+  """`create_app`'s arguments checked against each other, the model and the tokenizer ->
+  the limits requests are resolved against. ValueError for a bad limit, KeyError naming a stop
+  or pad token the tokenizer lacks."""
   for name, value in (("max_threads", max_threads), ("max_prompt_tokens", max_prompt_tokens),
                       ("max_new_tokens", max_new_tokens), ("max_batch", max_batch),
                       ("max_body_bytes", max_body_bytes)):
@@ -699,13 +695,14 @@ def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name
                      f"than the model's vocab_size {cfg.vocab_size}: not this model's tokenizer")
   for token in (IM_END, ENDOFTEXT):  # the stop and pad tokens: KeyError naming a missing one
     tokenizer.token_id(token)
+  return Limits(model_name, max_threads, max_prompt_tokens, max_new_tokens, cfg.vocab_size,
+                max_prompt_tokens * tokenizer.max_token_chars)
 
-  limits = Limits(model_name, max_threads, max_prompt_tokens, max_new_tokens, cfg.vocab_size,
-                  max_prompt_tokens * tokenizer.max_token_chars)
-  batcher = Batcher(model, params, tokenizer, max_batch=max_batch,
-                    batch_window_s=batch_window_ms / 1e3,
-                    max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
-  created_at = int(time.time())
+
+def _lifespan(batcher: Batcher) -> Callable[[fastapi.FastAPI],
+                                            contextlib.AbstractAsyncContextManager[None]]:
+  """The app's lifespan: the generation thread runs from startup to shutdown (joined off the
+  event loop, which keeps answering while a batch finishes)."""
 
   @contextlib.asynccontextmanager
   async def lifespan(app: fastapi.FastAPI) -> AsyncIterator[None]:
@@ -713,46 +710,63 @@ def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name
     yield
     await asyncio.to_thread(batcher.stop)
 
-  app = fastapi.FastAPI(title="lace_jax", lifespan=lifespan)
-  app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-  app.state.batcher = batcher
-  app.state.limits = limits
+  return lifespan
 
-  @app.exception_handler(StarletteHTTPException)
-  async def http_error(request: fastapi.Request, exc: StarletteHTTPException) -> JSONResponse:
-    if isinstance(exc, BodyTooLarge):
-      return exc.response()
-    if isinstance(exc.__cause__, RecursionError):  # FastAPI's json.loads gave up
-      return error_response(400, "the request body is nested too deeply to parse; expected "
-                            "a chat completion object", code="invalid_json")
-    code = "not_found" if exc.status_code == 404 else None
-    return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                          code=code)
 
-  @app.exception_handler(ApiError)
-  async def api_error(request: fastapi.Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+# Errors raised while a request is handled -> the OpenAI error shape.
 
-  @app.exception_handler(RequestValidationError)
-  async def validation_error(request: fastapi.Request,
-                             exc: RequestValidationError) -> JSONResponse:
-    error = exc.errors()[0]
-    if error["type"] == "json_invalid":
-      return error_response(400, f"the request body is not valid JSON ({error['ctx']['error']} "
-                            f"at character {error['loc'][1]}); expected a chat completion "
-                            "object", code="invalid_json")
-    if isinstance(error["input"], bytes):  # FastAPI parses only a body sent as JSON
-      return error_response(400, "the request body was not sent as JSON; send it with "
-                            "Content-Type: application/json", code="invalid_json")
-    # the deepest error: for a union (`content`), the member the value was meant for
-    param, message = _describe(max(exc.errors(), key=lambda e: len(e["loc"])))
-    return error_response(400, message, param=param)
 
-  @app.exception_handler(Exception)
-  async def server_error(request: fastapi.Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error for %s %s", request.method, request.url.path)
-    return error_response(500, f"internal error: {type(exc).__name__}: {exc}",
-                          type_="server_error")
+async def _http_error(request: fastapi.Request, exc: StarletteHTTPException) -> JSONResponse:
+  """Starlette's HTTP errors (an unknown route, a body over the limit, JSON too deep for
+  FastAPI's parser)."""
+  if isinstance(exc, BodyTooLarge):
+    return exc.response()
+  if isinstance(exc.__cause__, RecursionError):  # FastAPI's json.loads gave up
+    return error_response(400, "the request body is nested too deeply to parse; expected "
+                          "a chat completion object", code="invalid_json")
+  code = "not_found" if exc.status_code == 404 else None
+  return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                        code=code)
+
+
+async def _api_error(request: fastapi.Request, exc: ApiError) -> JSONResponse:
+  """A request `resolve_request` refused."""
+  return error_response(exc.status, exc.message, param=exc.param, code=exc.code)
+
+
+async def _validation_error(request: fastapi.Request,
+                            exc: RequestValidationError) -> JSONResponse:
+  """A body that is not JSON, or that `ChatCompletionRequest` rejects: 400 naming the field."""
+  error = exc.errors()[0]
+  if error["type"] == "json_invalid":
+    return error_response(400, f"the request body is not valid JSON ({error['ctx']['error']} "
+                          f"at character {error['loc'][1]}); expected a chat completion "
+                          "object", code="invalid_json")
+  if isinstance(error["input"], bytes):  # FastAPI parses only a body sent as JSON
+    return error_response(400, "the request body was not sent as JSON; send it with "
+                          "Content-Type: application/json", code="invalid_json")
+  # the deepest error: for a union (`content`), the member the value was meant for
+  param, message = _describe(max(exc.errors(), key=lambda e: len(e["loc"])))
+  return error_response(400, message, param=param)
+
+
+async def _server_error(request: fastapi.Request, exc: Exception) -> JSONResponse:
+  """Anything else: logged with its traceback, answered as a 500."""
+  log.exception("unhandled error for %s %s", request.method, request.url.path)
+  return error_response(500, f"internal error: {type(exc).__name__}: {exc}",
+                        type_="server_error")
+
+
+def _add_error_handlers(app: fastapi.FastAPI) -> None:
+  """Answers every error in the OpenAI shape (module docstring: which status for what)."""
+  app.add_exception_handler(StarletteHTTPException, _http_error)
+  app.add_exception_handler(ApiError, _api_error)
+  app.add_exception_handler(RequestValidationError, _validation_error)
+  app.add_exception_handler(Exception, _server_error)
+
+
+def _add_model_routes(app: fastapi.FastAPI, model_name: str, created_at: int) -> None:
+  """GET /health, /v1/models and /v1/models/{id}: the server's one model, `model_name`."""
 
   @app.get("/health")
   async def health() -> dict:
@@ -771,6 +785,31 @@ def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name
       return error_response(404, f"the model {model_id!r} does not exist; this server serves "
                             f"{model_name!r}", param="model", code="model_not_found")
     return model_card()
+
+
+def _completion_response(completion: Completion, req: ChatRequest, model_name: str) -> Any:
+  """A finished request's answer: the `chat.completion` body, or its Server-Sent Events when
+  the request asked for a stream."""
+  completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+  if not req.stream:
+    return _completion_body(completion, completion_id=completion_id, created=created,
+                            model=model_name)
+  events = _sse_chunks(completion, completion_id=completion_id, created=created,
+                       model=model_name, include_usage=req.include_usage)
+
+  async def stream() -> AsyncIterator[str]:
+    for event in events:
+      yield event
+
+  return StreamingResponse(stream(), media_type="text/event-stream",
+                           headers={"Cache-Control": "no-cache"})
+
+
+def _add_chat_route(app: fastapi.FastAPI, batcher: Batcher, tokenizer: Tokenizer,
+                    limits: Limits) -> None:
+  """POST /v1/chat/completions: the request is resolved off the event loop, queued on
+  `batcher` and awaited; a client that disconnects first cancels its job (answered 499, which
+  nobody reads), and a batch that failed is a 500."""
 
   @app.post("/v1/chat/completions")
   async def chat_completions(body: ChatCompletionRequest, request: fastapi.Request) -> Any:
@@ -794,20 +833,36 @@ def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name
     except Exception as e:
       return error_response(500, f"generation failed: {type(e).__name__}: {e}",
                             type_="server_error")
-    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    if not req.stream:
-      return _completion_body(completion, completion_id=completion_id, created=created,
-                              model=model_name)
-    events = _sse_chunks(completion, completion_id=completion_id, created=created,
-                         model=model_name, include_usage=req.include_usage)
+    return _completion_response(completion, req, limits.model_name)
 
-    async def stream() -> AsyncIterator[str]:
-      for event in events:
-        yield event
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name: str,
+               max_threads: int = 8, max_prompt_tokens: int = 2048, max_new_tokens: int = 1024,
+               max_batch: int = 8, batch_window_ms: float = 50.0,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> fastapi.FastAPI:
+  """The FastAPI app serving `model` with `params` (module docstring: endpoints, batching,
+  streaming).
 
+  The generation thread starts with the app's lifespan (or on the first request) and stops at
+  shutdown; `app.state.batcher` is the `Batcher`. Raises ValueError for a limit below 1, a
+  prompt + completion budget beyond the model's max_position_embeddings, or a tokenizer that
+  does not fit the model.
+  """
+  limits = _server_limits(model, tokenizer, model_name=model_name, max_threads=max_threads,
+                          max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                          max_batch=max_batch, batch_window_ms=batch_window_ms,
+                          max_body_bytes=max_body_bytes)
+  batcher = Batcher(model, params, tokenizer, max_batch=max_batch,
+                    batch_window_s=batch_window_ms / 1e3,
+                    max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
+  created_at = int(time.time())
+  app = fastapi.FastAPI(title="lace_jax", lifespan=_lifespan(batcher))
+  app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+  app.state.batcher = batcher
+  app.state.limits = limits
+  _add_error_handlers(app)
+  _add_model_routes(app, model_name, created_at)
+  _add_chat_route(app, batcher, tokenizer, limits)
   return app
 
 
@@ -859,8 +914,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   import uvicorn  # noqa: PLC0415  (only the CLI needs it)
-
-  from lace_jax.hf_io import load_pretrained  # noqa: PLC0415
 
   ckpt = os.path.normpath(args.checkpoint)
   if not os.path.isdir(ckpt):

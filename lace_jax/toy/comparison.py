@@ -16,6 +16,7 @@ checkpoint, so nothing is lost on interruption.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -26,9 +27,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lace_jax import diagnostics, experiment, grading
 from lace_jax import evaluate as eval_lib
-from lace_jax import experiment, grading
+from lace_jax.hf_io import load_pretrained
+from lace_jax.rl import stage as rl_stage
+from lace_jax.sampling import full_grid
+from lace_jax.tokenizer import Tokenizer
 from lace_jax.toy import tasks as toydata
+from lace_jax.training import lm
 
 VARIANTS = ("lace", "isolated", "independent")
 
@@ -96,7 +102,6 @@ def attention_profile(model, params, tokens: np.ndarray, valid: np.ndarray,
   heads and over valid queries, at every generated column (prompt_width ... T-1). Computed from
   the queries and keys the lattice layers `sow`, with the reference mask and softmax.
   """
-  from lace_jax import diagnostics
   lat = model.lattice
   tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
 
@@ -120,79 +125,7 @@ def attention_profile(model, params, tokens: np.ndarray, valid: np.ndarray,
 # -------------------------------------------------------------------------------- stages
 
 
-def toy_lattice() -> ml_collections.ConfigDict:
-  """The lattice of the toy-scale runs trained from scratch (docs/results.md, section 1):
-
-  - wider than the tiny preset's spec default (R = 32, C = 2 heads of E = 16, in layers 1 and
-    3, instead of R = 16, C = 4 heads of E = 4 in layer 2): with E = 4 every head dim is
-    rotary and a model trained from scratch did not learn to select the other thread's key;
-  - `source="hidden"` (the residual stream) instead of the paper's per-thread attention output:
-    in the selection study, the attention output of a backbone trained from scratch made
-    selection slow and seed-dependent, the residual stream made it fast on every seed. The
-    real presets keep the paper's `attn_out` (a pretrained backbone's attention output is a
-    different input; see the study).
-  """
-  return experiment.lattice_section("tiny", layers=(1, 3), width=32, heads=2, source="hidden")
-
-
-def toy_config(task: str, *, num_threads: int, seeds: tuple[int, ...], variants: tuple[str, ...],
-               stages: tuple[str, ...]) -> ml_collections.ConfigDict:
-  """The toy-scale comparison's config: the shared sections, `toy` (task, data sizes, budget,
-  variants, seeds), and for each training stage its sections in the schema of the real stage's
-  experiment files (`pretrain.{train,optim}`, `sft.{train,optim}`, `grpo.{train,optim,grpo}`),
-  so `--config.sft.train.steps=3000` reads like `--config.train.steps=3000` of sft_4b.py.
-
-  The lattice is `toy_lattice()`: the toy defaults chosen by the selection study.
-  """
-  mode = {"relay": "relay", "pair_search": "toy_search"}[task]
-  cfg = experiment.base_config(mode, "tiny", dtype="float32")
-  cfg.lattice = toy_lattice()
-  cfg.toy = ml_collections.ConfigDict({
-      "task": task,  # relay | pair_search (see lace_jax.toy.tasks)
-      "num_threads": num_threads,  # W
-      "num_items": 12, "trials": 3,  # pair_search: N items, per-thread budget in trials
-      "train_problems": 4000, "test_problems": 200,
-      "max_len": 80,  # pretrain / sft grid width T (prompt + completion)
-      "prompt_width": 56,  # GRPO's sampler prompt width (data.prompt_len)
-      "max_new_tokens": 26,  # the per-thread token budget (3 trials of 7 tokens + the answer)
-      "seeds": seeds, "variants": variants, "stages": stages,
-      "headline": (),  # ((variant, metric), ...) overriding lace_acc / lace_acc / maj_acc
-      "pass_lattice": 0.9,  # relay: the accuracy the lattice must reach
-  })
-  no_decay = dict(weight_decay=0.0)
-  cfg.pretrain = ml_collections.ConfigDict({
-      "train": experiment.train_section(steps=100, batch_size=16, save_every=100),
-      "optim": experiment.optim_section(lr=1e-3, warmup_steps=30, **no_decay)})
-  cfg.sft = ml_collections.ConfigDict({
-      "train": experiment.train_section(steps=700, batch_size=16, save_every=100),
-      "optim": experiment.optim_section(lr=1e-3, warmup_steps=50, **no_decay)})
-  # max_new_tokens is the task's budget, toy.max_new_tokens, for GRPO and eval alike
-  rl = experiment.grpo_section(questions_per_step=8, rollouts_per_question=4, max_new_tokens=0)
-  del rl.max_new_tokens
-  rl.grader_workers = 2
-  cfg.grpo = ml_collections.ConfigDict({
-      "train": experiment.train_section(steps=15, save_every=5, log_every=1),
-      "optim": experiment.optim_section(lr=1e-4, warmup_steps=5, **no_decay), "grpo": rl})
-  cfg.eval = ml_collections.ConfigDict({"temperature": 1.0, "batch_size": 50,
-                                        "grader_workers": 2, "grader_timeout_s": 10.0})
-  return cfg
-
-
-def relay_config() -> ml_collections.ConfigDict:
-  """The relay check (experiments/toy_relay.py, and part of the quickstart): W = 2 threads,
-  2,000 problems, SFT 500 steps at batch 32, greedy evaluation, accuracy per thread."""
-  cfg = toy_config("relay", num_threads=2, seeds=(0,), variants=("lace", "isolated"),
-                   stages=("sft", "eval"))
-  cfg.toy.update(train_problems=2000, max_len=20, prompt_width=17, max_new_tokens=2,
-                 headline=(("lace", "mean_acc"), ("isolated", "mean_acc")))
-  cfg.sft.train.update(steps=500, batch_size=32, save_every=500)
-  cfg.sft.optim.warmup_steps = 20
-  cfg.eval.update(temperature=0.0, batch_size=100)
-  return cfg
-
-
 def _copy(section: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  import copy
   c = copy.deepcopy(section)
   c.unlock()
   return c
@@ -245,9 +178,6 @@ def _stage(workdir: str, name: str, fn) -> dict:
 
 def _evaluate_stage(cfg, paths: dict, checkpoint: str, seed: int,
                     stage_dir: str, desc: str) -> dict:
-  from lace_jax.hf_io import load_pretrained
-  from lace_jax.sampling import full_grid
-  from lace_jax.tokenizer import Tokenizer
   e, t = cfg.eval, cfg.toy
   model, params = load_pretrained(checkpoint, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype)
   tokenizer = Tokenizer.from_file(paths["tokenizer"])
@@ -275,8 +205,6 @@ def _evaluate_stage(cfg, paths: dict, checkpoint: str, seed: int,
 
 
 def _run_variant(cfg, workdir: str, variant: str, seed: int, paths: dict, stages) -> dict:
-  from lace_jax.rl import stage as rl_stage
-  from lace_jax.training import lm
   vdir = os.path.join(workdir, f"seed{seed}", variant)
   checkpoint = ""
   out = {}

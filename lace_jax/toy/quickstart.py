@@ -28,14 +28,14 @@ import os
 
 import ml_collections
 
-from lace_jax.toy import comparison, selection
+from lace_jax.toy import configs
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """`:runlocal`: a smoke-test size (seconds; the numbers mean nothing)."""
-  cfg = comparison.relay_config()
+  cfg = configs.relay_config()
   cfg.mode = "quickstart"
-  cfg.selection = selection.selection_config().selection
+  cfg.selection = configs.selection_config().selection
   cfg.selection.stop_at_target = True
   if arg == "runlocal":
     cfg.toy.update(train_problems=64, test_problems=8)
@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def _selection_config(cfg: ml_collections.ConfigDict, *, lattice: bool, steps: int):
   """The selection mode's config with the quickstart's model, lattice and seed."""
-  sel = selection.selection_config()
+  sel = configs.selection_config()
   sel.seed = cfg.seed
   sel.model = copy.deepcopy(cfg.model)
   sel.lattice = copy.deepcopy(cfg.lattice)
@@ -88,6 +88,9 @@ def table(sel_on: dict, sel_off: dict, relay: dict, num_threads: int, distract: 
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
+  # lazy: this file is the CLI's default --config, loaded when the CLI starts; the demo's
+  # model stack (jax, orbax, ...) loads only when the quickstart runs
+  from lace_jax.toy import comparison, selection  # noqa: PLC0415
   if not workdir:
     raise ValueError("the quickstart needs --workdir (its runs and table go there)")
   if not cfg.lattice.enabled:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import jax
@@ -31,33 +32,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from tqdm import tqdm
 
-from lace_jax import experiment
+from lace_jax.diagnostics import lattice_diagnostics
+from lace_jax.model import Model, is_lattice_param
+from lace_jax.training.setup import model_configs
 
 BOS, MARK, EQ = 10, 11, 12
 VOCAB = 16
 TASKS = ("copy", "sum")
-
-
-def selection_config() -> ml_collections.ConfigDict:
-  """The diagnostic's defaults: the toy lattice (layers 1 and 3, R = 32, C = 2 heads of E = 16),
-  W = 2 threads, copy with 6 distractors on each side, 1000 steps."""
-  cfg = experiment.base_config("selection", "tiny", dtype="float32")
-  cfg.lattice = experiment.lattice_section("tiny", layers=(1, 3), width=32, heads=2)
-  cfg.selection = ml_collections.ConfigDict({
-      "task": "copy",  # copy | sum
-      "num_threads": 2,  # W
-      "distract": 6,  # k random digits before and after the marked one
-      "steps": 1000,
-      "batch_size": 64,
-      "lr": 1e-3,
-      "lattice_lr_multiplier": 1.0,  # the lattice's parameters learn at this x lr
-      "eval_every": 100,
-      "eval_problems": 512,
-      "target": 0.95,  # steps_to_target: the first evaluation at this accuracy
-      "stop_at_target": False,  # end the run at that evaluation (the quickstart does)
-  })
-  return cfg
 
 
 def problems(rng: np.random.Generator, n: int, *, task: str, num_threads: int,
@@ -82,8 +65,6 @@ def problems(rng: np.random.Generator, n: int, *, task: str, num_threads: int,
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
-  from lace_jax.diagnostics import lattice_diagnostics
-  from lace_jax.model import Model, is_lattice_param
   s = cfg.selection
   if s.task not in TASKS:
     raise ValueError(f"selection.task={s.task!r}; expected one of {TASKS}")
@@ -92,7 +73,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
       raise ValueError(f"selection.{key}={s[key]!r}; expected an int >= 1")
   if s.distract < 0:
     raise ValueError(f"selection.distract={s.distract}; expected >= 0")
-  model_cfg, lattice = experiment.model_configs(cfg)
+  model_cfg, lattice = model_configs(cfg)
   model_cfg = dataclasses.replace(model_cfg, vocab_size=VOCAB)
   model = Model(model_cfg, lattice)
   params = model.init(cfg.seed)
@@ -125,7 +106,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
     os.makedirs(workdir, exist_ok=True)
   log = open(os.path.join(workdir, "metrics.jsonl"), "w") if workdir else None
   t0 = time.time()
-  from tqdm import tqdm
   bar = tqdm(range(1, s.steps + 1), desc="selection", unit="step", mininterval=2)
   for i in bar:
     params, state, loss, acc = step(params, state, *problems(rng, s.batch_size, **kw))
@@ -198,5 +178,4 @@ def study_table(workdir: str) -> str:
 
 
 if __name__ == "__main__":
-  import sys
   print(study_table(sys.argv[1] if len(sys.argv) > 1 else "runs/selection_study"))

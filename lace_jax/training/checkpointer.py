@@ -8,17 +8,18 @@ A failed save or restore raises one `StateCheckpointError` stating the first cau
 as "no space left on device" with the checkpoint path; a restore whose arrays do not fit the
 current model with the parameters that differ) instead of orbax's cascade: the ERROR logs of
 its background threads (kept back while the checkpointer is open, re-logged if nothing raised
-them) and the cancelled coroutines that, left to interpreter exit, each print a traceback.
+them), and the reads and writes that the failed operation would leave running (each operation's
+own event loop is drained before orbax closes it: `_close_draining`). Nothing process-wide is
+changed: no exception hooks, no global orbax registry or asyncio policy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
-import gc
+import functools
 import logging
 import os
-import sys
-import threading
 from typing import Any
 
 import grain
@@ -62,53 +63,94 @@ def _first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {msg.rstrip('.')}"
 
 
-_ORPHAN_ERRORS = ("Event loop is closed", "Python is likely shutting down",
-                  "Encountered error while reading array index",
-                  "Encountered error while writing array")
+# orbax runs each restore, and each save's background commit, on an event loop of its own
+# (`asyncio_utils.run_sync`: a new loop, closed when the operation's coroutine ends) and, unlike
+# `asyncio.run`, closes it without cancelling the tasks still on it. When one array read or
+# write fails, its siblings are left running on tensorstore's threads: each then reports against
+# the closed loop ("Event loop is closed": dozens of tracebacks, at any later moment, on
+# tensorstore's threads) and prints "Exception ignored in ..." / "Task exception was never
+# retrieved" when collected. The train state's handler (`_state_handler`) has an array-metadata
+# store of its own, whose read and write orbax runs on that same loop next to the array reads and
+# writes; they make the loop cancel and wait for its remaining tasks when orbax closes it.
+_DRAIN_TIMEOUT_S = 60.0
 
 
-def _orphan(exc: BaseException | None) -> bool:
-  """An error of a read or write that a failed orbax operation left running."""
-  return exc is not None and any(m in str(exc) for m in _ORPHAN_ERRORS)
+def _close_draining(loop: asyncio.AbstractEventLoop) -> None:
+  """`loop.close()` of one orbax operation's loop: first cancels the tasks still on it and waits
+  for them (as `asyncio.run` does), so that the operation leaves nothing running."""
+  del loop.close  # the loop's own close from here on
+  try:
+    for _ in range(3):  # a cancelled task may start another
+      pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+      if not pending or loop.is_running():
+        break
+      for t in pending:
+        t.cancel()
+      done, _ = loop.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_TIMEOUT_S))
+      for t in done:
+        if not t.cancelled():
+          t.exception()  # retrieved: the operation's first error is the one that is raised
+  except Exception as e:  # noqa: BLE001 (closing must not replace the operation's own error)
+    log.debug("draining a checkpoint operation's event loop: %s", e)
+  finally:
+    loop.close()
 
 
-def _silence_orphans() -> None:
-  """From now on, errors of the reads and writes a failed orbax operation left running are
-  logged at debug level instead of printed. They arrive on tensorstore's threads at any later
-  moment (a traceback ending in "Event loop is closed" each, dozens of them), after the one
-  StateCheckpointError that says the first cause; every other error is printed as before."""
-  if getattr(sys.excepthook, "_lace_orphans", False):
+def _drain_on_close() -> None:
+  """Makes the running loop (orbax's own, for one operation) drain itself when it is closed."""
+  loop = asyncio.get_running_loop()
+  if getattr(loop.close, "func", None) is _close_draining:
     return
-  previous, previous_thread, previous_unraisable = (sys.excepthook, threading.excepthook,
-                                                    sys.unraisablehook)
-
-  def excepthook(kind, value, tb):
-    if _orphan(value):
-      log.debug("after a failed checkpoint operation: %s", value)
-    else:
-      previous(kind, value, tb)
-
-  def thread_hook(args):
-    if _orphan(args.exc_value):
-      log.debug("after a failed checkpoint operation: %s", args.exc_value)
-    else:
-      previous_thread(args)
-
-  def unraisable(u):
-    if _orphan(u.exc_value):
-      log.debug("after a failed checkpoint operation: %s", u.exc_value)
-    else:
-      previous_unraisable(u)
-
-  excepthook._lace_orphans = True
-  sys.excepthook, threading.excepthook, sys.unraisablehook = excepthook, thread_hook, unraisable
+  try:
+    loop.close = functools.partial(_close_draining, loop)
+  except AttributeError:  # a loop without instance attributes (uvloop): left as it is
+    log.debug("cannot drain %r when it closes", loop)
 
 
-def _collect_quietly() -> None:
-  """Silences the orphans of a failed orbax operation (`_silence_orphans`) and finalises now
-  the coroutines of its cancelled reads and writes."""
-  _silence_orphans()
-  gc.collect()
+try:  # orbax's per-array metadata store (not exported): without it, no draining
+  from orbax.checkpoint._src.metadata.array_metadata_store import Store as _ArrayMetadataStore
+except ImportError:
+  _ArrayMetadataStore = None
+
+if _ArrayMetadataStore is not None:
+
+  class _DrainingArrayMetadataStore(_ArrayMetadataStore):
+    """orbax's store of per-array metadata. Its `read` runs in the same `gather` as a restore's
+    array reads and its `write` in that of a save's array writes, on the operation's own loop,
+    before any of them can fail: both make that loop drain itself when closed."""
+
+    async def read(self, *args, **kwargs):
+      _drain_on_close()
+      return await super().read(*args, **kwargs)
+
+    async def write(self, *args, **kwargs):
+      _drain_on_close()
+      return await super().write(*args, **kwargs)
+
+
+def _state_handler() -> ocp.StandardCheckpointHandler | None:
+  """The train state's orbax handler: StandardCheckpointHandler (same files, same metadata, same
+  options) whose jax.Array handler has a `_DrainingArrayMetadataStore`. Its type registry is its
+  own (orbax's global one is left as it is). None, for orbax's default handler, where this orbax
+  version is built differently."""
+  if _ArrayMetadataStore is None:
+    return None
+  try:
+    th = ocp.type_handlers
+    registry = th.create_type_handler_registry(
+        *((t, th.get_type_handler(t)) for t in th.supported_types()))
+    registry.add(jax.Array, th.ArrayHandler(array_metadata_store=_DrainingArrayMetadataStore()),
+                 override=True, ignore_warnings=True)
+    handler = ocp.StandardCheckpointHandler()
+    if not isinstance(getattr(handler, "_impl", None), ocp.PyTreeCheckpointHandler):
+      return None
+    # the PyTreeCheckpointHandler StandardCheckpointHandler makes, with the registry above
+    handler._impl = ocp.PyTreeCheckpointHandler(save_concurrent_gb=96, restore_concurrent_gb=96,
+                                                type_handler_registry=registry)
+    return handler
+  except (AttributeError, TypeError, ValueError) as e:
+    log.debug("orbax's default state checkpoint handler (no draining): %s", e)
+    return None
 
 
 class _HeldOrbaxErrors(logging.Filter):
@@ -141,7 +183,13 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()  # others: by their args' type
+    state_handler = _state_handler()
+    if state_handler is not None:
+      handlers.add("state", ocp.args.StandardSave, state_handler)
+      handlers.add("state", ocp.args.StandardRestore, state_handler)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          handler_registry=handlers)
     self._closed = False
     self._failed: StateCheckpointError | None = None
     self._saving: int | None = None  # the step of the last save started
@@ -177,7 +225,6 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return
     self.wait()  # the previous save's failure is that step's (orbax would wait here anyway)
-    _silence_orphans()  # before the writes start: a failed write's siblings report at any moment
     error = None
     self._saving = step
     try:
@@ -185,7 +232,6 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 (reported as one clear error below)
       error = self._save_failed(step, e)
     if error is not None:
-      _collect_quietly()
       raise error
 
   def restore(self, step: int, abstract_state: Any,
@@ -195,14 +241,12 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(iterator)
-    _silence_orphans()  # before the reads start: a failed read's siblings report at any moment
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 (reported as one clear error below)
       cause = _first_line(e)
     else:
       return restored["state"]
-    _collect_quietly()  # outside the except block: nothing holds the failed reads any more
     where = os.path.join(self.directory, str(step))
     msg = f"cannot restore checkpoint step {step} from {where}: {cause}"
     diff = self._shape_changes(step, abstract_state)
@@ -240,7 +284,6 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 (reported as one clear error below)
       error = self._save_failed(self._saving, e)
     if error is not None:
-      _collect_quietly()
       raise error
 
   def close(self) -> None:

@@ -20,7 +20,9 @@ import numpy as np
 
 from lace_jax import losses
 from lace_jax.model import Model, Params
+from lace_jax import data as data_lib
 from lace_jax.training import loop
+from lace_jax.training.setup import Setup
 
 
 def token_loss(model: Model, params: Params, batch: dict[str, jax.Array], *,
@@ -73,8 +75,7 @@ class LanguageModelStage:
     pass
 
 
-def make_stage(setup: loop.Setup) -> LanguageModelStage:
-  from lace_jax import data as data_lib
+def make_stage(setup: Setup) -> LanguageModelStage:
   cfg, tokenizer = setup.cfg, setup.tokenizer
   d, tr = cfg.data, cfg.train
   examples, report = data_lib.load_examples(

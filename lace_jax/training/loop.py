@@ -19,7 +19,6 @@ it fetches each step's metrics at once; see `Stage.pipelined`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import signal
 import threading
@@ -31,9 +30,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from lace_jax import experiment, sharding
+import yaml
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from lace_jax import sharding
+from lace_jax.hf_io import save_pretrained
 from lace_jax.model import Model, Params
 from lace_jax.tokenizer import Tokenizer
+from lace_jax.training.checkpointer import Checkpointer, StateCheckpointError
+from lace_jax.training.metrics import MetricsLogger
+from lace_jax.training.setup import Setup, load_checkpoint, make_setup
 from lace_jax.training.trainer import LossFn, Trainer, check_batch
 
 
@@ -70,16 +77,6 @@ class Stage(Protocol):
 
   def close(self) -> None:
     """Releases what the stage holds (e.g. grader processes); called once, on every exit."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """What the loop builds before the stage: handed to the stage's factory."""
-
-  cfg: ml_collections.ConfigDict
-  model: Model
-  tokenizer: Tokenizer
-  mesh: jax.sharding.Mesh
 
 
 def log0(msg: str) -> None:
@@ -120,34 +117,26 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
   and exports that checkpoint again; a checkpoint past train.steps (the run trained further
   than this config asks) raises ValueError, since no step-train.steps model is left to export.
   """
-  from tqdm import tqdm
-
-  from lace_jax.training.checkpointer import Checkpointer, StateCheckpointError
-  from lace_jax.training.metrics import MetricsLogger
-
   if not workdir:
     raise ValueError(f"mode {cfg.mode!r} needs --workdir (checkpoints, logs and the export go "
                      "there)")
   check_counts(cfg, TRAIN_COUNTS)
   t0 = time.perf_counter()
   tr = cfg.train
-  model_cfg, lattice = experiment.model_configs(cfg)
-  tokenizer, tok_path = experiment.resolve_tokenizer(cfg)
-  if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ValueError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model's "
-                     f"vocab_size is {model_cfg.vocab_size}")
-  mesh = sharding.make_mesh(dict(cfg.sharding.mesh))
+  setup = make_setup(cfg)
+  model_cfg, lattice = setup.model.config, setup.model.lattice
+  tokenizer, mesh = setup.tokenizer, setup.mesh
   preempted_at = None
   # everything opened below is closed on every exit, in reverse order; the checkpointer's close
   # waits for in-flight saves, so no error leaves a half-written checkpoint behind
   with contextlib.ExitStack() as cleanup:
-    stage = make_stage(Setup(cfg, Model(model_cfg, lattice), tokenizer, mesh))
+    stage = make_stage(setup)
     cleanup.callback(stage.close)
-    check_batch(stage.rows, tr.grad_accum, mesh, name=stage.rows_key)
+    rules = sharding.rules_with_overrides(cfg.sharding.rules)
+    check_batch(stage.rows, tr.grad_accum, mesh, name=stage.rows_key, rules=rules)
     trainer = Trainer.create(model_cfg, lattice, cfg.optim,
                              total_steps=tr.steps * stage.updates_per_batch,
-                             trainable=tr.trainable, mesh=mesh,
-                             rules=sharding.rules_with_overrides(cfg.sharding.rules))
+                             trainable=tr.trainable, mesh=mesh, rules=rules)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tr.keep_checkpoints,
                         async_save=tr.async_checkpointing)
     cleanup.callback(ckpt.close)
@@ -164,11 +153,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
       log0(f"resumed from step {start} ({ckpt.directory})")
     else:
       start = 0
-      state = trainer.init_state(cfg.seed, experiment.load_checkpoint(cfg, model_cfg, lattice))
+      state = trainer.init_state(cfg.seed, load_checkpoint(cfg, model_cfg, lattice))
     if start == tr.steps:  # a finished run's command again: nothing to train or compile
       log0(f"already done: step {start} >= train.steps={tr.steps} in {ckpt.directory}; "
            "nothing to train (raise train.steps to continue); exporting that checkpoint")
-      export_dir = export(Model(model_cfg, lattice), state["params"], tokenizer, workdir)
+      export_dir = export(setup.model, state["params"], tokenizer, workdir)
       return {"steps": tr.steps, "start_step": start, "trained_steps": 0, "final_loss": None,
               "last": {}, "export": export_dir, "seconds": time.perf_counter() - t0,
               "compiled_memory": {}, **stage.summary()}
@@ -221,7 +210,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
       while step < tr.steps:
         t_batch = time.perf_counter()
         local, host = stage.next_batch(state, step)
-        batch = sharding.global_batch(local, mesh, leading=1)
+        batch = sharding.global_batch(local, mesh, leading=1, rules=rules)
         dispatched = time.perf_counter()
         for mu in range(stage.updates_per_batch):
           rng = jax.random.fold_in(base_rng, step * stage.updates_per_batch + mu)
@@ -243,7 +232,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
     log0(f"stopped at step {preempted_at} on request; checkpoint saved in {ckpt.directory}. "
          "Run the same command to resume.")
     raise SystemExit(143)
-  export_dir = export(Model(model_cfg, lattice), state["params"], tokenizer, workdir)
+  export_dir = export(setup.model, state["params"], tokenizer, workdir)
   summary = {"steps": tr.steps, "start_step": start, "trained_steps": tr.steps - start,
              "final_loss": history[-1]["loss"] if history else None,
              "last": history[-1] if history else {}, "export": export_dir,
@@ -261,8 +250,6 @@ STATE_KEYS = ("model", "lattice", "train.trainable")
 def _flat_config(text: str) -> dict[str, Any]:
   """{dotted key: value} of a ConfigDict's YAML (`to_yaml`), read with a safe loader: python
   tags become plain values (a ConfigDict its fields, a FieldReference its value)."""
-  import yaml
-
   class Loader(yaml.SafeLoader):
     pass
 
@@ -325,10 +312,8 @@ def explain_config_change(workdir: str, cfg: ml_collections.ConfigDict) -> str:
 def export(model: Model, params: Params, tokenizer: Tokenizer, workdir: str) -> str:
   """Writes WORKDIR/export (an HF directory + tokenizer.json); all processes must call it
   (the parameters are gathered across hosts), process 0 writes."""
-  from lace_jax.hf_io import save_pretrained
   export_dir = os.path.join(workdir, "export")
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() == 0:
     save_pretrained(model, jax.device_get(params), export_dir)

@@ -15,7 +15,7 @@ accumulation and sharding change nothing but the summation order. The loop that 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -167,7 +167,7 @@ class Trainer:
     these [A, B, ...] batch shapes (batch axis 1 sharded): what `compile` and the plan mode
     (`lace_jax.plan`) compile, with nothing allocated."""
     rep = sharding.replicated(self.mesh)
-    batch_sh = {k: sharding.batch_sharding(self.mesh, len(v.shape), leading=1)
+    batch_sh = {k: sharding.batch_sharding(self.mesh, len(v.shape), leading=1, rules=self.rules)
                 for k, v in batch_shapes.items()}
     jitted = jax.jit(self.step_fn(loss), in_shardings=(self.state_sharding, batch_sh, rep),
                      out_shardings=(self.state_sharding, rep), donate_argnums=(0,))
@@ -180,7 +180,7 @@ class Trainer:
     """AOT-compiles the step for these [A, B, ...] batch shapes (batch axis 1 sharded);
     returns (compiled, memory stats dict)."""
     jitted, args = self.jit_step(batch_shapes, loss)
-    with jax.set_mesh(self.mesh):  # kernels see the mesh (`kernels.batch_parallel`)
+    with jax.set_mesh(self.mesh):  # kernels see the mesh (`lace_jax.kernels.batch_parallel`)
       compiled = jitted.trace(*args).lower().compile()
     return compiled, memory_stats(compiled)
 
@@ -194,16 +194,17 @@ def memory_stats(compiled) -> dict[str, int]:
   return {f: int(getattr(m, f)) for f in fields if hasattr(m, f)}
 
 
-def check_batch(batch_size: int, accum: int, mesh: Mesh, *, name: str = "train.batch_size"
-                ) -> None:
+def check_batch(batch_size: int, accum: int, mesh: Mesh, *, name: str = "train.batch_size",
+                rules: Sequence[tuple[str, Any]] | None = None) -> None:
   """Raises ValueError unless `batch_size` rows split into `accum` microbatches that divide
-  over the data-parallel ways of `mesh` and over the processes."""
-  data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  over the batch axes of `mesh` (by `rules`) and over the processes."""
+  axes = sharding.batch_axes(rules)
+  data_ways = sharding.batch_ways(mesh, rules)
   if batch_size % accum:
     raise ValueError(f"{name}={batch_size} is not divisible by train.grad_accum={accum}")
   if (batch_size // accum) % data_ways:
     raise ValueError(f"microbatch {batch_size // accum} ({name} / grad_accum) is not "
-                     f"divisible by the data-parallel ways data*fsdp = {data_ways}")
+                     f"divisible by the {data_ways} ways of the batch axes {axes}")
   if batch_size % jax.process_count():
     raise ValueError(f"{name}={batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
