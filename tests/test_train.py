@@ -324,3 +324,44 @@ def test_train_step_activations_are_split_over_the_batch():
   per_device = f"[{b // 4},{W},{t},{CFG.mlp_dim}]"
   assert per_device in hlo
   assert f"[{b},{W},{t},{CFG.mlp_dim}]" not in hlo
+
+
+def test_an_override_of_the_batch_rule_moves_every_batch_placement(monkeypatch):
+  """`batch` -> data only: the train step's input sharding, the batch check, the sampler's
+  prompts and the Pallas kernels' shard_map all follow the rule table, none keeps data x fsdp."""
+  rules = sharding.rules_with_overrides((("batch", "data"),))
+  assert sharding.batch_axes() == ("data", "fsdp")  # DEFAULT_RULES outside any context
+  assert sharding.batch_axes(rules) == ("data",)
+  with sharding.logical_rules(rules):
+    assert sharding.batch_axes() == ("data",)  # the enclosing rules, as the model reads them
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  assert sharding.batch_ways(mesh, rules) == 2 and sharding.batch_ways(mesh) == 8
+  assert tuple(sharding.batch_sharding(mesh, 4, leading=1, rules=rules).spec) == (
+      None, "data", None, None)
+  train.check_batch(6, 1, mesh, rules=rules)  # 6 rows split 2 ways (not 8)
+  with pytest.raises(ValueError, match=r"4 ways of the batch axes \('data', 'fsdp'\)"):
+    train.check_batch(6, 1, sharding.make_mesh({"data": 1, "fsdp": 4}, jax.devices()[:4]))
+
+  tr = train.Trainer.create(CFG, LAT, experiment.optim_section(lr=1e-3, warmup_steps=1),
+                            total_steps=2, trainable="all", mesh=mesh, rules=rules)
+  shapes = {k: jax.ShapeDtypeStruct((1, 2, W, 8), jnp.int32) for k in ("tokens", "targets")}
+  _, (_, batch, _) = tr.jit_step(shapes, lm.make_loss())
+  assert tuple(batch["tokens"].sharding.spec)[:2] == (None, "data")
+
+  seen = []
+  real = lj.kernels.batch_parallel
+
+  def record(fn, *arrays, batch_axes):
+    seen.append(tuple(batch_axes))
+    return real(fn, *arrays, batch_axes=batch_axes)
+
+  monkeypatch.setattr(lj.kernels, "batch_parallel", record)
+  lat = lj.LatticeConfig.default(CFG, implementation="pallas_interpret")
+  model = lj.Model(CFG, lat)
+  params = model.init(0)  # outside any rules or mesh: the default axes, nothing split
+  seen.clear()
+  prompts = [[[1, 2, 3]] * 2] * 2  # B = 2 prompts of W = 2 threads
+  out = lj.sample(model, params, prompts, num_threads=2, max_new_tokens=2, mesh=mesh,
+                  rules=rules)
+  assert out.tokens.shape == (2, 2, 2)
+  assert seen and set(seen) == {("data",)}, seen
