@@ -259,8 +259,8 @@ def test_pallas_runs_per_device_under_a_batch_sharded_mesh():
   put = lambda x: jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"))))
   q, k, v, valid, ct = map(put, (q, k, v, valid, ct))
 
-  def loss(impl, q, k, v):
-    out = lattice_attention(q, k, v, key_valid=valid, implementation=impl)
+  def loss(impl, q, k, v, batch_axes=sharding.batch_axes()):  # the default rules' data x fsdp
+    out = lattice_attention(q, k, v, key_valid=valid, implementation=impl, batch_axes=batch_axes)
     return jnp.sum(out.astype(jnp.float32) * ct), out
 
   with jax.set_mesh(mesh):
@@ -280,6 +280,11 @@ def test_pallas_runs_per_device_under_a_batch_sharded_mesh():
   walk(jaxpr.jaxpr, False)
   assert len(kernels_seen) == 3  # forward, dq, dk/dv
   assert all(inside and batch == 2 for inside, batch in kernels_seen), kernels_seen  # 8 / 4
+  with jax.set_mesh(mesh):  # the axes the caller names are the split: data alone -> 8 / 2
+    jaxpr = jax.make_jaxpr(functools.partial(loss, "pallas", batch_axes=("data",)))(q, k, v)
+  kernels_seen.clear()
+  walk(jaxpr.jaxpr, False)
+  assert kernels_seen == [(True, 4)], kernels_seen
   ref_out, ref_grads = _fwd_and_grads(lattice_attention_reference, q, k, v, valid, ct, "causal")
   assert rel_err(out, ref_out) <= 1e-4
   for g, r in zip(grads, ref_grads):
