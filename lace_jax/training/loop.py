@@ -19,17 +19,17 @@ it fetches each step's metrics at once; see `Stage.pipelined`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import ml_collections
 import numpy as np
-
 import yaml
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -108,6 +108,158 @@ def check_counts(cfg: ml_collections.ConfigDict, counts: dict[str, str]) -> None
       raise ValueError(f"{key}={value!r}; expected an int >= 1 ({meaning})")
 
 
+def _resume_or_init(cfg: ml_collections.ConfigDict, workdir: str, model: Model,
+                    trainer: Trainer, ckpt: Checkpointer, iterator: Any) -> tuple[int, dict]:
+  """(the step to start from, the train state): the latest checkpoint's, restored together with
+  the stage's data `iterator`, else step 0 and a fresh state (cfg.model.checkpoint's weights if
+  set). ValueError for a checkpoint past train.steps; a state that does not restore names the
+  config change that broke it (`explain_config_change`)."""
+  tr = cfg.train
+  start = ckpt.latest_step()
+  if start is not None and start > tr.steps:
+    raise ValueError(f"{ckpt.directory} holds step {start}, past train.steps={tr.steps}: this "
+                     f"workdir's run already trained further than the config asks. Set "
+                     f"train.steps >= {start} to continue it, or use a new --workdir")
+  if start is None:
+    return 0, trainer.init_state(cfg.seed, load_checkpoint(cfg, model.config, model.lattice))
+  try:
+    state = ckpt.restore(start, trainer.abstract_state(), iterator)
+  except StateCheckpointError as e:
+    raise StateCheckpointError(f"{e}. {explain_config_change(workdir, cfg)}") from None
+  log0(f"resumed from step {start} ({ckpt.directory})")
+  return start, state
+
+
+def _compile(cfg: ml_collections.ConfigDict, trainer: Trainer, stage: Stage,
+             mesh: jax.sharding.Mesh) -> tuple[Callable, dict[str, int]]:
+  """The stage's train step compiled ahead of time, and its memory (bytes by kind), logged."""
+  compiled, mem = trainer.compile(stage.batch_shapes, stage.loss)
+  log0(f"mesh {sharding.describe(mesh)}; compiled {cfg.mode} step memory: "
+       + ", ".join(f"{k}={v / 2**20:.1f}MiB" for k, v in mem.items() if "code" not in k))
+  return compiled, mem
+
+
+def _open_logs(cfg: ml_collections.ConfigDict, workdir: str, start: int,
+               cleanup: contextlib.ExitStack) -> tuple[MetricsLogger, tqdm]:
+  """The metrics logger (resumed at `start`; the config written beside it, also as
+  WORKDIR/config.yaml) and the progress bar, both closed by `cleanup`."""
+  logger = MetricsLogger(workdir, resume_from_step=start)
+  cleanup.callback(logger.close)
+  logger.write_text("config", str(cfg))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.yaml"), "w") as f:
+      f.write(cfg.to_yaml())
+  bar = tqdm(total=cfg.train.steps, initial=start, disable=jax.process_index() != 0,
+             dynamic_ncols=True, desc=cfg.mode)
+  cleanup.callback(bar.close)
+  return logger, bar
+
+
+class _Pending(NamedTuple):
+  """A dispatched step whose metrics are not fetched yet."""
+
+  step: int  # the steps done once it is (1-based: what is logged and saved)
+  metrics: dict[str, jax.Array]  # on the device
+  host: dict[str, float]  # the stage's metrics of making the batch
+  batch_time: float  # seconds making the batch on the host (GRPO: rollouts, rewards)
+  dispatched: float  # time.perf_counter() when its updates were dispatched
+
+
+@dataclasses.dataclass
+class _StepLoop:
+  """`run`'s step loop and what it carries from step to step: the train state, the metrics of
+  every finished step and when the last one finished."""
+
+  tr: ml_collections.ConfigDict  # cfg.train
+  stage: Stage
+  compiled: Callable  # the train step: (state, batch, rng) -> (state, metrics)
+  ckpt: Checkpointer
+  logger: MetricsLogger
+  bar: tqdm
+  mesh: jax.sharding.Mesh
+  rules: Any
+  base_rng: jax.Array  # update u draws with fold_in(base_rng, u)
+  state: dict
+  history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+  last_time: float = dataclasses.field(default_factory=time.perf_counter)
+
+  def train(self, start: int) -> int | None:
+    """Runs steps `start` .. train.steps - 1, saving a checkpoint every train.save_every steps,
+    after the last and after the step during which a stop request came; returns that stopped
+    step (its checkpoint saved), or None once every step ran. A step's loss is checked before
+    its state is saved; otherwise step N-1's metrics are fetched once step N is dispatched
+    (`Stage.pipelined`)."""
+    tr, stage = self.tr, self.stage
+    pending = None
+    with stop_requests() as stop:
+      step = start
+      while step < tr.steps:
+        dispatched = self._dispatch(step)
+        step += 1
+        if pending is not None:
+          self._finish(pending)  # step - 1, fetched while step runs
+        pending = dispatched
+        if (not stage.pipelined or step % tr.save_every == 0 or step == tr.steps
+            or stop["flag"]):
+          self._finish(pending)  # and never save a state whose loss was not checked
+          pending = None
+        # the flag is read again: a request may have come while the metrics were fetched
+        if step % tr.save_every == 0 or step == tr.steps or stop["flag"]:
+          self.ckpt.save(step, self.state, stage.iterator)
+          if stop["flag"]:
+            return step
+    return None
+
+  def _dispatch(self, step: int) -> _Pending:
+    """Makes the batch of `step` (0-based) and dispatches its updates to the device, which
+    runs them while the host goes on."""
+    t_batch = time.perf_counter()
+    local, host = self.stage.next_batch(self.state, step)
+    batch = sharding.global_batch(local, self.mesh, leading=1, rules=self.rules)
+    dispatched = time.perf_counter()
+    updates = self.stage.updates_per_batch
+    for mu in range(updates):
+      rng = jax.random.fold_in(self.base_rng, step * updates + mu)
+      self.state, metrics = self.compiled(self.state, batch, rng)
+    return _Pending(step + 1, metrics, host, dispatched - t_batch, dispatched)
+
+  def _finish(self, pending: _Pending) -> None:
+    """Fetches a dispatched step's metrics (blocking until it is done), checks, logs them."""
+    step, device_metrics, host, batch_time, dispatched = pending
+    m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    if not np.isfinite(m["loss"]):
+      self.ckpt.wait()  # the last good checkpoint may still be being written: finish it first
+      raise FloatingPointError(
+          f"loss is {m['loss']} at step {step}: stopping. The last good checkpoint is step "
+          f"{self.ckpt.latest_step()} in {self.ckpt.directory}; lower optim.lr or check the "
+          "data.")
+    now = time.perf_counter()
+    dt, self.last_time = now - self.last_time, now
+    m["step_time"] = dt
+    m["batch_time"] = batch_time
+    if not self.stage.pipelined:  # fetched right after dispatch: the updates' own time
+      m["update_time"] = now - dispatched
+    m["tokens_per_sec"] = m.pop("valid_tokens") / dt if dt > 0 else 0.0
+    m.update(host)
+    if step % self.tr.log_every == 0 or step == self.tr.steps:
+      self.logger.write(step, m)
+    self.history.append(m)
+    self.bar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss", "reward", "accuracy",
+                                                     "tokens_per_sec") if k in m})
+    self.bar.update(1)
+
+
+def _summary(tr: ml_collections.ConfigDict, start: int, history: list[dict[str, float]],
+             export_dir: str, t0: float, mem: dict[str, int], stage: Stage) -> dict:
+  """The dict `run` returns: the steps (all, and trained in this run), the last step's
+  metrics, the export directory, the seconds since `t0`, the compiled step's memory and the
+  stage's own entries."""
+  return {"steps": tr.steps, "start_step": start, "trained_steps": tr.steps - start,
+          "final_loss": history[-1]["loss"] if history else None,
+          "last": history[-1] if history else {}, "export": export_dir,
+          "seconds": time.perf_counter() - t0, "compiled_memory": mem, **stage.summary()}
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str | None,
         make_stage: Callable[[Setup], Stage]) -> dict:
   """Runs (or resumes) the training stage `make_stage` builds; returns a summary dict.
@@ -126,7 +278,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
   setup = make_setup(cfg)
   model_cfg, lattice = setup.model.config, setup.model.lattice
   tokenizer, mesh = setup.tokenizer, setup.mesh
-  preempted_at = None
   # everything opened below is closed on every exit, in reverse order; the checkpointer's close
   # waits for in-flight saves, so no error leaves a half-written checkpoint behind
   with contextlib.ExitStack() as cleanup:
@@ -140,103 +291,24 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tr.keep_checkpoints,
                         async_save=tr.async_checkpointing)
     cleanup.callback(ckpt.close)
-    start = ckpt.latest_step()
-    if start is not None and start > tr.steps:
-      raise ValueError(f"{ckpt.directory} holds step {start}, past train.steps={tr.steps}: this "
-                       f"workdir's run already trained further than the config asks. Set "
-                       f"train.steps >= {start} to continue it, or use a new --workdir")
-    if start is not None:
-      try:
-        state = ckpt.restore(start, trainer.abstract_state(), stage.iterator)
-      except StateCheckpointError as e:
-        raise StateCheckpointError(f"{e}. {explain_config_change(workdir, cfg)}") from None
-      log0(f"resumed from step {start} ({ckpt.directory})")
-    else:
-      start = 0
-      state = trainer.init_state(cfg.seed, load_checkpoint(cfg, model_cfg, lattice))
+    start, state = _resume_or_init(cfg, workdir, setup.model, trainer, ckpt, stage.iterator)
     if start == tr.steps:  # a finished run's command again: nothing to train or compile
       log0(f"already done: step {start} >= train.steps={tr.steps} in {ckpt.directory}; "
            "nothing to train (raise train.steps to continue); exporting that checkpoint")
       export_dir = export(setup.model, state["params"], tokenizer, workdir)
-      return {"steps": tr.steps, "start_step": start, "trained_steps": 0, "final_loss": None,
-              "last": {}, "export": export_dir, "seconds": time.perf_counter() - t0,
-              "compiled_memory": {}, **stage.summary()}
-
-    compiled, mem = trainer.compile(stage.batch_shapes, stage.loss)
-    log0(f"mesh {sharding.describe(mesh)}; compiled {cfg.mode} step memory: "
-         + ", ".join(f"{k}={v / 2**20:.1f}MiB" for k, v in mem.items() if "code" not in k))
-
-    logger = MetricsLogger(workdir, resume_from_step=start)
-    cleanup.callback(logger.close)
-    logger.write_text("config", str(cfg))
-    if jax.process_index() == 0:
-      with open(os.path.join(workdir, "config.yaml"), "w") as f:
-        f.write(cfg.to_yaml())
-    bar = tqdm(total=tr.steps, initial=start, disable=jax.process_index() != 0,
-               dynamic_ncols=True, desc=cfg.mode)
-    cleanup.callback(bar.close)
-    base_rng = jax.random.key(cfg.seed)
-    history: list[dict[str, float]] = []
-    last_time = time.perf_counter()
-
-    def finish(pending) -> None:
-      """Fetches a dispatched step's metrics (blocking until it is done), checks, logs them."""
-      nonlocal last_time
-      step, device_metrics, host, batch_time, dispatched = pending
-      m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-      if not np.isfinite(m["loss"]):
-        ckpt.wait()  # the last good checkpoint may still be being written: finish it first
-        raise FloatingPointError(
-            f"loss is {m['loss']} at step {step}: stopping. The last good checkpoint is step "
-            f"{ckpt.latest_step()} in {ckpt.directory}; lower optim.lr or check the data.")
-      now = time.perf_counter()
-      dt, last_time = now - last_time, now
-      m["step_time"] = dt
-      m["batch_time"] = batch_time  # making the batch on the host (GRPO: rollouts, rewards)
-      if not stage.pipelined:  # fetched right after dispatch: the updates' own time
-        m["update_time"] = now - dispatched
-      m["tokens_per_sec"] = m.pop("valid_tokens") / dt if dt > 0 else 0.0
-      m.update(host)
-      if step % tr.log_every == 0 or step == tr.steps:
-        logger.write(step, m)
-      history.append(m)
-      bar.set_postfix({k: f"{m[k]:.4g}" for k in ("loss", "reward", "accuracy",
-                                                  "tokens_per_sec") if k in m})
-      bar.update(1)
-
-    pending = None  # (step, device metrics, host metrics, batch time, dispatch time)
-    with stop_requests() as stop:
-      step = start
-      while step < tr.steps:
-        t_batch = time.perf_counter()
-        local, host = stage.next_batch(state, step)
-        batch = sharding.global_batch(local, mesh, leading=1, rules=rules)
-        dispatched = time.perf_counter()
-        for mu in range(stage.updates_per_batch):
-          rng = jax.random.fold_in(base_rng, step * stage.updates_per_batch + mu)
-          state, metrics = compiled(state, batch, rng)
-        step += 1
-        if pending is not None:
-          finish(pending)  # step - 1, fetched while step runs
-        pending = (step, metrics, host, dispatched - t_batch, dispatched)
-        if (not stage.pipelined or step % tr.save_every == 0 or step == tr.steps
-            or stop["flag"]):
-          finish(pending)  # and never save a state whose loss was not checked
-          pending = None
-        if step % tr.save_every == 0 or step == tr.steps or stop["flag"]:
-          ckpt.save(step, state, stage.iterator)
-          if stop["flag"]:
-            preempted_at = step
-            break
+      return _summary(tr, start, [], export_dir, t0, {}, stage)
+    compiled, mem = _compile(cfg, trainer, stage, mesh)
+    logger, bar = _open_logs(cfg, workdir, start, cleanup)
+    step_loop = _StepLoop(tr, stage, compiled, ckpt, logger, bar, mesh, rules,
+                          jax.random.key(cfg.seed), state)
+    del state  # the loop replaces it step by step: no reference here keeps the first one alive
+    preempted_at = step_loop.train(start)
   if preempted_at is not None:
     log0(f"stopped at step {preempted_at} on request; checkpoint saved in {ckpt.directory}. "
          "Run the same command to resume.")
     raise SystemExit(143)
-  export_dir = export(setup.model, state["params"], tokenizer, workdir)
-  summary = {"steps": tr.steps, "start_step": start, "trained_steps": tr.steps - start,
-             "final_loss": history[-1]["loss"] if history else None,
-             "last": history[-1] if history else {}, "export": export_dir,
-             "seconds": time.perf_counter() - t0, "compiled_memory": mem, **stage.summary()}
+  export_dir = export(setup.model, step_loop.state["params"], tokenizer, workdir)
+  summary = _summary(tr, start, step_loop.history, export_dir, t0, mem, stage)
   resumed = f" ({tr.steps - start} in this run, resumed from step {start})" if start else ""
   log0(f"done: {tr.steps} steps{resumed}, final loss {summary['final_loss']}, exported to "
        f"{export_dir} ({summary['seconds']:.0f}s)")
