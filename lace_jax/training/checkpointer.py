@@ -71,7 +71,8 @@ def _first_line(e: BaseException) -> str:
 # tensorstore's threads) and prints "Exception ignored in ..." / "Task exception was never
 # retrieved" when collected. The train state's handler (`_state_handler`) has an array-metadata
 # store of its own, whose read and write orbax runs on that same loop next to the array reads and
-# writes; they make the loop cancel and wait for its remaining tasks when orbax closes it.
+# writes; they make the loop cancel and wait for its remaining tasks when orbax closes it, and
+# drop what tensorstore still hands it once closed (`_call_soon_unless_closed`).
 _DRAIN_TIMEOUT_S = 60.0
 
 
@@ -80,20 +81,36 @@ def _close_draining(loop: asyncio.AbstractEventLoop) -> None:
   for them (as `asyncio.run` does), so that the operation leaves nothing running."""
   del loop.close  # the loop's own close from here on
   try:
-    for _ in range(3):  # a cancelled task may start another
+    for _ in range(3):  # a task ending on cancellation may start another
       pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
       if not pending or loop.is_running():
         break
       for t in pending:
         t.cancel()
-      done, _ = loop.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_TIMEOUT_S))
+      done, stuck = loop.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_TIMEOUT_S))
       for t in done:
         if not t.cancelled():
           t.exception()  # retrieved: the operation's first error is the one that is raised
+      if stuck:  # not waited for any longer: left as orbax would leave them
+        log.debug("%d tasks of a checkpoint operation did not end when cancelled", len(stuck))
+        break
   except Exception as e:  # noqa: BLE001 (closing must not replace the operation's own error)
     log.debug("draining a checkpoint operation's event loop: %s", e)
   finally:
     loop.close()
+
+
+def _call_soon_unless_closed(loop: asyncio.AbstractEventLoop, callback, *args, context=None):
+  """`loop.call_soon_threadsafe` of one orbax operation's loop, which drops a callback that comes
+  after the loop is closed. A read or write that completed on a tensorstore thread just as its
+  task was cancelled (too late to be cancelled, its callback still waiting for the GIL) hands
+  its result to the loop after the drain: its task has ended, so there is nothing to deliver."""
+  try:
+    return type(loop).call_soon_threadsafe(loop, callback, *args, context=context)
+  except RuntimeError:
+    if loop.is_closed():
+      return None
+    raise
 
 
 def _drain_on_close() -> None:
@@ -102,13 +119,16 @@ def _drain_on_close() -> None:
   if getattr(loop.close, "func", None) is _close_draining:
     return
   try:
+    loop.call_soon_threadsafe = functools.partial(_call_soon_unless_closed, loop)
     loop.close = functools.partial(_close_draining, loop)
   except AttributeError:  # a loop without instance attributes (uvloop): left as it is
     log.debug("cannot drain %r when it closes", loop)
 
 
 try:  # orbax's per-array metadata store (not exported): without it, no draining
-  from orbax.checkpoint._src.metadata.array_metadata_store import Store as _ArrayMetadataStore
+  from orbax.checkpoint._src.metadata.array_metadata_store import (
+    Store as _ArrayMetadataStore,
+  )
 except ImportError:
   _ArrayMetadataStore = None
 
