@@ -183,13 +183,17 @@ def lattice_diagnostics(model, params, tokens, valid, *, max_queries: int = MAX_
   """The thread-level diagnostics (module docstring) of finished lattices: tokens int32 and
   valid bool [B, W, T] (prompt + generated columns, e.g. `sampling.full_grid`). {} for a model
   without a lattice. One compilation per (model, shape, max_queries); `mesh` / `rules`: run on
-  the mesh the (sharded) params live on, activations constrained by those rules."""
+  the mesh the (sharded) params live on, activations constrained by those rules; on a mesh
+  that spans processes every process calls it together with the same rows."""
   if model.lattice is None:
     return {}
-  tokens = jnp.asarray(tokens, jnp.int32)
-  valid = jnp.asarray(valid, bool)
+  tokens, valid = np.asarray(tokens, np.int32), np.asarray(valid, bool)
   rules = None if rules is None else tuple(tuple(r) if isinstance(r, list) else r
                                            for r in rules)
+  if mesh is None:
+    tokens, valid = jnp.asarray(tokens), jnp.asarray(valid)
+  else:  # replicated on the mesh: every process passes the same rows
+    tokens, valid = sharding.replicate((tokens, valid), mesh)
   if mesh is not None:
     with jax.set_mesh(mesh):
       out = _jitted(model, int(max_queries), rules, params, tokens, valid)

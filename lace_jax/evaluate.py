@@ -14,6 +14,13 @@ For every problem, W threads are generated together and graded:
 Variants compare configurations side by side on the same problems: "model" (as configured),
 "lattice_off" (the same weights without the side path: the Isolated Parallel ablation), and
 any extra checkpoints in `eval.checkpoints`.
+
+The `eval` mode runs on the mesh of `sharding.mesh`, and on several processes (hosts) as one
+SPMD program: each batch of `eval.batch_size` problems (the last one padded with copies of
+its last problem, whose records are dropped) is cut into the processes' blocks
+(`sharding.process_share`); each process generates its block together with the others, grades
+it in its own grader pool, and the records are gathered so that every process holds all of
+them; process 0 writes the files. The numbers do not depend on the process count.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from lace_jax import grading
+from lace_jax import grading, sharding
 from lace_jax.diagnostics import lattice_diagnostics
 from lace_jax.hf_io import load_pretrained
 from lace_jax.model import Model, Params, without_lattice
@@ -53,30 +60,50 @@ def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[
              batch_size: int, seed: int = 0, instruction: str = THREAD_INSTRUCTION,
              thinking: bool = True, desc: str = "eval",
              on_batch: Callable[[SampleOutput], None] | None = None,
-             diagnostics_rollouts: int = 8) -> tuple[dict, list[dict]]:
+             diagnostics_rollouts: int = 8, mesh: jax.sharding.Mesh | None = None,
+             rules=None) -> tuple[dict, list[dict]]:
   """Returns (metrics averaged over problems, one record per problem). `on_batch`, if given,
-  sees every batch's SampleOutput (e.g. to analyse the samples without drawing them again).
-  The lattice diagnostics are measured on the first batch's first `diagnostics_rollouts`
-  lattices (0: not measured)."""
+  sees every batch's SampleOutput (this process's rows; e.g. to analyse the samples without
+  drawing them again). The lattice diagnostics are measured on the first batch's first
+  `diagnostics_rollouts` lattices (0: not measured). With a `mesh` (the params sharded on it;
+  `rules`: the sharding rules, default `sharding.DEFAULT_RULES`) every batch is padded to
+  `batch_size` problems, which must divide over the mesh's data-parallel ways, and every
+  process calls `evaluate` together (module docstring); each gets every record."""
   w = num_threads
   records = []
   diagnostics = {}
+  share = None
+  if mesh is not None:
+    rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
+    share = sharding.process_share(mesh, rules)
+    if batch_size % share.ways:
+      raise ValueError(f"eval.batch_size={batch_size} does not divide over the "
+                       f"{share.ways} data-parallel ways of mesh {dict(mesh.shape)}; make it "
+                       f"a multiple of {share.ways}")
   for start in tqdm(range(0, len(problems), batch_size), desc=desc, dynamic_ncols=True,
                     disable=jax.process_index() != 0):
     chunk = problems[start:start + batch_size]
+    rows = range(len(chunk))  # this process's rows of the batch
+    if share is not None:  # a fixed global batch; this process's block of it
+      rows = range(batch_size)[share.rows(batch_size)]
+      chunk = [chunk[min(i, len(chunk) - 1)] for i in rows]
     prompts = [tokenizer.encode_batch(thread_prompts(p.problem, w, thinking=thinking,
                                                      instruction=instruction)) for p in chunk]
     t0 = time.perf_counter()
     out = sample(model, params, prompts, num_threads=w, max_new_tokens=max_new_tokens,
                  temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + start,
-                 stop_ids=(tokenizer.im_end_id,), pad_id=tokenizer.pad_id)
+                 stop_ids=(tokenizer.im_end_id,), pad_id=tokenizer.pad_id, mesh=mesh,
+                 rules=rules)
     seconds = time.perf_counter() - t0
     if on_batch is not None:
       on_batch(out)
     if start == 0 and diagnostics_rollouts > 0:
       tokens, valid = full_grid(out)
-      diagnostics = lattice_diagnostics(model, params, tokens[:diagnostics_rollouts],
-                                        valid[:diagnostics_rollouts])
+      n = min(diagnostics_rollouts, len(problems), batch_size)
+      first = (tokens[:n], valid[:n])
+      if share is not None:  # the global batch's first lattices, on every process
+        first = tuple(sharding.first_rows(x, n, share) for x in first)
+      diagnostics = lattice_diagnostics(model, params, *first, mesh=mesh, rules=rules)
     texts = out.texts(tokenizer)
     parsed = [grading.parse_lattice(t) for t in texts]
     votes = [grading.majority_vote([_norm(a) for a in p.answers]) for p in parsed]
@@ -86,10 +113,13 @@ def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[
       pairs += [(a, prob.answer) for a in p.answers]
     verdicts = grader.grade_many(pairs)
     div = grpo.diversity(out.mean_hidden)
+    batch_records = []
     for i, (p, prob) in enumerate(zip(parsed, chunk)):
+      if start + rows[i] >= len(problems):  # a copy padding the last batch
+        continue
       v = verdicts[i * (2 + w):(i + 1) * (2 + w)]
       correct = int(sum(v[2:]))
-      records.append({
+      batch_records.append({
           "id": prob.id, "gold": prob.answer, "best": p.best, "answer": p.answer,
           "answers": p.answers, "tags": p.tags, "format_error": p.format_error,
           "lace_acc": float(v[0]), "maj_acc": float(v[1]), "mean_acc": correct / w,
@@ -97,6 +127,8 @@ def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[
           "format_rate": float(p.format_ok), "diversity": float(div[i]),
           "tokens_per_query": int(out.lengths[i].sum()), "seconds_per_query": seconds / len(chunk),
           "threads": texts[i]})
+    records += (batch_records if share is None
+                else sharding.gather_blocks(batch_records, share.index))
   metrics = {k: float(np.mean([r[k] for r in records])) for k in METRICS}
   metrics["problems"] = len(records)
   metrics.update(diagnostics)
@@ -138,8 +170,14 @@ def run(cfg, workdir: str | None) -> dict:
   e = cfg.eval
   model_cfg, lattice = model_configs(cfg)
   tokenizer, _ = resolve_tokenizer(cfg)
+  mesh = sharding.make_mesh(dict(cfg.sharding.mesh))
+  rules = sharding.rules_with_overrides(cfg.sharding.rules)
+  # every process builds its own devices' slices of the weights (they are the same everywhere)
+  on_mesh = lambda m, p: sharding.place(p, sharding.logical_to_sharding(m.logical_axes(), mesh,
+                                                                       rules))
   model, params = load_or_init(cfg, model_cfg, lattice)
-  if not cfg.model.checkpoint:
+  params = on_mesh(model, params)
+  if not cfg.model.checkpoint and jax.process_index() == 0:
     print("note: no model.checkpoint given: evaluating a randomly initialised model",
           flush=True)
   variants = {}
@@ -151,8 +189,8 @@ def run(cfg, workdir: str | None) -> dict:
     else:
       raise ValueError(f"eval.variants entry {name!r}; expected 'model' or 'lattice_off'")
   for path in e.checkpoints:
-    variants[os.path.basename(os.path.normpath(path))] = load_pretrained(
-        path, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype)
+    m, p = load_pretrained(path, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype)
+    variants[os.path.basename(os.path.normpath(path))] = m, on_mesh(m, p)
   template = instruction_template(e.instruction)
   results: dict[str, dict[str, dict]] = {}
   os.makedirs(workdir or ".", exist_ok=True)
@@ -168,13 +206,14 @@ def run(cfg, workdir: str | None) -> dict:
             max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
             top_k=e.top_k, batch_size=e.batch_size, seed=cfg.seed, instruction=template,
             thinking=e.thinking, desc=f"{vname}/{ds}",
-            diagnostics_rollouts=e.get("diagnostics_rollouts", 8))
+            diagnostics_rollouts=e.get("diagnostics_rollouts", 8), mesh=mesh, rules=rules)
         results[vname][ds] = metrics
         if workdir and jax.process_index() == 0:
           with open(os.path.join(workdir, f"predictions_{vname}_{ds}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
   table = markdown_table(results)
-  print(table, flush=True)
+  if jax.process_index() == 0:
+    print(table, flush=True)
   if workdir and jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)

@@ -479,6 +479,8 @@ def format_table(report: dict) -> str:
         f"{_gb(r.get('batch_bytes'))} | {_gb(r.get('cache_bytes'))} | {_gb(r['temp_bytes'])} | "
         f"{_gb(r['total_bytes'])} | {_gb(r['capacity'])} | {head} | "
         f"{'yes' if r['fits'] else 'NO'} | {tf} | {moved} | {t} | {r['calls_per_step']} | {mfu} |")
+  if "hosts" in report:
+    lines.append(f"hosts: {report['hosts']['summary']}")
   return "\n".join(lines)
 
 
@@ -501,10 +503,43 @@ def plan_target(cfg: ml_collections.ConfigDict, spec: str, *, name: str = "", lo
     log(f"  [{i}/{len(calls)}] {call.name}: {_gb(r['total_bytes'])} of "
         f"{_gb(r['capacity'])} GB per device ({'fits' if r['fits'] else 'DOES NOT FIT'}), "
         f"compiled in {time.perf_counter() - t0:.0f}s")
+  hosts = host_split(cfg, mesh)
+  log(f"  hosts: {hosts['summary']}")
   return {"config": name or cfg.mode, "mode": cfg.mode, "target": spec,
           "devices": target.describe(), "chip": dataclasses.asdict(target.chip),
-          "mesh": sharding.describe(mesh), "functions": rows,
+          "mesh": sharding.describe(mesh), "functions": rows, "hosts": hosts,
           "fits": all(r["fits"] for r in rows)}
+
+
+def host_split(cfg: ml_collections.ConfigDict, mesh) -> dict:
+  """How the run splits over the target's processes (hosts): their count, devices each and the
+  rows each process generates per sampler call (its block, `sharding.process_share`), with a
+  one-line summary. GRPO also names the questions and rollouts each host takes per step."""
+  rules = sharding.rules_with_overrides(cfg.sharding.rules)
+  processes = sorted({d.process_index for d in mesh.devices.flat})
+  share = sharding.process_share(mesh, rules, process=processes[0])
+  out = {"processes": len(processes), "devices_per_process": mesh.devices.size // len(processes),
+         "blocks": share.blocks}
+  text = (f"{len(processes)} process(es) x {out['devices_per_process']} devices, the batch in "
+          f"{share.blocks} block(s)")
+  if cfg.mode == "grpo":
+    g = cfg.grpo
+    rows = g.questions_per_step * g.rollouts_per_question
+    chunk = g.rollout_batch or rows
+    out.update(questions_per_process=g.questions_per_step // share.blocks,
+               rollouts_per_process=rows // share.blocks,
+               sampler_rows_per_process=chunk // share.blocks, sampler_rows=chunk)
+    text += (f"; each host generates {out['questions_per_process']} of {g.questions_per_step} "
+             f"questions x {g.rollouts_per_question} rollouts = {out['rollouts_per_process']} of "
+             f"{rows} rollouts per step, {out['sampler_rows_per_process']} of {chunk} rows per "
+             "sampler call")
+  elif cfg.mode == "eval":
+    out.update(sampler_rows_per_process=cfg.eval.batch_size // share.blocks,
+               sampler_rows=cfg.eval.batch_size)
+    text += (f"; each host generates {out['sampler_rows_per_process']} of "
+             f"{cfg.eval.batch_size} problems per batch")
+  out["summary"] = text
+  return out
 
 
 def targets_of(cfg: ml_collections.ConfigDict) -> list[str]:

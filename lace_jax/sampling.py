@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lace_jax import ops, sharding
 from lace_jax.model import Model, Params
@@ -314,22 +315,41 @@ def _knobs(b: int, max_new_tokens: int, temperature, top_p, top_k,
   return knobs
 
 
-def _chunking(b: int, batch_chunk: int, mesh, rules) -> tuple[int, tuple]:
-  """(prompts per sampler call, the sharding rules: `rules` or the defaults on a mesh, () off
-  one). ValueError when the B prompts do not split into equal chunks, or a chunk does not
+def _chunking(rows: int, batch_chunk: int, mesh, rules) -> tuple[int, tuple]:
+  """(sampler calls, the sharding rules: `rules` on a mesh, () off one) for a global batch of
+  `rows` prompts. ValueError when they do not split into equal chunks, or a chunk does not
   divide over the mesh's data-parallel ways."""
-  chunk = b if batch_chunk == 0 else min(batch_chunk, b)
-  if b % chunk:
-    raise ValueError(f"{b} prompts do not split into chunks of batch_chunk={batch_chunk}")
+  chunk = rows if batch_chunk == 0 else min(batch_chunk, rows)
+  if rows % chunk:
+    raise ValueError(f"{rows} prompts do not split into chunks of batch_chunk={batch_chunk}")
   if mesh is None:
-    return chunk, ()
-  rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
+    return rows // chunk, ()
   ways = sharding.batch_ways(mesh, rules)
   if chunk % ways:
     raise ValueError(f"sampler batch {chunk} is not divisible by the data-parallel ways: "
                      f"{ways} over the batch axes {sharding.batch_axes(rules)} of mesh "
                      f"{dict(mesh.shape)}")
-  return chunk, rules
+  return rows // chunk, rules
+
+
+def _agree_shapes(mesh, tokens: np.ndarray, valid: np.ndarray, knobs: dict,
+                  pad_id: int) -> tuple[np.ndarray, np.ndarray, dict]:
+  """On a mesh that spans processes, the prompt grid [b W P] and the stop sequences [b S L] of
+  every process padded to the largest P, S and L of any process (left, as `left_pad` and
+  `_stop_array` align them): the global arrays need one shape. The same as padding the global
+  batch at once, so the result does not depend on the process count."""
+  if len({d.process_index for d in mesh.devices.flat}) == 1:
+    return tokens, valid, knobs
+  stops = knobs["stops"]
+  mine = np.asarray([tokens.shape[-1], *stops.shape[1:]], np.int64)
+  p, s, length = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 3).max(0)
+  extra = p - tokens.shape[-1]
+  tokens = np.concatenate([np.full(tokens.shape[:2] + (extra,), pad_id, tokens.dtype), tokens], -1)
+  valid = np.concatenate([np.zeros(valid.shape[:2] + (extra,), bool), valid], -1)
+  padded = np.full((stops.shape[0], s, length), -1, np.int32)
+  if stops.size:
+    padded[:, :stops.shape[1], length - stops.shape[2]:] = stops
+  return tokens, valid, dict(knobs, stops=padded)
 
 
 def _chunk_key(seed: int, i: int) -> jax.Array:
@@ -340,17 +360,21 @@ def _chunk_key(seed: int, i: int) -> jax.Array:
 
 
 def _sample_chunk(model: Model, params: Params, prompt: np.ndarray, prompt_valid: np.ndarray,
-                  knobs: dict, key: jax.Array, *, decode_chunk: int, should_cancel,
-                  static: dict) -> tuple[np.ndarray, ...]:
-  """One chunk of prompts [b W P] -> its (out [b W N], lps [b W N], lengths [b W], done [b W],
-  mean_hidden [b W D]) on the host. The prefill, then the decode loop in calls of decode_chunk
-  columns (0: one call); between calls `should_cancel()` True raises `Cancelled`, and the loop
-  ends early once every thread is done. static: `_prefill`'s static arguments."""
+                  knobs: dict, key: jax.Array, *, share: sharding.ProcessShare | None,
+                  decode_chunk: int, should_cancel, static: dict) -> tuple[np.ndarray, ...]:
+  """One chunk of this process's prompts [b W P] -> its (out [b W N], lps [b W N], lengths
+  [b W], done [b W], mean_hidden [b W D]) on the host. On a mesh the chunk is this process's
+  block of a global chunk (`share`): every process runs the same programs on the global arrays
+  and reads back only its own rows. The prefill, then the decode loop in calls of decode_chunk
+  columns (0: one call); between calls `should_cancel()` True raises `Cancelled` (it must answer
+  the same on every process), and the loop ends early once every thread of the global chunk is
+  done (the same answer everywhere: it reads a replicated scalar). static: `_prefill`'s static
+  arguments."""
   mesh, rules, n = static["mesh"], static["rules"], static["max_new_tokens"]
   step = n - 1 if decode_chunk == 0 else decode_chunk
   rng_prefill, rng_decode = jax.random.split(key)
   if mesh is not None:
-    put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.ndim, rules=rules))
+    put = lambda x: sharding.from_process_rows(x, mesh, share=share, rules=rules)
     prompt, prompt_valid, knobs = put(prompt), put(prompt_valid), jax.tree.map(put, knobs)
   with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
     cache, state = _prefill(model, params, jnp.asarray(prompt), jnp.asarray(prompt_valid),
@@ -366,16 +390,19 @@ def _sample_chunk(model: Model, params: Params, prompt: np.ndarray, prompt_valid
       if bool(jax.device_get(jnp.all(state["done"]))):
         break
       until += step
-  return jax.device_get((state["out"], state["lps"], state["lengths"], state["done"],
-                         mean_hidden))
+  del cache
+  return tuple(sharding.process_rows(x) for x in (state["out"], state["lps"], state["lengths"],
+                                                  state["done"], mean_hidden))
 
 
-def _output(parts: Sequence[tuple[np.ndarray, ...]], tokens: np.ndarray,
+def _output(parts: Sequence[tuple[np.ndarray, ...]], shards: int, tokens: np.ndarray,
             valid: np.ndarray) -> SampleOutput:
-  """The chunks' `_sample_chunk` results, concatenated over the batch, with the prompt grid
-  `tokens`, `valid` [B W P] they were sampled from -> the SampleOutput."""
-  out, lps, lengths, done, mean_hidden = (np.concatenate([np.asarray(p[j]) for p in parts])
-                                          for j in range(5))
+  """The chunks' `_sample_chunk` results (chunk i: the i-th slice of each of `shards` batch
+  shards, `sharding.split_rows`) put back in row order, with the prompt grid `tokens`, `valid`
+  [B W P] they were sampled from -> the SampleOutput."""
+  out, lps, lengths, done, mean_hidden = (
+      sharding.merge_rows(np.stack([np.asarray(p[j]) for p in parts]), shards)
+      for j in range(5))
   reasons = [["stop" if d else "length" for d in row] for row in done]
   return SampleOutput(out, lps, lengths, reasons, tokens, valid, mean_hidden)
 
@@ -406,11 +433,16 @@ def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_t
   prompt_width: pad every prompt to exactly this many tokens (one compilation for many calls).
   mesh, rules: lay the batch and the caches out on a device mesh (batch over the `batch`
     rule's axes, kv heads over tensor, by `rules`, default `lace_jax.sharding.DEFAULT_RULES`); the params
-    should already be sharded on it (e.g. a train state's). B (or batch_chunk) must divide
-    over the data-parallel ways.
-  batch_chunk: generate at most this many prompts per sampler call (0 = all at once): bounds
-    the caches' memory; one compilation serves every chunk. Chunk i samples with
-    fold_in(key(seed), i) (chunk 0 with key(seed) itself).
+    should already be sharded on it (e.g. a train state's). The global batch (or batch_chunk)
+    must divide over the data-parallel ways. On a mesh that spans processes (hosts) every
+    process calls `sample` together (the same programs run on every host) with ITS prompts,
+    the block of the global batch `sharding.process_share` names, and gets back its rows only:
+    the global batch is the processes' blocks in order. The draws are a function of the global
+    arrays and the key (jax's partitionable threefry), not of how many processes hold them.
+  batch_chunk: generate at most this many prompts of the global batch per sampler call (0 =
+    all at once): bounds the caches' memory; one compilation serves every chunk. Chunk i holds
+    the i-th slice of every batch shard's rows (`sharding.split_rows`; contiguous rows without
+    a mesh) and samples with fold_in(key(seed), i) (chunk 0 with key(seed) itself).
   decode_chunk, should_cancel: with decode_chunk > 0 the decode loop returns to the host every
     decode_chunk columns (same tokens, one extra model step per return) and calls
     `should_cancel()`; True raises `Cancelled`.
@@ -424,17 +456,26 @@ def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_t
   b = tokens.shape[0]
   knobs = _knobs(b, max_new_tokens, temperature, top_p, top_k, stop_sequences,
                  example_stop_sequences)
-  chunk, rules = _chunking(b, batch_chunk, mesh, rules)
+  share = None
+  if mesh is not None:
+    rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
+    share = sharding.process_share(mesh, rules)
+    tokens, valid, knobs = _agree_shapes(mesh, tokens, valid, knobs, pad_id)
+  blocks, shards = (1, 1) if share is None else (share.blocks, share.shards)
+  chunks, rules = _chunking(b * blocks, batch_chunk, mesh, rules)
+  if b % (chunks * shards):
+    raise ValueError(f"this process's {b} prompts do not split into {chunks} chunks over its "
+                     f"{shards} batch shards")
   static = dict(max_new_tokens=max_new_tokens, stop_ids=tuple(int(s) for s in stop_ids),
                 pad_id=int(pad_id), mesh=mesh, rules=rules)
-  parts = []
-  for i, start in enumerate(range(0, b, chunk)):
-    rows = slice(start, start + chunk)
-    parts.append(_sample_chunk(model, params, tokens[rows], valid[rows],
-                               jax.tree.map(lambda x: x[rows], knobs), _chunk_key(seed, i),
-                               decode_chunk=decode_chunk, should_cancel=should_cancel,
-                               static=static))
-  return _output(parts, tokens, valid)
+  cut = lambda x: sharding.split_rows(x, chunks, shards)
+  tokens_c, valid_c, knobs_c = cut(tokens), cut(valid), jax.tree.map(cut, knobs)
+  parts = [_sample_chunk(model, params, tokens_c[i], valid_c[i],
+                         jax.tree.map(lambda x: x[i], knobs_c), _chunk_key(seed, i),
+                         share=share, decode_chunk=decode_chunk, should_cancel=should_cancel,
+                         static=static)
+           for i in range(chunks)]
+  return _output(parts, shards, tokens, valid)
 
 
 def teacher_forced_logprobs(model: Model, params: Params, out: SampleOutput) -> np.ndarray:

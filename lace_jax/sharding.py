@@ -12,7 +12,9 @@ An experiment overrides single rules with `sharding.rules = (("mlp", None), ...)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -251,11 +254,155 @@ def describe(mesh: Mesh) -> str:
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, *, leading: int = 0,
                  rules: Sequence[tuple[str, Any]] | None = None) -> dict:
   """Assembles each process's slice of the batch into global jax.Arrays sharded on the batch
-  axis (dimension `leading`) by `rules`; on one process this is a sharded device_put."""
-  out = {}
-  for name, x in local.items():
-    sharding = batch_sharding(mesh, x.ndim, leading=leading, rules=rules)
-    global_shape = list(x.shape)
-    global_shape[leading] *= jax.process_count()
-    out[name] = jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
-  return out
+  axis (dimension `leading`) by `rules` (`from_process_rows`); on one process this is a
+  sharded device_put."""
+  share = process_share(mesh, rules)
+  return {name: from_process_rows(x, mesh, share=share, leading=leading, rules=rules)
+          for name, x in local.items()}
+
+
+# ----- a process's share of a batch on a mesh that may span processes (hosts)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessShare:
+  """Where this process's rows sit in a batch laid out by `batch_sharding`: the batch is cut
+  into `blocks` equal contiguous blocks, one per group of processes holding the same rows
+  (more than one process per block only when a batch shard's devices span processes), and
+  this process feeds and reads block `index`, which spans `shards` of the batch's `ways`
+  shards (devices' slices). One process: index 0 of 1 block, every shard."""
+
+  index: int
+  blocks: int
+  shards: int
+  ways: int
+
+  def rows(self, global_rows: int) -> slice:
+    """The global rows [start, stop) of this process's block of a batch of `global_rows`."""
+    if global_rows % self.blocks:
+      raise ValueError(f"a batch of {global_rows} rows does not split into {self.blocks} "
+                       "equal blocks, one per process (group)")
+    n = global_rows // self.blocks
+    return slice(self.index * n, (self.index + 1) * n)
+
+
+def process_share(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None,
+                  process: int | None = None) -> ProcessShare:
+  """This process's (or `process`'s) `ProcessShare` of a batch split over `rules`' batch axes
+  of `mesh`. ValueError when its devices' batch shards are not one contiguous run (a device
+  order that interleaves processes along the batch axes)."""
+  process = jax.process_index() if process is None else process
+  axes = batch_axes(rules)
+  ways = batch_ways(mesh, rules)
+  names = list(mesh.axis_names)
+  shard_of = {}  # device id -> the index of its batch shard (row-major over the batch axes)
+  for idx in np.ndindex(mesh.devices.shape):
+    flat = 0
+    for a in axes:
+      flat = flat * mesh.shape[a] + idx[names.index(a)]
+    shard_of[mesh.devices[idx].id] = flat
+  mine = sorted({shard_of[d.id] for d in mesh.devices.flat if d.process_index == process})
+  if not mine:
+    raise ValueError(f"mesh {dict(mesh.shape)} has no device of process {process}")
+  if mine != list(range(mine[0], mine[0] + len(mine))) or ways % len(mine) or mine[0] % len(mine):
+    raise ValueError(f"process {process} holds the batch shards {mine} of {ways} "
+                     f"over the axes {axes} of mesh {dict(mesh.shape)}: not one aligned "
+                     "contiguous block; order the mesh's devices by process")
+  k = len(mine)
+  return ProcessShare(index=mine[0] // k, blocks=ways // k, shards=k, ways=ways)
+
+
+def split_rows(x: np.ndarray, parts: int, shards: int) -> np.ndarray:
+  """x [b, ...] (rows laid out as `shards` equal batch shards) -> [parts, b / parts, ...]: part
+  i holds the i-th slice of every shard's rows, so every part spreads evenly over the shards'
+  devices and its global rows do not depend on how many processes hold the batch."""
+  b = x.shape[0]
+  if b % (parts * shards):
+    raise ValueError(f"{b} rows do not split into {parts} parts of {shards} equal shards")
+  y = x.reshape(shards, parts, b // (parts * shards), *x.shape[1:]).swapaxes(0, 1)
+  return y.reshape(parts, b // parts, *x.shape[1:])
+
+
+def merge_rows(y: np.ndarray, shards: int) -> np.ndarray:
+  """The inverse of `split_rows`: [parts, b / parts, ...] -> [b, ...]."""
+  parts, per = y.shape[:2]
+  z = y.reshape(parts, shards, per // shards, *y.shape[2:]).swapaxes(0, 1)
+  return z.reshape(parts * per, *y.shape[2:])
+
+
+def from_process_rows(x: np.ndarray, mesh: Mesh, *, share: ProcessShare, leading: int = 0,
+                      rules: Sequence[tuple[str, Any]] | None = None) -> jax.Array:
+  """This process's rows x [.., b, ...] (batch at dimension `leading`) -> the global array
+  [.., b * share.blocks, ...] laid out by `batch_sharding`; every process calls it with its
+  own rows (on one process: a sharded device_put)."""
+  shape = list(np.shape(x))
+  shape[leading] *= share.blocks
+  return jax.make_array_from_process_local_data(
+      batch_sharding(mesh, np.ndim(x), leading=leading, rules=rules), np.asarray(x),
+      tuple(shape))
+
+
+def process_rows(x: jax.Array, *, leading: int = 0) -> np.ndarray:
+  """This process's rows of a global array split along dimension `leading` (its addressable
+  shards, each distinct block once, in order) on the host; never reads a shard it cannot
+  address. An array replicated along `leading` comes back whole."""
+  blocks: dict[int, Any] = {}
+  for s in x.addressable_shards:
+    start = (s.index[leading].start or 0) if x.ndim else 0
+    blocks.setdefault(start, s.data)
+  starts = sorted(blocks)
+  parts = [np.asarray(blocks[k]) for k in starts]
+  for (a, p), b in zip(zip(starts, parts), starts[1:]):
+    if a + p.shape[leading] != b:
+      raise ValueError(f"process {jax.process_index()} holds rows of dimension {leading} "
+                       f"from {starts}: not one contiguous block")
+  return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=leading)
+
+
+def replicate(x: Any, mesh: Mesh) -> Any:
+  """Host values, identical on every process -> arrays replicated on `mesh`."""
+  rep = replicated(mesh)
+  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(rep, np.asarray(a)), x)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Host (or single-device) values, identical on every process -> global arrays laid out by
+  `shardings`: each process builds only its own devices' slices (no transfer or comparison
+  across hosts, unlike a `device_put` to a multi-host sharding)."""
+
+  def one(x, sh):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+
+  return jax.tree.map(one, tree, shardings)
+
+
+def first_rows(x: np.ndarray, n: int, share: ProcessShare) -> np.ndarray:
+  """The first n rows of a global batch, on every process, from each process's own rows x
+  [b, ...] (its block `share.index`): each sends at most n rows; one process: x[:n]."""
+  if jax.process_count() == 1:
+    return x[:n]
+  every = np.asarray(multihost_utils.process_allgather(np.asarray(x[:min(n, x.shape[0])])))
+  index = np.asarray(multihost_utils.process_allgather(np.asarray(share.index, np.int64)))
+  blocks: dict[int, np.ndarray] = {}
+  for i, rows in zip(index.reshape(-1), every):
+    blocks.setdefault(int(i), rows)
+  return np.concatenate([blocks[i] for i in sorted(blocks)])[:n]
+
+
+def gather_blocks(value: Any, index: int) -> list:
+  """Every process's `value` (a JSON-serialisable list), the block `index` it holds -> their
+  concatenation in block order (a block held by several processes counted once), the same on
+  every process. One process: `value`."""
+  if jax.process_count() == 1:
+    return list(value)
+  data = np.frombuffer(json.dumps([index, value]).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int64)))
+  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf[:data.size] = data
+  every = np.asarray(multihost_utils.process_allgather(buf))
+  blocks: dict[int, list] = {}
+  for row, size in zip(every, sizes.reshape(-1)):
+    i, got = json.loads(bytes(row[:int(size)]).decode())
+    blocks.setdefault(i, got)
+  return [x for i in sorted(blocks) for x in blocks[i]]

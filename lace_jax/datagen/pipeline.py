@@ -38,9 +38,10 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from lace_jax import grading
+from lace_jax import grading, sharding
 from lace_jax.sampling import sample
 from lace_jax.tokenizer import TAGS, chat_prompt
 from lace_jax.training.setup import load_or_init, model_configs, resolve_tokenizer
@@ -413,7 +414,7 @@ def _finished(path: str) -> set[str]:
   return ids
 
 
-def report(output: str, decisions: str, stats: Counter, gen: Generator, *,
+def report(output: str, decisions: str, stats: Counter, tokens_used: int, *,
            failures: Sequence[str] = ()) -> dict:
   records = [json.loads(l) for l in open(output)] if os.path.exists(output) else []
   decided = [json.loads(l) for l in open(decisions)] if os.path.exists(decisions) else []
@@ -438,7 +439,7 @@ def report(output: str, decisions: str, stats: Counter, gen: Generator, *,
       # problems whose requests failed for good in this run (not decided: a rerun retries them)
       "generation_failed": int(stats["generation_failed"]),
       "first_generation_failure": failures[0] if failures else None,
-      "tokens_used": int(gen.tokens_used),
+      "tokens_used": int(tokens_used),
   }
 
 
@@ -495,7 +496,39 @@ def generate(problems: Sequence[grading.Problem], gen: Generator, grader, s: Set
     print(f"datagen: {e}; stopping with what is written (rerun with a larger budget to go on)")
   finally:
     bar.close()
-  return report(output, decisions, stats, gen, failures=failures)
+  return report(output, decisions, stats, gen.tokens_used, failures=failures) | {
+      "stats": dict(stats), "failures": failures}
+
+
+def merge_processes(workdir: str, problems: Sequence[grading.Problem], mine: dict) -> dict:
+  """After every process ran `generate` on its share (its report `mine`, its files in
+  WORKDIR/process_<i>/): process 0 writes WORKDIR/threads.jsonl and its decisions log, every
+  record once in the order of `problems`, and the report of the whole run (returned on every
+  process). Every process calls it; it waits for the slowest."""
+  share = jax.process_index()
+  every = sharding.gather_blocks([{k: mine[k] for k in ("stats", "failures")}], share)
+  stats: Counter = Counter()
+  for part in every:
+    stats.update(part["stats"])
+  failures = [f for part in every for f in part["failures"]]
+  tokens = sum(int(part["stats"].get("tokens_used", 0)) for part in every)
+  output = os.path.join(workdir, "threads.jsonl")
+  decisions = output + ".decisions.jsonl"
+  if jax.process_index() == 0:
+    order = {p.id: i for i, p in enumerate(problems)}
+    for name, path in (("threads.jsonl", output),
+                       ("threads.jsonl.decisions.jsonl", decisions)):
+      rows = []
+      for i in range(jax.process_count()):
+        part = os.path.join(workdir, f"process_{i}", name)
+        if os.path.exists(part):
+          rows += [json.loads(x) for x in open(part) if x.strip()]
+      rows.sort(key=lambda r: order.get(r["id"], len(order)))
+      with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+      os.replace(path + ".tmp", path)
+  multihost_utils.sync_global_devices("datagen: merged")  # the files exist for every process
+  return report(output, decisions, stats, tokens, failures=failures)
 
 
 def run(cfg, workdir: str | None) -> dict:
@@ -528,15 +561,29 @@ def run(cfg, workdir: str | None) -> dict:
       target_tokens=g.target_tokens, tags=g.tags, keep_unsolved=g.keep_unsolved,
       problem_deadline_s=g.problem_deadline_s, seed=cfg.seed)
   output = os.path.join(workdir, "threads.jsonl")
+  everything = problems
+  if jax.process_count() > 1:  # every process its share (each n-th problem), on its own devices
+    problems = problems[jax.process_index()::jax.process_count()]
+    output = os.path.join(workdir, f"process_{jax.process_index()}", "threads.jsonl")
+    print(f"datagen: process {jax.process_index()} of {jax.process_count()}: {len(problems)} of "
+          f"{len(everything)} problems -> {output}", flush=True)
   if g.generator == "http":
     limit = (f"a deadline of {g.problem_deadline_s:g}s per problem" if g.problem_deadline_s > 0
              else "no deadline per problem")
     print(f"datagen: {len(problems)} problems via {gen.url}; each request {g.timeout_s:g}s x "
           f"{g.retries + 1} attempts at most, {limit} (datagen.problem_deadline_s)", flush=True)
   with grading.Grader(num_workers=g.grader_workers, timeout_s=g.grader_timeout_s) as grader:
-    rep = generate(problems, gen, grader, settings, output=output)
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(rep, f, indent=2)
-  print(json.dumps(rep, indent=2), flush=True)
-  print(f"wrote {rep['kept']} records to {output}")
+    rep = generate(problems, gen, grader, settings, output=output,
+                   progress=jax.process_index() == 0)
+  rep["stats"]["tokens_used"] = int(gen.tokens_used)
+  if jax.process_count() > 1:
+    rep = merge_processes(workdir, everything, rep)
+    output = os.path.join(workdir, "threads.jsonl")
+  else:
+    rep = {k: v for k, v in rep.items() if k not in ("stats", "failures")}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+      json.dump(rep, f, indent=2)
+    print(json.dumps(rep, indent=2), flush=True)
+    print(f"wrote {rep['kept']} records to {output}")
   return rep

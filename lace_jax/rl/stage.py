@@ -7,6 +7,14 @@ of the step, so a resumed run draws the same ones), G = `grpo.rollouts_per_quest
 of each with the lockstep sampler on the current parameters (one rollout = one W-thread
 lattice), verified rewards (`lace_jax.rl.grpo.lattice_rewards`), group advantages, the old and
 reference log-probabilities; then `grpo.inner_updates` optimizer updates on that batch.
+
+On several processes (hosts) the step is one SPMD program: each process takes its block of the
+step's questions (`questions_per_step / blocks` whole question groups, all G rollouts x W
+threads of a question on one host; `sharding.process_share`), generates them with every other
+process in the same sampler calls, grades its own rollouts in its own grader pool and computes
+their group advantages; the log-probabilities stay on the devices and the rollout statistics
+are reduced across processes (process 0 writes them). The numbers do not depend on the process
+count: the same global arrays, the same draws.
 Rollout statistics (reward, accuracy, format rate, diversity, response length, rollout time)
 are logged beside the update's metrics; at each logged step also the thread-level lattice
 diagnostics (`lace_jax.diagnostics`: lattice/cross_thread, lattice/entropy, lattice/gate, each
@@ -24,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lace_jax import grading, sharding
 from lace_jax.diagnostics import lattice_diagnostics
@@ -57,6 +66,7 @@ class GRPOStage:
   grader: grading.Grader
   ref_params: Any  # None unless grpo.kl_beta > 0; sharded on the mesh like the state's
   mesh: jax.sharding.Mesh
+  share: sharding.ProcessShare  # this process's block of each step's batch
   iterator = None
   rows_key = "grpo.questions_per_step x grpo.rollouts_per_question"
   pipelined = False  # rollouts need the updated parameters anyway
@@ -72,44 +82,45 @@ class GRPOStage:
     self.updates_per_batch = g.inner_updates
     self.loss = make_loss(self.cfg)
     self.batch_shapes = batch_shapes(self.cfg)
+    self.rules = sharding.rules_with_overrides(self.cfg.sharding.rules)
     self._logp = None
     if logprob_passes(self.cfg):
-      rules = sharding.rules_with_overrides(self.cfg.sharding.rules)
-      self._logp, self._logp_micro = jit_logprobs(self.cfg, self.model, self.mesh, rules)
+      self._logp, self._logp_micro = jit_logprobs(self.cfg, self.model, self.mesh, self.rules)
 
   def logprobs(self, params, batch: dict[str, np.ndarray]) -> np.ndarray:
-    """Teacher-forced log pi(target) [R, W, T] under `params` (sharded on the mesh), in
-    micro-batches of `grpo.logprob_batch` rollouts."""
-    m = self._logp_micro
-    cut = lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:])
-    local = {k: cut(batch[k]) for k in ("tokens", "valid", "targets")}
+    """Teacher-forced log pi(target) [r, W, T] of this process's r rollouts under `params`
+    (sharded on the mesh), in micro-batches of `grpo.logprob_batch` rollouts of the global
+    batch (micro-batch i: the i-th slice of every batch shard, `sharding.split_rows`)."""
+    m, shards = self._logp_micro, self.share.shards
+    local = {k: sharding.split_rows(batch[k], m, shards) for k in ("tokens", "valid", "targets")}
     with jax.set_mesh(self.mesh):  # kernels see the mesh (`lace_jax.kernels.batch_parallel`)
-      out = self._logp(params, sharding.global_batch(local, self.mesh, leading=1))
-    out = np.asarray(jax.device_get(out))
-    return out.reshape(-1, *out.shape[2:])
+      out = self._logp(params, sharding.global_batch(local, self.mesh, leading=1,
+                                                     rules=self.rules))
+    return sharding.merge_rows(sharding.process_rows(out, leading=1), shards)
 
   def next_batch(self, state: dict, step: int) -> tuple[dict[str, np.ndarray], dict]:
     cfg, g, d = self.cfg, self.cfg.grpo, self.cfg.data
     t0 = time.perf_counter()
-    gsize, nq, w, p = g.rollouts_per_question, g.questions_per_step, d.num_threads, d.prompt_len
-    picked = question_order(len(self.questions), step, nq, cfg.seed)
+    gsize, w, p = g.rollouts_per_question, d.num_threads, d.prompt_len
+    # this process's block of the step's questions: whole groups of G rollouts
+    picked = question_order(len(self.questions), step, g.questions_per_step,
+                            cfg.seed)[self.share.rows(g.questions_per_step)]
+    nq, rows = len(picked), len(picked) * gsize
     qs = [self.questions[i] for i in picked]
     prompt_ids = [self.prompts[i] for i in picked for _ in range(gsize)]
     out = sample(self.model, state["params"], prompt_ids, num_threads=w,
                  max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
                  top_k=g.top_k, seed=cfg.seed * 100_003 + step,
                  stop_ids=(self.tokenizer.im_end_id,), pad_id=self.tokenizer.pad_id,
-                 prompt_width=p, mesh=self.mesh,
-                 rules=sharding.rules_with_overrides(cfg.sharding.rules),
-                 batch_chunk=g.rollout_batch)
+                 prompt_width=p, mesh=self.mesh, rules=self.rules, batch_chunk=g.rollout_batch)
     rollout_s = time.perf_counter() - t0
     r = grpo.lattice_rewards(out.texts(self.tokenizer),
                              [q.answer for q in qs for _ in range(gsize)], out.mean_hidden,
                              self.grader, lambda_div=g.lambda_div, mode=g.reward_mode)
     rewards = r["reward"].reshape(nq, gsize, *r["reward"].shape[1:])
     adv = np.asarray(grpo.group_advantages(jnp.asarray(rewards), kind=g.advantage))
-    adv = adv.reshape(self.rows, -1)
-    adv = np.broadcast_to(adv, (self.rows, w)) if adv.shape[1] == 1 else adv
+    adv = adv.reshape(rows, -1)
+    adv = np.broadcast_to(adv, (rows, w)) if adv.shape[1] == 1 else adv
     tokens, valid = full_grid(out)
     targets = np.concatenate([tokens[:, :, 1:], np.zeros_like(tokens[:, :, :1])], -1)
     gen = np.zeros_like(valid)
@@ -122,21 +133,25 @@ class GRPOStage:
     batch["ref_logp"] = (self.logprobs(self.ref_params, batch) if self.ref_params is not None
                          else batch["old_logp"])
     batch["advantages"] = adv.astype(np.float32)
-    a = cfg.train.grad_accum
-    local = {k: np.asarray(v).reshape(a, self.rows // a, *np.shape(v)[1:])
+    # micro-batch i of the update: the i-th slice of every batch shard (`sharding.split_rows`)
+    local = {k: sharding.split_rows(np.asarray(v), cfg.train.grad_accum, self.share.shards)
              for k, v in batch.items()}
-    host = {"reward": float(r["reward"].mean()), "accuracy": float(r["accuracy"].mean()),
-            "format_rate": float(r["format"].mean()), "diversity": float(r["diversity"].mean()),
-            "response_length": float(out.lengths.mean()), "rollout_time": rollout_s,
-            "grader_timeouts": float(self.grader.stats.get("timeouts", 0))}
+    host = reduce_across_processes(
+        {"reward": float(r["reward"].mean()), "accuracy": float(r["accuracy"].mean()),
+         "format_rate": float(r["format"].mean()), "diversity": float(r["diversity"].mean()),
+         "response_length": float(out.lengths.mean())},
+        maximum={"rollout_time": rollout_s,
+                 "grader_timeouts": float(self.grader.stats.get("timeouts", 0))})
+    host["sampler_rows"] = float(rows)  # this process's share of the sampler batch
     n = diagnostics_rollouts(cfg)
     logged = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
-    # a fixed slice of every logged step: one compilation, a bounded cost
+    # a fixed slice of every logged step: one compilation, a bounded cost. The first n rollouts
+    # of the global batch, scored on every process (replicated)
     if n and logged and self.model.lattice is not None:
       t1 = time.perf_counter()
-      host.update(lattice_diagnostics(
-          self.model, state["params"], tokens[:n], valid[:n], mesh=self.mesh,
-          rules=sharding.rules_with_overrides(cfg.sharding.rules)))
+      first = [sharding.first_rows(x, n, self.share) for x in (tokens, valid)]
+      host.update(lattice_diagnostics(self.model, state["params"], *first, mesh=self.mesh,
+                                      rules=self.rules))
       host["diagnostics_time"] = time.perf_counter() - t1
     return local, host
 
@@ -145,6 +160,21 @@ class GRPOStage:
 
   def close(self) -> None:
     self.grader.close()
+
+
+def reduce_across_processes(mean: dict[str, float],
+                            maximum: dict[str, float]) -> dict[str, float]:
+  """Host statistics of this process's block -> the step's: `mean` entries averaged over the
+  processes (their blocks are equal), `maximum` entries the largest (a time: the slowest host;
+  a count: the worst host's). Every process gets the same values; one process: unchanged."""
+  if jax.process_count() == 1:
+    return {**mean, **maximum}
+  keys = list(mean) + list(maximum)
+  table = np.asarray(multihost_utils.process_allgather(
+      np.asarray([mean[k] for k in mean] + [maximum[k] for k in maximum], np.float64)))
+  out = {k: float(table[:, i].mean()) for i, k in enumerate(mean)}
+  out.update({k: float(table[:, len(mean) + i].max()) for i, k in enumerate(maximum)})
+  return {k: out[k] for k in keys}
 
 
 def diagnostics_rollouts(cfg: ml_collections.ConfigDict) -> int:
@@ -237,9 +267,18 @@ def sampler_logprobs_grid(out) -> np.ndarray:
 def make_stage(setup: Setup) -> GRPOStage:
   cfg, tok = setup.cfg, setup.tokenizer
   g, d = cfg.grpo, cfg.data
-  if jax.process_count() > 1:
-    raise NotImplementedError("grpo rollouts are sampled on one process; multi-host GRPO needs "
-                              "the sampler's batch split over processes")
+  rules = sharding.rules_with_overrides(cfg.sharding.rules)
+  share = sharding.process_share(setup.mesh, rules)
+  if g.questions_per_step % share.blocks:
+    raise ValueError(f"grpo.questions_per_step={g.questions_per_step} does not split into "
+                     f"{share.blocks} equal blocks, one per process (each process generates "
+                     "and grades whole question groups); make it a multiple of "
+                     f"{share.blocks}")
+  per = g.questions_per_step // share.blocks
+  print(f"process {jax.process_index()} of {jax.process_count()}: question block {share.index} "
+        f"of {share.blocks}, {per} questions x {g.rollouts_per_question} rollouts = "
+        f"{per * g.rollouts_per_question} of the {g.questions_per_step * g.rollouts_per_question}"
+        " rollouts (sampler rows) of each step", flush=True)
   questions = grading.read_problems(d.path)
   template = instruction_template(d.instruction)
   prompts = [tok.encode_batch(thread_prompts(q.problem, d.num_threads, thinking=d.thinking,
@@ -251,16 +290,15 @@ def make_stage(setup: Setup) -> GRPOStage:
   ref = None
   if g.kl_beta:  # the frozen reference: the weights the run started from (also on a resume),
     # placed once on the mesh with the state's shardings and kept there
-    rules = sharding.rules_with_overrides(cfg.sharding.rules)
     shardings = sharding.logical_to_sharding(setup.model.logical_axes(), setup.mesh, rules)
     ref = load_checkpoint(cfg, setup.model.config, setup.model.lattice)
     if ref is None:  # fresh weights: made sharded on the devices, as the train state's are
       m = setup.model
       ref = jax.jit(lambda: init_params(m.config, m.lattice, cfg.seed), out_shardings=shardings)()
     else:
-      ref = jax.device_put(ref, shardings)
+      ref = sharding.place(ref, shardings)
   grader = grading.Grader(num_workers=g.grader_workers, timeout_s=g.grader_timeout_s)
-  return GRPOStage(cfg, setup.model, tok, questions, prompts, grader, ref, setup.mesh)
+  return GRPOStage(cfg, setup.model, tok, questions, prompts, grader, ref, setup.mesh, share)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
