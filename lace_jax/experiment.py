@@ -78,6 +78,8 @@ def base_config(mode: str, preset: str, **model_kwargs) -> ml_collections.Config
       "initialize": "auto",  # auto | yes | no (see lace_jax.distributed)
       "coordinator_address": "", "num_processes": -1, "process_id": -1,
       "cpu_collectives": config_dict.placeholder(str),  # "gloo" for multi-process CPU runs
+      # a process silent this long (0 < s <= 300) is reported lost: one error line, exit 1
+      "heartbeat_timeout_s": 120.0,
   })
   return cfg
 

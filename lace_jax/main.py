@@ -135,16 +135,24 @@ def main(argv: list[str]) -> None:
         flags.FLAGS["config"])).split(":")[0])
     return
   if "distributed" in cfg:
-    distributed.maybe_initialize(cfg.distributed)
+    try:
+      distributed.maybe_initialize(cfg.distributed)
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
   print(f"lace_jax: mode {cfg.mode}, workdir {workdir}", flush=True)
   logging.info("config:\n%s", cfg)
   try:
     result = run(cfg, workdir)
-  except RunError as e:  # its message says it all: no traceback
-    print(f"\nerror: {e}", file=sys.stderr, flush=True)
+  except Exception as e:
+    distributed.report_lost_peer()  # a lost process, if one is, is the error to report
+    if not isinstance(e, RunError):
+      raise
+    print(f"\nerror: {e}", file=sys.stderr, flush=True)  # its message says it all: no traceback
     sys.exit(1)  # a normal exit (flushes, atexit): a failed checkpoint operation leaves nothing
     # running behind it (lace_jax.training.checkpointer drains orbax's reads and writes)
   _write_result(workdir, result)
+  distributed.finished()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from lace_jax import distributed
 from lace_jax.errors import RunError
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ class Checkpointer:
     self._absl = logging.getLogger("absl")  # orbax logs through absl
     self._held = _HeldOrbaxErrors()
     self._absl.addFilter(self._held)
+    distributed.note_checkpoint(None, self.directory)  # named if a process is lost
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -266,6 +268,7 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 (reported as one clear error below)
       cause = _first_line(e)
     else:
+      distributed.note_checkpoint(step, self.directory)
       return restored["state"]
     where = os.path.join(self.directory, str(step))
     msg = f"cannot restore checkpoint step {step} from {where}: {cause}"
@@ -305,6 +308,8 @@ class Checkpointer:
       error = self._save_failed(self._saving, e)
     if error is not None:
       raise error
+    if self._saving is not None:
+      distributed.note_checkpoint(self._saving, self.directory)
 
   def close(self) -> None:
     """Waits for in-flight saves, then shuts the manager down (idempotent). A save failure not
