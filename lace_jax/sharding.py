@@ -138,10 +138,20 @@ def mesh_shape(spec: Mapping[str, int], num_devices: int | None = None) -> dict[
 
 
 def make_mesh(spec: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh of `spec` (`mesh_shape`) over `devices` (default: all), in jax.make_mesh's
+  physical order; over several processes (hosts) reordered process-major (make_mesh's order
+  kept within each process), so that every process's devices hold one contiguous block of the
+  batch (`process_share`): jax.make_mesh alone interleaves the hosts of a TPU v5p 2x2x2 slice
+  along an 8-way axis."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(spec, len(devices))
-  return jax.make_mesh(tuple(shape.values()), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+  mesh = jax.make_mesh(tuple(shape.values()), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                        devices=devices)
+  if len({d.process_index for d in devices}) == 1:
+    return mesh
+  order = sorted(mesh.devices.flat, key=lambda d: d.process_index)  # stable
+  return Mesh(np.asarray(order, dtype=object).reshape(mesh.devices.shape), MESH_AXES,
+              axis_types=(AxisType.Auto,) * 3)
 
 
 def logical_to_sharding(logical: Any, mesh: Mesh, rules) -> Any:

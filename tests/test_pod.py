@@ -3,6 +3,7 @@ one SPMD program. 2 processes x 2 CPU devices (gloo) must log the numbers of 1 p
 devices; the sampler reads and writes only this process's rows."""
 
 import json
+import os
 import subprocess
 
 import jax
@@ -143,3 +144,24 @@ def test_chunked_generation_on_a_mesh_puts_every_row_back_in_place():
   assert not np.array_equal(chunked.tokens[first], chunked.tokens[first + 2])
   with pytest.raises(ValueError, match="not divisible by the data-parallel ways"):
     sampling.sample(m, placed, prompts, mesh=mesh, batch_chunk=2, **kw)
+
+
+def test_the_plan_names_the_rows_each_host_generates():
+  """A v5p:2x2x2 slice is 2 hosts x 4 chips (compile-only devices, nothing compiled here): each
+  host generates half of every GRPO step's questions and of every eval batch."""
+  from jax.experimental import topologies
+
+  from lace_jax import plan
+  from tests.test_experiments import _load
+  devices = topologies.get_topology_desc(topology_name="v5p:2x2x2", platform="tpu").devices
+  assert sorted({d.process_index for d in devices}) == [0, 1]
+  mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
+  cfg = _load(os.path.join(ROOT, "experiments", "grpo_1p7b.py"))
+  hosts = plan.host_split(cfg, mesh)
+  assert (hosts["processes"], hosts["devices_per_process"], hosts["blocks"]) == (2, 4, 2)
+  assert (hosts["questions_per_process"], hosts["rollouts_per_process"]) == (8, 64)
+  assert "each host generates 8 of 16 questions x 8 rollouts = 64 of 128" in hosts["summary"]
+  second = sharding.process_share(mesh, process=1)
+  assert (second.index, second.blocks, second.shards) == (1, 2, 4)
+  evaluation = plan.host_split(_load(os.path.join(ROOT, "experiments", "eval_4b.py")), mesh)
+  assert evaluation["sampler_rows_per_process"] == 4  # of eval.batch_size 8
