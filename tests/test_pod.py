@@ -4,7 +4,6 @@ devices; the sampler reads and writes only this process's rows."""
 
 import json
 import os
-import subprocess
 
 import jax
 import numpy as np
@@ -13,7 +12,7 @@ from safetensors.numpy import load_file
 
 from lace_jax import sampling, sharding
 from tests.test_experiments import ROOT
-from tests.test_train_cli import _cmd, _env, _free_port
+from tests.test_train_cli import one_and_two
 
 GRPO = "--config=experiments/grpo_1p7b.py:runlocal"
 EVAL = "--config=experiments/eval_1p7b.py:runlocal"
@@ -21,27 +20,8 @@ EVAL = "--config=experiments/eval_1p7b.py:runlocal"
 VOLATILE = ("time", "tokens_per_sec")
 
 
-def _one_and_two(tmp_path, *args) -> tuple[subprocess.CompletedProcess, list[tuple[str, str]]]:
-  """The command as 1 process x 4 devices (workdir one/) and as 2 processes x 2 devices
-  (workdir two/, gloo): (the single run, [(stdout, stderr)] of the two processes)."""
-  single = subprocess.run(_cmd(*args, workdir=tmp_path / "one"), env=_env(4), cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-  assert single.returncode == 0, single.stderr[-3000:]
-  port = _free_port()
-  procs = [subprocess.Popen(
-      _cmd(*args, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-           "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-           "--config.distributed.cpu_collectives=gloo", workdir=tmp_path / "two"),
-      env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
-  outs = [p.communicate(timeout=900) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  return single, outs
-
-
 def test_grpo_on_two_processes_logs_the_numbers_of_one(tmp_path):
-  _, outs = _one_and_two(tmp_path, GRPO)
+  outs = one_and_two(tmp_path, GRPO, timeout=900)
   for i, (out, _) in enumerate(outs):  # each process generates and grades half of each step
     assert (f"process {i} of 2: question block {i} of 2, 1 questions x 2 rollouts = 2 of the 4 "
             "rollouts") in out, out
@@ -66,7 +46,7 @@ def test_grpo_on_two_processes_logs_the_numbers_of_one(tmp_path):
 
 def test_eval_on_two_processes_gives_the_results_of_one(tmp_path):
   # two of the five benchmarks (the suite's time): both variants, every metric
-  _one_and_two(tmp_path, EVAL, "--config.eval.datasets=('aime24', 'math500')")
+  one_and_two(tmp_path, EVAL, "--config.eval.datasets=('aime24', 'math500')", timeout=900)
   one = json.load(open(tmp_path / "one" / "results.json"))
   two = json.load(open(tmp_path / "two" / "results.json"))
   assert one.keys() == two.keys() == {"model", "lattice_off"}

@@ -238,21 +238,28 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-  args = (SFT, "--config.train.steps=3", "--config.train.save_every=3")
+def one_and_two(tmp_path, *args, timeout: int = 600):
+  """The command as 1 process x 4 devices (workdir one/) and as 2 processes x 2 devices
+  (workdir two/, gloo, as on two hosts); asserts every run exits 0; returns [(stdout, stderr)]
+  of the two processes."""
   single = subprocess.run(_cmd(*args, workdir=tmp_path / "one"), env=_env(4), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
   assert single.returncode == 0, single.stderr[-3000:]
   port = _free_port()
   procs = [subprocess.Popen(
-      _cmd(*args, "--config.distributed.coordinator_address=127.0.0.1:%d" % port,
+      _cmd(*args, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
            "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
            "--config.distributed.cpu_collectives=gloo", workdir=tmp_path / "two"),
       env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  outs = [p.communicate(timeout=timeout) for p in procs]
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
+  return outs
+
+
+def test_two_processes_match_one(tmp_path):
+  outs = one_and_two(tmp_path, SFT, "--config.train.steps=3", "--config.train.save_every=3")
   assert "mesh data=1 x fsdp=4 x tensor=1" in outs[0][0]  # 2 processes x 2 devices
   one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
   assert sorted(one) == sorted(two) == [1, 2, 3]
