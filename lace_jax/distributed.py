@@ -185,18 +185,39 @@ class _Watchdog:
         log.debug("cannot publish %r for process %d: %s", state, self.me, e)
 
   def confirm(self) -> None:
-    """This process failed. Waits until every peer has published something new, is done or
+    """This process failed. Waits until every peer has published a newer count, is done or
     failed itself (returns: the failure is this process's own), or one is reported lost (ends
-    the process), for at most one heartbeat timeout and a bit."""
-    with self.lock:
-      before = {p: v for p, (v, _) in self.seen.items()}
+    the process), for at most one heartbeat timeout and a bit.
+
+    "Newer" is measured against the store read now, not against the last values the heartbeat
+    thread saw: that thread reads every `interval_s`, so a peer killed just after publishing a
+    count would otherwise show one change after this process failed on its death and pass for
+    alive. When the store cannot be read, a peer must advance two counts past the last value
+    seen (the thread's lag is at most one)."""
+    try:
+      stored = dict(self.client.key_value_dir_get(_KEY))
+      before, need = {p: stored.get(f"{_KEY}{p}") for p in self.seen}, 1
+    except Exception as e:  # noqa: BLE001 (the coordinator may be the lost one)
+      log.debug("confirm: %s", e)
+      with self.lock:
+        before, need = {p: v for p, (v, _) in self.seen.items()}, 2
     self.finish(_FAILED)
     deadline = time.monotonic() + self.timeout_s + 3 * self.interval_s
     while time.monotonic() < deadline:
       with self.lock:
-        if all(v in (_DONE, _FAILED) or v != before[p] for p, (v, _) in self.seen.items()):
+        if all(_advanced(v, before[p], need) for p, (v, _) in self.seen.items()):
           return
       time.sleep(0.2)
+
+
+def _advanced(value: str | None, before: str | None, need: int) -> bool:
+  """Whether a peer's heartbeat value shows it alive (or finished) since `before`."""
+  if value in (_DONE, _FAILED):
+    return True
+  if value is None or not value.isdigit():
+    return False
+  start = int(before) if before is not None and before.isdigit() else -1
+  return int(value) >= start + need
 
 
 _watchdog: _Watchdog | None = None

@@ -87,6 +87,54 @@ def test_an_error_on_every_process_is_each_ones_own_not_a_lost_peer(tmp_path):
     assert "is lost" not in err, err[-3000:]
 
 
+class _Store:
+  """The distributed runtime's key-value store, in memory (the watchdog's only use of it)."""
+
+  def __init__(self):
+    self.values = {}
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    del allow_overwrite
+    self.values[key] = value
+
+  def key_value_dir_get(self, prefix):
+    return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+
+@pytest.mark.parametrize("peer_alive", [False, True])
+def test_a_peer_killed_right_after_a_beat_is_not_taken_for_alive(monkeypatch, peer_alive):
+  # the CI race: the peer publishes a count and dies before this process's heartbeat thread
+  # reads it; this process then fails in a collective on the peer's death. The count it had not
+  # read yet must not pass for a sign of life (only a count published after the failure may).
+  store, reports = _Store(), []
+  watchdog = distributed._Watchdog.__new__(distributed._Watchdog)
+  watchdog.client, watchdog.me, watchdog.count = store, 0, 2
+  watchdog.timeout_s, watchdog.interval_s = 1.0, 0.2
+  watchdog.lock, watchdog.publishing = distributed.threading.Lock(), distributed.threading.Lock()
+  watchdog.state, watchdog.stop = None, distributed.threading.Event()
+  watchdog.seen = {1: ("4", time.monotonic())}  # what the heartbeat thread last read
+  store.values[distributed._KEY + "1"] = "5"  # the peer's last beat, not read yet
+  monkeypatch.setattr(watchdog, "_report", lambda p, why: reports.append(p))
+
+  def heartbeat_thread_reads():  # the store as the heartbeat thread sees it, a bit later
+    time.sleep(0.3)
+    if peer_alive:
+      store.values[distributed._KEY + "1"] = "6"
+    watchdog.seen[1] = (store.values[distributed._KEY + "1"], time.monotonic())
+
+  reader = distributed.threading.Thread(target=heartbeat_thread_reads)
+  reader.start()
+  start = time.monotonic()
+  watchdog.confirm()
+  reader.join()
+  waited = time.monotonic() - start
+  assert store.values[distributed._KEY + "0"] == "failed"
+  if peer_alive:  # a newer count: the failure is this process's own, known at once
+    assert waited < 1.0, waited
+  else:  # nothing newer: confirm waits for the watchdog's verdict until its deadline
+    assert waited >= watchdog.timeout_s, waited
+
+
 def test_a_killed_process_is_reported_lost_and_the_rerun_resumes(tmp_path):
   workdir = tmp_path / "run"
   procs = _launch(workdir, _free_port())

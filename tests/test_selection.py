@@ -73,12 +73,13 @@ def test_chosen_toy_lattice_learns_selection_on_every_seed(seed):
   assert result["accuracy"] >= 0.95
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_without_the_lattice_selection_stays_at_chance(seed):
+def test_without_the_lattice_selection_stays_at_chance():
   """The control: W = 2 threads that cannot see each other answer the other's digit at chance
-  (10%) at best, on every seed the chosen lattice is tested on."""
+  (10%) at best, in the 400 steps in which the chosen lattice's seeds reach the target (one seed:
+  what the control rules out, a leak between isolated threads, is seed-independent and is also
+  tested directly, tests/test_model.py's causality tests)."""
   cfg = configs.selection_config()
-  cfg.seed = seed
+  cfg.seed = 0
   cfg.lattice.enabled = False
   cfg.selection.update(steps=400, eval_every=100, eval_problems=512)
   result = selection.run(cfg, None)
