@@ -109,10 +109,13 @@ class Attention(nn.Module):
     else:  # one decoding column against the cache
       ck, cv = _write(cache["k"], kk, cur), _write(cache["v"], v, cur)  # [B, W, S, K, H]
       s = ck.shape[2]
+      # per-row columns (cur [B]): the cache's validity alone is the mask, as no column after
+      # a row's own is valid yet
+      per_row = jnp.ndim(cur) == 1
       a = attention(q.reshape(b * w, 1, n, h), ck.reshape(b * w, s, k, h),
                     cv.reshape(b * w, s, k, h), key_valid=valid_cache.reshape(b * w, s),
-                    causal=True, q_offset=cur, implementation=cfg.attention,
-                    batch_axes=batch_axes())
+                    causal=not per_row, q_offset=0 if per_row else cur,
+                    implementation=cfg.attention, batch_axes=batch_axes())
       new_cache = {"k": ck, "v": cv}
     a = constrain(a.reshape(b, w, t, n, h), _Q)  # [B, W, T, N, H]
     out = constrain(jnp.einsum("BWTNH,NHD->BWTD", a, wo.astype(dt)), _X)
@@ -120,9 +123,14 @@ class Attention(nn.Module):
 
 
 def _write(buf: jax.Array, new: jax.Array, col) -> jax.Array:
-  """Writes new [B, W, T, ...] into buf [B, W, S, ...] at columns col..col+T-1."""
+  """Writes new [B, W, T, ...] into buf [B, W, S, ...] at columns col..col+T-1; col a scalar,
+  or [B] (each row at its own column: the generation engine's slots)."""
+  new = new.astype(buf.dtype)
+  if jnp.ndim(col) == 1:
+    row = lambda b, x, c: jax.lax.dynamic_update_slice(b, x, (0, c) + (0,) * (b.ndim - 2))
+    return jax.vmap(row)(buf, new, col)
   start = (0, 0, col) + (0,) * (buf.ndim - 3)
-  return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), start)
+  return jax.lax.dynamic_update_slice(buf, new, start)
 
 
 class Lattice(nn.Module):
@@ -418,7 +426,8 @@ class Model:
 
   def decode_step(self, params: Params, cache: dict, tokens: jax.Array, positions: jax.Array,
                   valid: jax.Array, cur: jax.Array):
-    """One lockstep column: tokens/positions/valid [B, W] at grid column `cur`.
+    """One lockstep column: tokens/positions/valid [B, W] at grid column `cur` (a scalar, or
+    [B]: each row at its own column, whose later columns must not be valid in the cache).
     Returns (logits [B, W, V], hidden [B, W, D], cache)."""
     logits, hidden, cache = self.module.apply(
         {"params": params}, tokens[:, :, None], positions[:, :, None], valid[:, :, None], None,

@@ -129,15 +129,16 @@ def _filter_logits(logits: jax.Array, temperature: jax.Array | float, top_k: jax
 
 def _ends_with_sequence(out: jax.Array, last: jax.Array, stops: jax.Array) -> jax.Array:
   """[B, W] bool: the tokens out[b, w, last - n + 1 : last + 1] equal one of example b's stop
-  sequences. stops [B, S, L]: S sequences per example, each right-aligned in L columns after
+  sequences (last: a column, or [B] columns, one per example). stops [B, S, L]: S sequences per example, each right-aligned in L columns after
   -1 padding (a row of -1 is no sequence)."""
   b, w, n_cols = out.shape
   seq_len = stops.shape[-1]
   lengths = jnp.sum(stops >= 0, axis=-1)  # [B, S]
-  cols = jnp.clip(last - seq_len + 1 + jnp.arange(seq_len), 0, n_cols - 1)
-  window = jnp.take(out, cols, axis=2)  # [B, W, L]
+  last = jnp.broadcast_to(jnp.asarray(last, jnp.int32), (b,))[:, None]  # [B, 1]
+  cols = jnp.clip(last - seq_len + 1 + jnp.arange(seq_len), 0, n_cols - 1)  # [B, L]
+  window = jnp.take_along_axis(out, jnp.broadcast_to(cols[:, None], (b, w, seq_len)), axis=2)
   same = (stops[:, None] < 0) | (window[:, :, None] == stops[:, None])  # [B, W, S, L]
-  hit = jnp.all(same, axis=-1) & (lengths[:, None] > 0) & (last + 1 >= lengths[:, None])
+  hit = jnp.all(same, axis=-1) & (lengths[:, None] > 0) & (last[:, None] + 1 >= lengths[:, None])
   return jnp.any(hit, axis=-1)
 
 

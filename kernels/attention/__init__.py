@@ -75,10 +75,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array,
   if impl == "reference":
     return attention_reference(q, k, v, structured_mask(t, key_valid, causal, q_offset),
                                scale=scale)
-  if impl == "flash" and t == 1 and not (isinstance(q_offset, int) and q_offset == 0):
-    impl = "xla_chunked"  # one decoding column: the flash kernels start queries at column 0
-  if impl == "cudnn" and t == 1:
-    impl = "xla_chunked"  # one decoding column against a long cache: never cuDNN's kernel
+  if impl in ("flash", "cudnn") and t == 1 and k.shape[1] > 1:
+    # one decoding column against a longer cache: the flash kernels serve T = S from column 0,
+    # and never cuDNN's kernel
+    impl = "xla_chunked"
   if impl == "xla_chunked":
     return _chunked(q, k, v, key_valid, causal, q_offset, scale)
   if impl == "flash":

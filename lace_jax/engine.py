@@ -1,0 +1,466 @@
+"""The lattice generation engine: continuous batching of whole lattices (spec section 9).
+
+`sampling.sample` runs one static lockstep batch: a fresh cache per call, one column for the
+whole batch, and the batch runs until its longest lattice finishes. The engine keeps a
+persistent cache of S lattice slots instead. A slot holds one lattice, the W threads of one
+request (a GRPO rollout, an eval problem, a server request), admitted and released together;
+its worst case, prompt width + max_new_tokens columns, is reserved when it is admitted. Each
+slot sits at its own column: the model writes the cache at per-slot columns (`model._write`
+with a [B] column) and the backbone and lattice decode paths read per-slot validity.
+
+    engine = Engine(model, params, slots=8, num_threads=4, max_prompt_len=64,
+                    max_new_tokens=256, stop_ids=(tok.im_end,))
+    results = engine.generate([Request(prompt_ids, max_new_tokens=256, seed=i) ...])
+
+The step loop (`generate`) decodes one column for every live slot, in jitted calls of up to
+`decode_chunk` columns that return early once a slot finishes while requests wait; finished
+lattices are read back and their slots refilled by one batched prefill. Compiled shapes are
+fixed: the slot count, prompt widths and admission sizes in power-of-two buckets.
+
+Prompt sharing: a lattice's W threads read each other's prompt tokens through the lattice
+(with thread-indexed rotary coordinates), so threads with the same prompt still get different
+caches: the unit of sharing is the whole W-thread prompt grid. Requests with identical grids
+admitted together (the G rollouts of a GRPO question, a server request's n) are prefilled once
+and the cache rows copied into their slots (`prefill_rows` counts the grids computed).
+
+Draws are keyed by request, thread and column: the token of column j of a request's lattice is
+drawn with fold_in(key(request.seed), j), one categorical over its [W, V] logits (the thread is
+the row). They do not depend on the slot, the slot count or the order of arrival. Greedy
+requests give token for token what `sample` gives.
+
+Letters: S slots · W threads · P prompt width · N new tokens · L = P + N cache columns ·
+U distinct prompt grids of an admission · A admitted requests · V vocab · D model.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lace_jax import ops, sharding
+from lace_jax.model import Model, Params
+from lace_jax.sampling import (GREEDY_EPSILON, _constrain_cache, _ends_with_sequence,
+                               _filter_logits, _knobs, left_pad)
+
+
+@dataclasses.dataclass
+class Request:
+  """One lattice to generate.
+
+  prompt: one id list (every thread's prompt) or W id lists (per-thread prompts).
+  max_new_tokens: at most the engine's; temperature, top_p, top_k as `sampling.sample`.
+  stop_sequences: token-id sequences that end a thread (besides the engine's stop_ids).
+  seed: the request's draws (`key(seed)` folded with the column).
+  on_tokens: streaming: called as on_tokens(new) after each decode call that emitted tokens,
+    new = W lists of this request's newly emitted ids (on the generating thread)."""
+
+  prompt: Sequence[int] | Sequence[Sequence[int]]
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  stop_sequences: Sequence[Sequence[int]] = ()
+  seed: int = 0
+  on_tokens: Callable[[list[list[int]]], None] | None = None
+
+
+@dataclasses.dataclass
+class Result:
+  """One request's lattice: tokens, logprobs [W, n] (n = its max_new_tokens; pad after a
+  thread stopped), lengths [W], finish_reasons [W] in {"stop", "length"}, prompt_tokens /
+  prompt_valid [W, P] (left-padded to the admission's width), mean_hidden [W, D] (as
+  `sampling.SampleOutput`)."""
+
+  tokens: np.ndarray
+  logprobs: np.ndarray
+  lengths: np.ndarray
+  finish_reasons: list[str]
+  prompt_tokens: np.ndarray
+  prompt_valid: np.ndarray
+  mean_hidden: np.ndarray
+
+
+@dataclasses.dataclass
+class Stats:
+  """Counters of an engine's life: requests admitted and finished, admissions (prefill calls),
+  prompt grids prefilled (distinct grids: the prefill work), decode calls and columns, the
+  columns' slot occupancy (live slots summed over decoded columns) and the time spent."""
+
+  admitted: int = 0
+  finished: int = 0
+  admissions: int = 0
+  prefill_rows: int = 0
+  decode_calls: int = 0
+  columns: int = 0
+  slot_columns: int = 0
+  seconds: float = 0.0
+
+
+def _bucket(x: int, lo: int) -> int:
+  return max(lo, 1 << max(0, x - 1).bit_length())
+
+
+def _choose_keyed(keys: jax.Array, logits: jax.Array, knobs: dict) -> jax.Array:
+  """logits [S, W, V] -> one token per thread [S, W]: the argmax where the slot is greedy,
+  else a draw from its filtered distribution with its own key (keys [S])."""
+  temperature = knobs["temperature"]
+  greedy = temperature < GREEDY_EPSILON  # [S]
+  best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def draw(logits):
+    t = jnp.where(greedy, 1.0, temperature)
+    filtered = _filter_logits(logits, t, knobs["top_k"], knobs["top_p"])
+    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+  drawn = jax.lax.cond(jnp.all(greedy), lambda x: best, draw, logits)
+  return jnp.where(greedy[:, None], best, drawn)
+
+
+def _logprob(logits: jax.Array, token: jax.Array) -> jax.Array:
+  return jnp.take_along_axis(jax.nn.log_softmax(logits), token[..., None], -1)[..., 0]
+
+
+def _set_rows(buf: jax.Array, slots: jax.Array, rows: jax.Array) -> jax.Array:
+  """buf [S, ...] with rows [A, ...] written at slots [A]; a slot index S (padding) is dropped."""
+  return buf.at[slots].set(rows.astype(buf.dtype), mode="drop")
+
+
+_STATIC = ("model", "stop_ids", "pad_id", "mesh", "rules")
+
+
+def _constrain_state(state: dict, mesh, rules) -> dict:
+  if mesh is None:
+    return state
+  cache = _constrain_cache(state["cache"], mesh, rules)
+  rest = {k: v for k, v in state.items() if k != "cache"}
+  rest = jax.lax.with_sharding_constraint(rest, jax.tree.map(
+      lambda x: sharding.batch_sharding(mesh, x.ndim, rules=rules), rest))
+  return dict(rest, cache=cache)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("slots", "num_threads", "length",
+                                                       "max_new_tokens", "stop_shape"))
+def _empty_state(model: Model, *, slots: int, num_threads: int, length: int,
+                 max_new_tokens: int, stop_shape: tuple[int, int], stop_ids, pad_id, mesh,
+                 rules) -> dict:
+  """The engine's device state for S empty slots (greedy knobs: an empty slot never makes the
+  all-greedy fast path draw)."""
+  del stop_ids  # static like the other calls' (one argument set for all)
+  s, w, n = slots, num_threads, max_new_tokens
+  state = dict(
+      cache=model.init_cache(s, w, length),
+      out=jnp.full((s, w, n), pad_id, jnp.int32), lps=jnp.zeros((s, w, n), jnp.float32),
+      lengths=jnp.zeros((s, w), jnp.int32), done=jnp.ones((s, w), bool),
+      hidden_sum=jnp.zeros((s, w, model.config.d_model), jnp.float32),
+      pos=jnp.zeros((s, w), jnp.int32), i=jnp.zeros((s,), jnp.int32),
+      start=jnp.zeros((s,), jnp.int32), budget=jnp.zeros((s,), jnp.int32),
+      active=jnp.zeros((s,), bool), key=jax.random.key_data(jax.random.split(
+          jax.random.key(0), s)),
+      temperature=jnp.zeros((s,), jnp.float32), top_p=jnp.ones((s,), jnp.float32),
+      top_k=jnp.zeros((s,), jnp.int32), stops=jnp.full((s, *stop_shape), -1, jnp.int32))
+  return _constrain_state(state, mesh, rules)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
+def _admit(model: Model, params: Params, state: dict, prompt: jax.Array, prompt_valid: jax.Array,
+           src: jax.Array, slots: jax.Array, new: dict, *, stop_ids: tuple[int, ...],
+           pad_id: int, mesh=None, rules=()) -> dict:
+  """Prefills U distinct prompt grids [U, W, P'] once and admits A requests: request a takes
+  grid src[a] into slot slots[a] (S: padding, dropped), with its knobs, key and budget in
+  `new` ([A] each; stops [A, Sq, Lq]). Its first token (column 0) is drawn from the grid's last
+  logits with its own key."""
+  u, w, p = prompt.shape
+  small = model.init_cache(u, w, p)
+  positions = ops.default_positions(prompt_valid)
+  with sharding.logical_rules(rules):
+    logits, _, small = model.prefill(params, small, prompt, positions, prompt_valid,
+                                     logits="last")
+  last = logits[:, :, -1][src]  # [A, W, V]
+  keys = jax.random.wrap_key_data(new["key"])
+  first = _choose_keyed(jax.vmap(jax.random.fold_in)(keys, jnp.zeros_like(src)), last, new)
+  n = state["out"].shape[-1]
+  a = src.shape[0]
+  out = jnp.full((a, w, n), pad_id, jnp.int32).at[:, :, 0].set(first)
+  lps = jnp.zeros((a, w, n), jnp.float32).at[:, :, 0].set(_logprob(last, first))
+  done = (jnp.isin(first, jnp.asarray(stop_ids, jnp.int32))
+          | _ends_with_sequence(out, jnp.int32(0), new["stops"]))
+  next_pos = jnp.max(jnp.where(prompt_valid, positions + 1, 0), axis=-1)[src]  # [A, W]
+
+  def insert(big, fresh):  # a cache leaf [S, W, L, ...] <- the grids' columns 0..P'-1
+    return big.at[slots, :, :p].set(fresh[src].astype(big.dtype), mode="drop")
+
+  cache = dict(state["cache"])
+  cache["layers"] = jax.tree.map(insert, state["cache"]["layers"], small["layers"])
+  length = state["cache"]["valid"].shape[2]
+  valid = jnp.pad(prompt_valid[src], ((0, 0), (0, 0), (0, length - p)))  # later columns: False
+  cache["valid"] = _set_rows(state["cache"]["valid"], slots, valid)
+  put = lambda name, rows: _set_rows(state[name], slots, rows)
+  state = dict(
+      state, cache=cache, out=put("out", out), lps=put("lps", lps),
+      lengths=put("lengths", jnp.ones((a, w), jnp.int32)), done=put("done", done),
+      hidden_sum=put("hidden_sum", jnp.zeros((a,) + state["hidden_sum"].shape[1:])),
+      pos=put("pos", next_pos), i=put("i", jnp.zeros((a,), jnp.int32)),
+      start=put("start", jnp.full((a,), p, jnp.int32)), budget=put("budget", new["budget"]),
+      active=put("active", jnp.ones((a,), bool)), key=put("key", new["key"]),
+      **{k: put(k, new[k]) for k in ("temperature", "top_p", "top_k", "stops")})
+  return _constrain_state(state, mesh, rules)
+
+
+def _running(state: dict) -> jax.Array:
+  """[S] bool: an active slot with a token still to feed (emitted, not yet through the model:
+  after a slot's last emission one more column feeds its last tokens, as `sample` does, so
+  every emitted token's hidden state counts)."""
+  return state["active"] & jnp.any(state["lengths"] > state["i"][:, None], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
+def _decode(model: Model, params: Params, state: dict, limit: jax.Array, free_early: jax.Array,
+            *, stop_ids: tuple[int, ...], pad_id: int, mesh=None, rules=()) -> tuple:
+  """Up to `limit` columns for every running slot; returns early when no slot runs or, with
+  free_early, once a slot has finished (a waiting request can take it). Returns (state,
+  columns decoded, live slots summed over them)."""
+  stop = jnp.asarray(stop_ids, jnp.int32)
+  s, w, n = state["out"].shape
+  length = state["cache"]["valid"].shape[2]
+  rows = jnp.arange(s)
+
+  def body(carry):
+    st, k, occupancy, _ = carry
+    running = _running(st)
+    i = st["i"]
+    col = jnp.minimum(i, n - 1)
+    token = jnp.take_along_axis(st["out"], col[:, None, None], axis=2)[..., 0]  # [S, W]
+    live = (st["lengths"] > i[:, None]) & running[:, None]
+    with sharding.logical_rules(rules):
+      logits, hidden, cache = model.decode_step(params, st["cache"], token, st["pos"], live,
+                                                jnp.minimum(st["start"] + i, length - 1))
+    cache = _constrain_cache(cache, mesh, rules)
+    hidden_sum = st["hidden_sum"] + jnp.where(live[..., None], hidden.astype(jnp.float32), 0.0)
+    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(st["key"]), i + 1)
+    nxt = _choose_keyed(keys, logits, st)
+    emit = running[:, None] & ~st["done"] & ((i + 1) < st["budget"])[:, None]  # [S, W]
+    at = jnp.where(running, i + 1, n)  # column n: out of range, the write is dropped
+    out = st["out"].at[rows, :, at].set(jnp.where(emit, nxt, pad_id), mode="drop")
+    lps = st["lps"].at[rows, :, at].set(jnp.where(emit, _logprob(logits, nxt), 0.0),
+                                         mode="drop")
+    ended = jnp.isin(nxt, stop) | _ends_with_sequence(out, jnp.minimum(i + 1, n - 1),
+                                                      st["stops"])
+    st = dict(st, cache=cache, out=out, lps=lps, hidden_sum=hidden_sum,
+              lengths=st["lengths"] + emit.astype(jnp.int32), done=st["done"] | (emit & ended),
+              pos=st["pos"] + running[:, None].astype(jnp.int32),
+              i=i + running.astype(jnp.int32))
+    freed = jnp.any(running & ~_running(st))
+    return st, k + 1, occupancy + jnp.sum(running), freed
+
+  def cond(carry):
+    st, k, _, freed = carry
+    return (k < limit) & jnp.any(_running(st)) & ~(free_early & freed)
+
+  state, k, occupancy, _ = jax.lax.while_loop(
+      cond, body, (state, jnp.int32(0), jnp.int32(0), jnp.bool_(False)))
+  return _constrain_state(state, mesh, rules), k, occupancy
+
+
+@jax.jit
+def _release(state: dict, finished: jax.Array) -> dict:
+  """Marks the finished slots [S] empty (greedy knobs again)."""
+  keep = ~finished
+  return dict(state, active=state["active"] & keep,
+              temperature=jnp.where(keep, state["temperature"], 0.0))
+
+
+class Engine:
+  """S lattice slots over a persistent cache; see the module docstring.
+
+  model, params: the model and its parameters (placed on `mesh` when one is given).
+  slots: S, lattices generated at once (on a mesh: a multiple of the data-parallel ways).
+  num_threads: W; max_prompt_len, max_new_tokens: the largest prompt (tokens) and generation a
+    request may have (a slot reserves both); stop_ids: tokens that end a thread, kept in its
+    output; pad_id as `sample`.
+  stop_shape: (sequences, length) of the largest per-request stop-sequence set accepted.
+  decode_chunk: columns per decode call (the host regains control between calls: admission,
+    streaming, cancellation).
+  mesh, rules: one process's mesh (slots over the batch axes, as `sample`'s batch).
+  """
+
+  def __init__(self, model: Model, params: Params, *, slots: int, num_threads: int,
+               max_prompt_len: int, max_new_tokens: int, stop_ids: Sequence[int] = (),
+               pad_id: int = 0, stop_shape: tuple[int, int] = (4, 16), decode_chunk: int = 32,
+               mesh=None, rules=None):
+    for name, value in (("slots", slots), ("num_threads", num_threads),
+                        ("max_prompt_len", max_prompt_len), ("max_new_tokens", max_new_tokens),
+                        ("decode_chunk", decode_chunk)):
+      if not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"Engine {name}={value!r}; expected an int >= 1")
+    if mesh is not None:
+      if len({d.process_index for d in mesh.devices.flat}) > 1:
+        raise ValueError("the engine runs on one process's devices; a mesh over several "
+                         "processes generates with lace_jax.sample")
+      rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
+      ways = sharding.batch_ways(mesh, rules)
+      if slots % ways:
+        raise ValueError(f"Engine slots={slots} is not divisible by the data-parallel ways: "
+                         f"{ways} over {sharding.batch_axes(rules)} of mesh {dict(mesh.shape)}")
+    self.model, self.params = model, params
+    self.slots, self.num_threads = int(slots), int(num_threads)
+    self.max_prompt_len = _bucket(int(max_prompt_len), 16)
+    self.max_new_tokens = int(max_new_tokens)
+    self.decode_chunk = int(decode_chunk)
+    self.stop_shape = tuple(int(x) for x in stop_shape)
+    self.static = dict(stop_ids=tuple(int(t) for t in stop_ids), pad_id=int(pad_id), mesh=mesh,
+                       rules=tuple(rules) if mesh is not None else ())
+    self.stats = Stats()
+    with self._mesh():
+      self.state = _empty_state(
+          model, slots=self.slots, num_threads=self.num_threads,
+          length=self.max_prompt_len + self.max_new_tokens, max_new_tokens=self.max_new_tokens,
+          stop_shape=self.stop_shape, **self.static)
+    self._owner = [None] * self.slots  # slot -> (request index, request) or None
+    self._sent = [None] * self.slots  # streaming: tokens already handed to on_tokens, per thread
+
+  def _mesh(self):
+    mesh = self.static["mesh"]
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+  # ---- requests -> device inputs
+
+  def _check(self, index: int, r: Request) -> None:
+    if not 1 <= r.max_new_tokens <= self.max_new_tokens:
+      raise ValueError(f"request {index}: max_new_tokens={r.max_new_tokens}; expected 1.."
+                       f"{self.max_new_tokens} (the engine's max_new_tokens)")
+    stops = [q for q in r.stop_sequences if 0 < len(q) <= r.max_new_tokens]
+    if len(stops) > self.stop_shape[0] or any(len(q) > self.stop_shape[1] for q in stops):
+      raise ValueError(f"request {index}: {len(stops)} stop sequences of up to "
+                       f"{max(map(len, stops), default=0)} tokens; the engine takes at most "
+                       f"{self.stop_shape[0]} of at most {self.stop_shape[1]} (stop_shape)")
+
+  def _grids(self, requests: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
+    """The requests' prompt grids [A, W, P'], left-padded to a power-of-two width P' >= 16."""
+    prompts = [r.prompt for r in requests]
+    tokens, _ = left_pad(prompts, self.num_threads, self.static["pad_id"])
+    width = _bucket(tokens.shape[-1], 16)
+    if width > self.max_prompt_len:
+      raise ValueError(f"a prompt of up to {tokens.shape[-1]} tokens does not fit the engine's "
+                       f"max_prompt_len={self.max_prompt_len}")
+    return left_pad(prompts, self.num_threads, self.static["pad_id"], width=width)
+
+  def _admit(self, batch: list[tuple[int, Request]], free: list[int]) -> None:
+    """Prefills `batch` (request index, request) into the slots `free` (as many)."""
+    tokens, valid = self._grids([r for _, r in batch])
+    key = lambda a: (tokens[a].tobytes(), valid[a].tobytes())
+    first = {}
+    src = np.asarray([first.setdefault(key(a), len(first)) for a in range(len(batch))], np.int32)
+    unique = np.asarray(list({v: k for k, v in first.items()}.keys()))
+    rows = [int(np.flatnonzero(src == u)[0]) for u in unique]
+    u_pad, a_pad = _bucket(len(rows), 1), _bucket(len(batch), 1)
+    grid = np.concatenate([tokens[rows], np.repeat(tokens[rows[:1]], u_pad - len(rows), 0)])
+    grid_valid = np.concatenate([valid[rows], np.repeat(valid[rows[:1]], u_pad - len(rows), 0)])
+    reqs = [r for _, r in batch]
+    knobs = _knobs(len(batch), self.max_new_tokens, [r.temperature for r in reqs],
+                   [r.top_p for r in reqs], [r.top_k for r in reqs], (),
+                   [list(r.stop_sequences) for r in reqs])
+    stops = np.full((len(batch), *self.stop_shape), -1, np.int32)
+    got = knobs["stops"]
+    if got.size:
+      stops[:, :got.shape[1], self.stop_shape[1] - got.shape[2]:] = got
+    pad = a_pad - len(batch)
+    fill = lambda x, v: np.concatenate([x, np.full((pad,) + x.shape[1:], v, x.dtype)])
+    new = dict(temperature=fill(knobs["temperature"], 0.0), top_p=fill(knobs["top_p"], 1.0),
+               top_k=fill(knobs["top_k"], 0), stops=fill(stops, -1),
+               budget=fill(np.asarray([r.max_new_tokens for r in reqs], np.int32), 0),
+               key=fill(np.stack([np.asarray(jax.random.key_data(jax.random.key(r.seed)))
+                                  for r in reqs]), 0))
+    slots = fill(np.asarray(free, np.int32), self.slots)
+    src = fill(src, 0)
+    with self._mesh():
+      self.state = _admit(self.model, self.params, self.state, jnp.asarray(grid),
+                          jnp.asarray(grid_valid), jnp.asarray(src), jnp.asarray(slots),
+                          jax.tree.map(jnp.asarray, new), **self.static)
+    for (index, r), slot, a in zip(batch, free, range(len(batch))):
+      self._owner[slot] = (index, r, tokens[a], valid[a])
+      self._sent[slot] = None if r.on_tokens is None else [0] * self.num_threads
+    self.stats.admitted += len(batch)
+    self.stats.admissions += 1
+    self.stats.prefill_rows += len(rows)
+
+  # ---- the step loop
+
+  def generate(self, requests: Sequence[Request], *, should_cancel=None) -> list[Result]:
+    """Generates every request (in slots as they free up, FIFO) and returns their results in
+    order. should_cancel: called between decode calls; True stops (`sampling.Cancelled`) and
+    empties the slots."""
+    from lace_jax.sampling import Cancelled  # noqa: PLC0415 (a name of the sampler's API)
+    for index, r in enumerate(requests):
+      self._check(index, r)
+    if requests:
+      self._grids(list(requests))  # every prompt checked before any work
+    results: list[Result | None] = [None] * len(requests)
+    waiting = collections.deque(enumerate(requests))
+    start = time.monotonic()
+    try:
+      while waiting or any(o is not None for o in self._owner):
+        free = [s for s, o in enumerate(self._owner) if o is None]
+        if waiting and free:
+          batch = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+          self._admit(batch, free[:len(batch)])
+        with self._mesh():
+          self.state, k, occupancy = _decode(
+              self.model, self.params, self.state, jnp.int32(self.decode_chunk),
+              jnp.bool_(bool(waiting)), **self.static)
+        self.stats.decode_calls += 1
+        self.stats.columns += int(k)
+        self.stats.slot_columns += int(occupancy)
+        self._harvest(results)
+        if should_cancel is not None and should_cancel():
+          self.reset()
+          raise Cancelled("cancelled by should_cancel")
+    finally:
+      self.stats.seconds += time.monotonic() - start
+    return results
+
+  def _harvest(self, results: list) -> None:
+    """Reads back the finished slots' lattices (and streams new tokens), frees their slots."""
+    running = np.asarray(_running(self.state))
+    owned = np.asarray([o is not None for o in self._owner])
+    finished = owned & ~running
+    streaming = [s for s in range(self.slots) if self._sent[s] is not None]
+    if not finished.any() and not streaming:
+      return
+    host = jax.device_get({k: self.state[k] for k in ("out", "lps", "lengths", "done",
+                                                      "hidden_sum")})
+    for s in streaming:
+      index, r, _, _ = self._owner[s]
+      new = [host["out"][s, w, self._sent[s][w]:host["lengths"][s, w]].tolist()
+             for w in range(self.num_threads)]
+      if any(new):
+        self._sent[s] = [int(x) for x in host["lengths"][s]]
+        r.on_tokens(new)
+    for s in np.flatnonzero(finished):
+      index, r, tokens, valid = self._owner[s]
+      n = r.max_new_tokens
+      lengths = host["lengths"][s]
+      results[index] = Result(
+          tokens=host["out"][s, :, :n], logprobs=host["lps"][s, :, :n], lengths=lengths,
+          finish_reasons=["stop" if d else "length" for d in host["done"][s]],
+          prompt_tokens=tokens, prompt_valid=valid,
+          mean_hidden=host["hidden_sum"][s] / np.maximum(lengths, 1)[:, None])
+      self._owner[s] = self._sent[s] = None
+      self.stats.finished += 1
+    with self._mesh():
+      self.state = _release(self.state, jnp.asarray(finished))
+
+  def reset(self) -> None:
+    """Empties every slot (the cache stays allocated)."""
+    with self._mesh():
+      self.state = _release(self.state, jnp.ones((self.slots,), bool))
+    self._owner = [None] * self.slots
+    self._sent = [None] * self.slots
+
