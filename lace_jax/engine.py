@@ -19,9 +19,11 @@ fixed: the slot count, prompt widths and admission sizes in power-of-two buckets
 
 Prompt sharing: a lattice's W threads read each other's prompt tokens through the lattice
 (with thread-indexed rotary coordinates), so threads with the same prompt still get different
-caches: the unit of sharing is the whole W-thread prompt grid. Requests with identical grids
-admitted together (the G rollouts of a GRPO question, a server request's n) are prefilled once
-and the cache rows copied into their slots (`prefill_rows` counts the grids computed).
+caches: the unit of sharing is the whole W-thread prompt grid. A store keeps the S most recently
+used prefilled grids (their cache columns, last logits and next positions); a request whose grid
+is there is admitted by copying it into its slot, with no prefill. The G rollouts of a GRPO
+question, or a server request's n, prefill their prompt once however the slots free up
+(`Stats.prefill_rows` counts the grids computed).
 
 Draws are keyed by request, thread and column: the token of column j of a request's lattice is
 drawn with fold_in(key(request.seed), j), one categorical over its [W, V] logits (the thread is
@@ -169,46 +171,70 @@ def _empty_state(model: Model, *, slots: int, num_threads: int, length: int,
   return _constrain_state(state, mesh, rules)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
-def _admit(model: Model, params: Params, state: dict, prompt: jax.Array, prompt_valid: jax.Array,
-           src: jax.Array, slots: jax.Array, new: dict, *, stop_ids: tuple[int, ...],
-           pad_id: int, mesh=None, rules=()) -> dict:
-  """Prefills U distinct prompt grids [U, W, P'] once and admits A requests: request a takes
-  grid src[a] into slot slots[a] (S: padding, dropped), with its knobs, key and budget in
-  `new` ([A] each; stops [A, Sq, Lq]). Its first token (column 0) is drawn from the grid's last
-  logits with its own key."""
+@functools.partial(jax.jit, static_argnames=("model", "rows", "num_threads", "width"))
+def _empty_store(model: Model, *, rows: int, num_threads: int, width: int) -> dict:
+  """The prompt store: R prefilled prompt grids (cache columns 0..P-1 [R, W, P, ...], validity
+  [R, W, P], the last column's logits [R, W, V] and the next token positions [R, W])."""
+  return dict(cache=model.init_cache(rows, num_threads, width)["layers"],
+              valid=jnp.zeros((rows, num_threads, width), bool),
+              logits=jnp.zeros((rows, num_threads, model.config.vocab_size), jnp.float32),
+              next_pos=jnp.zeros((rows, num_threads), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "rules"), donate_argnames=("store",))
+def _prefill(model: Model, params: Params, store: dict, prompt: jax.Array,
+             prompt_valid: jax.Array, rows: jax.Array, *, rules=()) -> dict:
+  """Prefills U prompt grids [U, W, P'] once and keeps them in the store's rows [U] (R: padding,
+  dropped)."""
   u, w, p = prompt.shape
   small = model.init_cache(u, w, p)
   positions = ops.default_positions(prompt_valid)
   with sharding.logical_rules(rules):
     logits, _, small = model.prefill(params, small, prompt, positions, prompt_valid,
                                      logits="last")
-  last = logits[:, :, -1][src]  # [A, W, V]
+  width = store["valid"].shape[2]
+  put = lambda buf, fresh: buf.at[rows, :, :p].set(fresh.astype(buf.dtype), mode="drop")
+  return dict(
+      cache=jax.tree.map(put, store["cache"], small["layers"]),
+      valid=_set_rows(store["valid"], rows,
+                      jnp.pad(prompt_valid, ((0, 0), (0, 0), (0, width - p)))),
+      logits=_set_rows(store["logits"], rows, logits[:, :, -1]),
+      next_pos=_set_rows(store["next_pos"], rows,
+                         jnp.max(jnp.where(prompt_valid, positions + 1, 0), axis=-1)))
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
+def _admit(model: Model, state: dict, store: dict, src: jax.Array, slots: jax.Array,
+           new: dict, *, stop_ids: tuple[int, ...], pad_id: int, mesh=None, rules=()) -> dict:
+  """Admits A requests: request a copies the store's prefilled grid src[a] into slot slots[a]
+  (S: padding, dropped), with its knobs, key, budget and prompt width in `new` ([A] each;
+  stops [A, Sq, Lq]). Its first token (column 0) is drawn from the grid's last logits with its
+  own key. The grid's columns past its width are invalid, so the copy's stale ones are unread."""
+  del model
+  last = store["logits"][src]  # [A, W, V]
   keys = jax.random.wrap_key_data(new["key"])
   first = _choose_keyed(jax.vmap(jax.random.fold_in)(keys, jnp.zeros_like(src)), last, new)
+  a, w = first.shape
   n = state["out"].shape[-1]
-  a = src.shape[0]
   out = jnp.full((a, w, n), pad_id, jnp.int32).at[:, :, 0].set(first)
   lps = jnp.zeros((a, w, n), jnp.float32).at[:, :, 0].set(_logprob(last, first))
   done = (jnp.isin(first, jnp.asarray(stop_ids, jnp.int32))
           | _ends_with_sequence(out, jnp.int32(0), new["stops"]))
-  next_pos = jnp.max(jnp.where(prompt_valid, positions + 1, 0), axis=-1)[src]  # [A, W]
-
-  def insert(big, fresh):  # a cache leaf [S, W, L, ...] <- the grids' columns 0..P'-1
-    return big.at[slots, :, :p].set(fresh[src].astype(big.dtype), mode="drop")
-
-  cache = dict(state["cache"])
-  cache["layers"] = jax.tree.map(insert, state["cache"]["layers"], small["layers"])
+  width = store["valid"].shape[2]
+  insert = lambda big, kept: big.at[slots, :, :width].set(kept[src].astype(big.dtype),
+                                                         mode="drop")
   length = state["cache"]["valid"].shape[2]
-  valid = jnp.pad(prompt_valid[src], ((0, 0), (0, 0), (0, length - p)))  # later columns: False
-  cache["valid"] = _set_rows(state["cache"]["valid"], slots, valid)
+  cache = dict(state["cache"], layers=jax.tree.map(insert, state["cache"]["layers"],
+                                                   store["cache"]))
+  cache["valid"] = _set_rows(state["cache"]["valid"], slots, jnp.pad(
+      store["valid"][src], ((0, 0), (0, 0), (0, length - width))))  # later columns: False
   put = lambda name, rows: _set_rows(state[name], slots, rows)
   state = dict(
       state, cache=cache, out=put("out", out), lps=put("lps", lps),
       lengths=put("lengths", jnp.ones((a, w), jnp.int32)), done=put("done", done),
       hidden_sum=put("hidden_sum", jnp.zeros((a,) + state["hidden_sum"].shape[1:])),
-      pos=put("pos", next_pos), i=put("i", jnp.zeros((a,), jnp.int32)),
-      start=put("start", jnp.full((a,), p, jnp.int32)), budget=put("budget", new["budget"]),
+      pos=put("pos", store["next_pos"][src]), i=put("i", jnp.zeros((a,), jnp.int32)),
+      start=put("start", new["start"]), budget=put("budget", new["budget"]),
       active=put("active", jnp.ones((a,), bool)), key=put("key", new["key"]),
       **{k: put(k, new[k]) for k in ("temperature", "top_p", "top_k", "stops")})
   return _constrain_state(state, mesh, rules)
@@ -323,7 +349,12 @@ class Engine:
           model, slots=self.slots, num_threads=self.num_threads,
           length=self.max_prompt_len + self.max_new_tokens, max_new_tokens=self.max_new_tokens,
           stop_shape=self.stop_shape, **self.static)
-    self._owner = [None] * self.slots  # slot -> (request index, request) or None
+      # as many prefilled grids as slots: an admission's grids always fit
+      self._store_rows = self.slots
+      self.store = _empty_store(model, rows=self._store_rows, num_threads=self.num_threads,
+                                width=self.max_prompt_len)
+    self._store = {}  # prompt grid (width, tokens, validity) -> store row, least recent first
+    self._owner = [None] * self.slots  # slot -> (request index, request, grid) or None
     self._sent = [None] * self.slots  # streaming: tokens already handed to on_tokens, per thread
 
   def _mesh(self):
@@ -353,16 +384,32 @@ class Engine:
     return left_pad(prompts, self.num_threads, self.static["pad_id"], width=width)
 
   def _admit(self, batch: list[tuple[int, Request]], free: list[int]) -> None:
-    """Prefills `batch` (request index, request) into the slots `free` (as many)."""
+    """Admits `batch` (request index, request) into the slots `free` (as many): the prompt
+    grids not in the store are prefilled (once each) into its least recently used rows, then
+    every request copies its grid from the store."""
     tokens, valid = self._grids([r for _, r in batch])
-    key = lambda a: (tokens[a].tobytes(), valid[a].tobytes())
-    first = {}
-    src = np.asarray([first.setdefault(key(a), len(first)) for a in range(len(batch))], np.int32)
-    unique = np.asarray(list({v: k for k, v in first.items()}.keys()))
-    rows = [int(np.flatnonzero(src == u)[0]) for u in unique]
-    u_pad, a_pad = _bucket(len(rows), 1), _bucket(len(batch), 1)
-    grid = np.concatenate([tokens[rows], np.repeat(tokens[rows[:1]], u_pad - len(rows), 0)])
-    grid_valid = np.concatenate([valid[rows], np.repeat(valid[rows[:1]], u_pad - len(rows), 0)])
+    width = tokens.shape[-1]
+    keys = [(width, tokens[a].tobytes(), valid[a].tobytes()) for a in range(len(batch))]
+    missing = list(dict.fromkeys(k for k in keys if k not in self._store))
+    if missing:
+      needed = set(keys)
+      spare = [row for k, row in self._store.items() if k not in needed]  # oldest first
+      rows = ([r for r in range(self._store_rows) if r not in self._store.values()]
+              + spare)[:len(missing)]
+      for k in [k for k, row in self._store.items() if row in rows]:
+        del self._store[k]
+      first = [keys.index(k) for k in missing]
+      u_pad = _bucket(len(missing), 1)
+      pad = lambda x: np.concatenate([x[first], np.repeat(x[first[:1]], u_pad - len(first), 0)])
+      rows_arr = np.asarray(rows + [self._store_rows] * (u_pad - len(rows)), np.int32)
+      with self._mesh():
+        self.store = _prefill(self.model, self.params, self.store, jnp.asarray(pad(tokens)),
+                              jnp.asarray(pad(valid)), jnp.asarray(rows_arr),
+                              rules=self.static["rules"])
+      self._store.update(zip(missing, rows))
+      self.stats.prefill_rows += len(missing)
+    for k in keys:  # most recently used last
+      self._store[k] = self._store.pop(k)
     reqs = [r for _, r in batch]
     knobs = _knobs(len(batch), self.max_new_tokens, [r.temperature for r in reqs],
                    [r.top_p for r in reqs], [r.top_k for r in reqs], (),
@@ -371,25 +418,25 @@ class Engine:
     got = knobs["stops"]
     if got.size:
       stops[:, :got.shape[1], self.stop_shape[1] - got.shape[2]:] = got
-    pad = a_pad - len(batch)
-    fill = lambda x, v: np.concatenate([x, np.full((pad,) + x.shape[1:], v, x.dtype)])
+    a_pad = _bucket(len(batch), 1)
+    fill = lambda x, v: np.concatenate([x, np.full((a_pad - len(batch),) + x.shape[1:], v,
+                                                   x.dtype)])
     new = dict(temperature=fill(knobs["temperature"], 0.0), top_p=fill(knobs["top_p"], 1.0),
                top_k=fill(knobs["top_k"], 0), stops=fill(stops, -1),
                budget=fill(np.asarray([r.max_new_tokens for r in reqs], np.int32), 0),
+               start=fill(np.full(len(batch), width, np.int32), 0),
                key=fill(np.stack([np.asarray(jax.random.key_data(jax.random.key(r.seed)))
                                   for r in reqs]), 0))
+    src = fill(np.asarray([self._store[k] for k in keys], np.int32), 0)
     slots = fill(np.asarray(free, np.int32), self.slots)
-    src = fill(src, 0)
     with self._mesh():
-      self.state = _admit(self.model, self.params, self.state, jnp.asarray(grid),
-                          jnp.asarray(grid_valid), jnp.asarray(src), jnp.asarray(slots),
-                          jax.tree.map(jnp.asarray, new), **self.static)
+      self.state = _admit(self.model, self.state, self.store, jnp.asarray(src),
+                          jnp.asarray(slots), jax.tree.map(jnp.asarray, new), **self.static)
     for (index, r), slot, a in zip(batch, free, range(len(batch))):
       self._owner[slot] = (index, r, tokens[a], valid[a])
       self._sent[slot] = None if r.on_tokens is None else [0] * self.num_threads
     self.stats.admitted += len(batch)
     self.stats.admissions += 1
-    self.stats.prefill_rows += len(rows)
 
   # ---- the step loop
 

@@ -99,8 +99,9 @@ def test_seeded_draws_do_not_depend_on_slots_or_order(model):
 
 
 def test_identical_prompt_grids_are_prefilled_once(model):
-  """G = 4 rollouts of each of 2 questions: 2 grids prefilled, 8 lattices; greedy ones equal
-  `sample` on the repeated prompts, sampled ones differ by seed."""
+  """G = 4 rollouts of each of 2 questions: 2 grids prefilled, 8 lattices, whether admitted
+  together or a few at a time; greedy ones equal `sample` on the repeated prompts, sampled ones
+  differ by seed."""
   m, params = model
   questions = _prompts(2, seed=2)
   prompts = [q for q in questions for _ in range(4)]
@@ -112,7 +113,13 @@ def test_identical_prompt_grids_are_prefilled_once(model):
   for i, r in enumerate(greedy):
     np.testing.assert_array_equal(r.tokens, ref.tokens[i])
   drawn = eng.generate([engine.Request(p, 6, seed=i) for i, p in enumerate(prompts)])
-  assert eng.stats.prefill_rows == 4
+  assert eng.stats.prefill_rows == 2  # both grids still in the store
+  # through 2 slots the rollouts are admitted a few at a time: each grid is still computed once
+  few = _engine(model, 2)
+  again = few.generate([engine.Request(p, 6, seed=i) for i, p in enumerate(prompts)])
+  assert few.stats.prefill_rows == 2 and few.stats.admissions >= 4
+  for a, b in zip(again, drawn):
+    np.testing.assert_array_equal(a.tokens, b.tokens)
   assert len({r.tokens.tobytes() for r in drawn[:4]}) > 1
   # a request's result does not depend on sharing: alone it draws the same
   alone = _engine(model, 1).generate([engine.Request(prompts[2], 6, seed=2)])[0]
