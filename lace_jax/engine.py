@@ -40,12 +40,15 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
+import threading
 import time
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lace_jax import ops, sharding
 from lace_jax.model import Model, Params
@@ -247,6 +250,9 @@ def _running(state: dict) -> jax.Array:
   return state["active"] & jnp.any(state["lengths"] > state["i"][:, None], axis=1)
 
 
+_running_slots = jax.jit(_running)
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
 def _decode(model: Model, params: Params, state: dict, limit: jax.Array, free_early: jax.Array,
             *, stop_ids: tuple[int, ...], pad_id: int, mesh=None, rules=()) -> tuple:
@@ -314,7 +320,12 @@ class Engine:
   stop_shape: (sequences, length) of the largest per-request stop-sequence set accepted.
   decode_chunk: columns per decode call (the host regains control between calls: admission,
     streaming, cancellation).
-  mesh, rules: one process's mesh (slots over the batch axes, as `sample`'s batch).
+  mesh, rules: lay the slots out over the mesh's batch axes (as `sample`'s batch). On a mesh
+    that spans processes the engine is one SPMD program: every process makes the same calls
+    (`generate` or `step` together) with ITS requests, which go to its block of the slots
+    (`sharding.process_share`); the shapes of each call are agreed across processes.
+
+  Use `generate(requests)` for a batch, or `submit` + `step` (a server's loop) with `cancel`.
   """
 
   def __init__(self, model: Model, params: Params, *, slots: int, num_threads: int,
@@ -326,15 +337,16 @@ class Engine:
                         ("decode_chunk", decode_chunk)):
       if not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"Engine {name}={value!r}; expected an int >= 1")
+    self.share = None
     if mesh is not None:
-      if len({d.process_index for d in mesh.devices.flat}) > 1:
-        raise ValueError("the engine runs on one process's devices; a mesh over several "
-                         "processes generates with lace_jax.sample")
       rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
       ways = sharding.batch_ways(mesh, rules)
       if slots % ways:
         raise ValueError(f"Engine slots={slots} is not divisible by the data-parallel ways: "
                          f"{ways} over {sharding.batch_axes(rules)} of mesh {dict(mesh.shape)}")
+      self.share = sharding.process_share(mesh, rules)
+    self.multiprocess = mesh is not None and len(
+        {d.process_index for d in mesh.devices.flat}) > 1
     self.model, self.params = model, params
     self.slots, self.num_threads = int(slots), int(num_threads)
     self.max_prompt_len = _bucket(int(max_prompt_len), 16)
@@ -343,6 +355,9 @@ class Engine:
     self.stop_shape = tuple(int(x) for x in stop_shape)
     self.static = dict(stop_ids=tuple(int(t) for t in stop_ids), pad_id=int(pad_id), mesh=mesh,
                        rules=tuple(rules) if mesh is not None else ())
+    # this process's block of the slots (and of the store's rows): global rows lo..lo + local
+    mine = slice(0, self.slots) if self.share is None else self.share.rows(self.slots)
+    self._lo, self.local_slots = mine.start, mine.stop - mine.start
     self.stats = Stats()
     with self._mesh():
       self.state = _empty_state(
@@ -350,20 +365,49 @@ class Engine:
           length=self.max_prompt_len + self.max_new_tokens, max_new_tokens=self.max_new_tokens,
           stop_shape=self.stop_shape, **self.static)
       # as many prefilled grids as slots: an admission's grids always fit
-      self._store_rows = self.slots
-      self.store = _empty_store(model, rows=self._store_rows, num_threads=self.num_threads,
+      self.store = _empty_store(model, rows=self.slots, num_threads=self.num_threads,
                                 width=self.max_prompt_len)
-    self._store = {}  # prompt grid (width, tokens, validity) -> store row, least recent first
-    self._owner = [None] * self.slots  # slot -> (request index, request, grid) or None
-    self._sent = [None] * self.slots  # streaming: tokens already handed to on_tokens, per thread
+    # a prompt grid (its width, tokens, validity) -> (local store row, the width it was
+    # prefilled at), least recently used first
+    self._store = {}
+    self._owner = [None] * self.local_slots  # local slot -> (ticket, request, grid) or None
+    self._sent = [None] * self.local_slots  # streaming: tokens already handed to on_tokens
+    self._waiting = collections.deque()  # (ticket, request)
+    self._cancelled = set()
+    self._lock = threading.Lock()  # submit / cancel from other threads (a server's)
+    self._tickets = itertools.count()
 
   def _mesh(self):
     mesh = self.static["mesh"]
     return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
+  def _put(self, x: np.ndarray) -> jax.Array:
+    """This process's rows -> the global array (batch over the mesh's batch axes)."""
+    if self.static["mesh"] is None:
+      return jnp.asarray(x)
+    return sharding.from_process_rows(x, self.static["mesh"], share=self.share,
+                                      rules=self.static["rules"])
+
+  def _get(self, x: jax.Array) -> np.ndarray:
+    """A global array's rows of this process's block, on the host."""
+    return np.asarray(x) if self.static["mesh"] is None else sharding.process_rows(x)
+
+  def _rows(self, count: int) -> int:
+    """The rows of an admission call for `count` requests (or grids) per process: a power of
+    two (few compiled shapes), a multiple of this process's batch shards."""
+    shards = 1 if self.share is None else self.share.shards
+    return -(-_bucket(count, 1) // shards) * shards
+
+  def _agree(self, values: Sequence[int]) -> np.ndarray:
+    """The maximum over processes of each of these ints (itself on one process)."""
+    mine = np.asarray(values, np.int64)
+    if not self.multiprocess:
+      return mine
+    return np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(mine)).max(0)
+
   # ---- requests -> device inputs
 
-  def _check(self, index: int, r: Request) -> None:
+  def _check(self, index, r: Request) -> None:
     if not 1 <= r.max_new_tokens <= self.max_new_tokens:
       raise ValueError(f"request {index}: max_new_tokens={r.max_new_tokens}; expected 1.."
                        f"{self.max_new_tokens} (the engine's max_new_tokens)")
@@ -372,142 +416,230 @@ class Engine:
       raise ValueError(f"request {index}: {len(stops)} stop sequences of up to "
                        f"{max(map(len, stops), default=0)} tokens; the engine takes at most "
                        f"{self.stop_shape[0]} of at most {self.stop_shape[1]} (stop_shape)")
+    self._width([r.prompt], index)
 
-  def _grids(self, requests: Sequence[Request]) -> tuple[np.ndarray, np.ndarray]:
-    """The requests' prompt grids [A, W, P'], left-padded to a power-of-two width P' >= 16."""
-    prompts = [r.prompt for r in requests]
+  def _width(self, prompts: Sequence, index=None) -> int:
+    """The power-of-two width (>= 16) the prompts' grids are padded to."""
     tokens, _ = left_pad(prompts, self.num_threads, self.static["pad_id"])
     width = _bucket(tokens.shape[-1], 16)
     if width > self.max_prompt_len:
-      raise ValueError(f"a prompt of up to {tokens.shape[-1]} tokens does not fit the engine's "
+      at = "" if index is None else f"request {index}: "
+      raise ValueError(f"{at}a prompt of {tokens.shape[-1]} tokens does not fit the engine's "
                        f"max_prompt_len={self.max_prompt_len}")
-    return left_pad(prompts, self.num_threads, self.static["pad_id"], width=width)
+    return width
 
   def _admit(self, batch: list[tuple[int, Request]], free: list[int]) -> None:
-    """Admits `batch` (request index, request) into the slots `free` (as many): the prompt
-    grids not in the store are prefilled (once each) into its least recently used rows, then
-    every request copies its grid from the store."""
-    tokens, valid = self._grids([r for _, r in batch])
-    width = tokens.shape[-1]
-    keys = [(width, tokens[a].tobytes(), valid[a].tobytes()) for a in range(len(batch))]
+    """Admits `batch` (ticket, request) into the local slots `free` (as many): the prompt grids
+    not in the store are prefilled (once each) into its least recently used rows, then every
+    request copies its grid from the store. Called by every process together (with its own
+    batch, possibly empty): the calls' shapes are agreed first."""
+    reqs = [r for _, r in batch]
+    pad_id = self.static["pad_id"]
+    grids = []  # each request's own grid, at its own width: the store's key
+    for r in reqs:
+      t, v = left_pad([r.prompt], self.num_threads, pad_id, width=self._width([r.prompt]))
+      grids.append((t[0], v[0]))
+    keys = [(t.shape[-1], t.tobytes(), v.tobytes()) for t, v in grids]
     missing = list(dict.fromkeys(k for k in keys if k not in self._store))
-    if missing:
+    grid_of = dict(zip(keys, grids))
+    local_width = max((k[0] for k in missing), default=16)
+    width, u, a = (int(x) for x in self._agree([local_width, len(missing), len(batch)]))
+    if a == 0:
+      return
+    repad = lambda x, value, p: np.concatenate(
+        [np.full(x.shape[:-1] + (p - x.shape[-1],), value, x.dtype), x], axis=-1)
+    if u:  # the missing grids, prefilled at the agreed width into free or least recent rows
       needed = set(keys)
-      spare = [row for k, row in self._store.items() if k not in needed]  # oldest first
-      rows = ([r for r in range(self._store_rows) if r not in self._store.values()]
-              + spare)[:len(missing)]
-      for k in [k for k, row in self._store.items() if row in rows]:
+      taken = {row for row, _ in self._store.values()}
+      spare = [row for k, (row, _) in self._store.items() if k not in needed]  # oldest first
+      rows = ([r for r in range(self.local_slots) if r not in taken] + spare)[:len(missing)]
+      for k in [k for k, (row, _) in self._store.items() if row in rows]:
         del self._store[k]
-      first = [keys.index(k) for k in missing]
-      u_pad = _bucket(len(missing), 1)
-      pad = lambda x: np.concatenate([x[first], np.repeat(x[first[:1]], u_pad - len(first), 0)])
-      rows_arr = np.asarray(rows + [self._store_rows] * (u_pad - len(rows)), np.int32)
+      u_pad = self._rows(u)
+      blank = (np.full((self.num_threads, width), pad_id, np.int32),
+               np.zeros((self.num_threads, width), bool))
+      padded = [(repad(grid_of[k][0], pad_id, width), repad(grid_of[k][1], False, width))
+                for k in missing] + [blank] * (u_pad - len(missing))
+      rows_arr = np.asarray([self._lo + r for r in rows] + [self.slots] * (u_pad - len(rows)),
+                            np.int32)
       with self._mesh():
-        self.store = _prefill(self.model, self.params, self.store, jnp.asarray(pad(tokens)),
-                              jnp.asarray(pad(valid)), jnp.asarray(rows_arr),
+        self.store = _prefill(self.model, self.params, self.store,
+                              self._put(np.stack([t for t, _ in padded])),
+                              self._put(np.stack([v for _, v in padded])), self._put(rows_arr),
                               rules=self.static["rules"])
-      self._store.update(zip(missing, rows))
+      self._store.update((k, (row, width)) for k, row in zip(missing, rows))
       self.stats.prefill_rows += len(missing)
     for k in keys:  # most recently used last
       self._store[k] = self._store.pop(k)
-    reqs = [r for _, r in batch]
-    knobs = _knobs(len(batch), self.max_new_tokens, [r.temperature for r in reqs],
+    starts = [self._store[k][1] for k in keys]  # each grid's width in the store
+    n = len(batch)
+    knobs = _knobs(n, self.max_new_tokens, [r.temperature for r in reqs],
                    [r.top_p for r in reqs], [r.top_k for r in reqs], (),
-                   [list(r.stop_sequences) for r in reqs])
-    stops = np.full((len(batch), *self.stop_shape), -1, np.int32)
-    got = knobs["stops"]
-    if got.size:
+                   [list(r.stop_sequences) for r in reqs]) if reqs else None
+    stops = np.full((n, *self.stop_shape), -1, np.int32)
+    if knobs is not None and knobs["stops"].size:
+      got = knobs["stops"]
       stops[:, :got.shape[1], self.stop_shape[1] - got.shape[2]:] = got
-    a_pad = _bucket(len(batch), 1)
-    fill = lambda x, v: np.concatenate([x, np.full((a_pad - len(batch),) + x.shape[1:], v,
-                                                   x.dtype)])
-    new = dict(temperature=fill(knobs["temperature"], 0.0), top_p=fill(knobs["top_p"], 1.0),
-               top_k=fill(knobs["top_k"], 0), stops=fill(stops, -1),
-               budget=fill(np.asarray([r.max_new_tokens for r in reqs], np.int32), 0),
-               start=fill(np.full(len(batch), width, np.int32), 0),
-               key=fill(np.stack([np.asarray(jax.random.key_data(jax.random.key(r.seed)))
-                                  for r in reqs]), 0))
-    src = fill(np.asarray([self._store[k] for k in keys], np.int32), 0)
-    slots = fill(np.asarray(free, np.int32), self.slots)
+    a_pad = self._rows(a)
+
+    def fill(values, pad, dtype) -> np.ndarray:  # n rows, then a_pad - n rows of `pad`
+      pad = np.asarray(pad, dtype)
+      rows = np.asarray(values, dtype).reshape((n,) + pad.shape)
+      return np.concatenate([rows, np.broadcast_to(pad, (a_pad - n,) + pad.shape)])
+
+    key_data = lambda seed: np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+    knob = lambda name: knobs[name] if knobs is not None else []
+    new = dict(
+        temperature=fill(knob("temperature"), 0.0, np.float32),
+        top_p=fill(knob("top_p"), 1.0, np.float32), top_k=fill(knob("top_k"), 0, np.int32),
+        stops=fill(stops, np.full(self.stop_shape, -1), np.int32),
+        budget=fill([r.max_new_tokens for r in reqs], 0, np.int32),
+        start=fill(starts, 0, np.int32),
+        key=fill([key_data(r.seed) for r in reqs], np.zeros_like(key_data(0)), np.uint32))
+    src = fill([self._lo + self._store[k][0] for k in keys], 0, np.int32)
+    slots = fill([self._lo + s for s in free], self.slots, np.int32)
     with self._mesh():
-      self.state = _admit(self.model, self.state, self.store, jnp.asarray(src),
-                          jnp.asarray(slots), jax.tree.map(jnp.asarray, new), **self.static)
-    for (index, r), slot, a in zip(batch, free, range(len(batch))):
-      self._owner[slot] = (index, r, tokens[a], valid[a])
+      self.state = _admit(self.model, self.state, self.store, self._put(src), self._put(slots),
+                          {k: self._put(v) for k, v in new.items()}, **self.static)
+    for (ticket, r), slot, k, p in zip(batch, free, keys, starts):
+      tokens, valid = grid_of[k]
+      self._owner[slot] = (ticket, r, repad(tokens, pad_id, p), repad(valid, False, p))
       self._sent[slot] = None if r.on_tokens is None else [0] * self.num_threads
-    self.stats.admitted += len(batch)
+    self.stats.admitted += n
     self.stats.admissions += 1
 
   # ---- the step loop
 
+  def submit(self, request: Request) -> int:
+    """Queues a request (checked now: ValueError naming what is wrong); returns its ticket.
+    Thread-safe."""
+    self._check("submitted", request)
+    with self._lock:
+      ticket = next(self._tickets)
+      self._waiting.append((ticket, request))
+    return ticket
+
+  def cancel(self, ticket: int) -> None:
+    """Drops a waiting request, or frees its slot at the next step (its result is never
+    returned). Thread-safe."""
+    with self._lock:
+      self._cancelled.add(ticket)
+
+  @property
+  def busy(self) -> bool:
+    """Whether this process has a request waiting or in a slot."""
+    return bool(self._waiting) or any(o is not None for o in self._owner)
+
+  def step(self) -> list[tuple[int, Result]]:
+    """Admits waiting requests into free slots, decodes up to `decode_chunk` columns, and
+    returns the (ticket, result) of the lattices that finished. On several processes every
+    process calls it together."""
+    start = time.monotonic()
+    with self._lock:
+      cancelled, self._cancelled = self._cancelled, set()
+      if cancelled:
+        self._waiting = collections.deque(x for x in self._waiting if x[0] not in cancelled)
+      free = [s for s, o in enumerate(self._owner) if o is None]
+      batch = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
+    self._release(np.asarray([o is not None and o[0] in cancelled for o in self._owner]))
+    self._admit(batch, free[:len(batch)])
+    waiting, running = (bool(x) for x in self._agree([len(self._waiting) > 0, self.busy]))
+    done = []
+    if running:
+      with self._mesh():
+        self.state, k, occupancy = _decode(
+            self.model, self.params, self.state, jnp.int32(self.decode_chunk),
+            jnp.bool_(waiting), **self.static)
+      self.stats.decode_calls += 1
+      self.stats.columns += int(k)
+      self.stats.slot_columns += int(occupancy)
+      done = self._harvest()
+    self.stats.seconds += time.monotonic() - start
+    return done
+
   def generate(self, requests: Sequence[Request], *, should_cancel=None) -> list[Result]:
     """Generates every request (in slots as they free up, FIFO) and returns their results in
-    order. should_cancel: called between decode calls; True stops (`sampling.Cancelled`) and
-    empties the slots."""
+    order. should_cancel: called between decode calls (it must answer the same on every
+    process); True stops (`sampling.Cancelled`) and empties the slots."""
     from lace_jax.sampling import Cancelled  # noqa: PLC0415 (a name of the sampler's API)
     for index, r in enumerate(requests):
       self._check(index, r)
-    if requests:
-      self._grids(list(requests))  # every prompt checked before any work
+    if self.busy:
+      raise RuntimeError("generate() on an engine with requests in flight (submit/step)")
+    tickets = {self.submit(r): i for i, r in enumerate(requests)}
     results: list[Result | None] = [None] * len(requests)
-    waiting = collections.deque(enumerate(requests))
-    start = time.monotonic()
-    try:
-      while waiting or any(o is not None for o in self._owner):
-        free = [s for s, o in enumerate(self._owner) if o is None]
-        if waiting and free:
-          batch = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
-          self._admit(batch, free[:len(batch)])
-        with self._mesh():
-          self.state, k, occupancy = _decode(
-              self.model, self.params, self.state, jnp.int32(self.decode_chunk),
-              jnp.bool_(bool(waiting)), **self.static)
-        self.stats.decode_calls += 1
-        self.stats.columns += int(k)
-        self.stats.slot_columns += int(occupancy)
-        self._harvest(results)
-        if should_cancel is not None and should_cancel():
-          self.reset()
-          raise Cancelled("cancelled by should_cancel")
-    finally:
-      self.stats.seconds += time.monotonic() - start
+    while self._agree([self.busy])[0]:
+      for ticket, result in self.step():
+        results[tickets[ticket]] = result
+      if should_cancel is not None and should_cancel():
+        self.reset()
+        raise Cancelled("cancelled by should_cancel")
     return results
 
-  def _harvest(self, results: list) -> None:
-    """Reads back the finished slots' lattices (and streams new tokens), frees their slots."""
-    running = np.asarray(_running(self.state))
+  def _harvest(self) -> list[tuple[int, Result]]:
+    """Reads back this process's finished lattices (and streams new tokens), frees their
+    slots."""
+    running = self._get(_running_slots(self.state))
     owned = np.asarray([o is not None for o in self._owner])
     finished = owned & ~running
-    streaming = [s for s in range(self.slots) if self._sent[s] is not None]
-    if not finished.any() and not streaming:
+    streaming = [s for s in range(self.local_slots) if self._sent[s] is not None]
+    done = []
+    if finished.any() or streaming:
+      host = {k: self._get(self.state[k])
+              for k in ("out", "lps", "lengths", "done", "hidden_sum")}
+      for s in streaming:
+        _, r, _, _ = self._owner[s]
+        new = [host["out"][s, w, self._sent[s][w]:host["lengths"][s, w]].tolist()
+               for w in range(self.num_threads)]
+        if any(new):
+          self._sent[s] = [int(x) for x in host["lengths"][s]]
+          r.on_tokens(new)
+      for s in np.flatnonzero(finished):
+        ticket, r, tokens, valid = self._owner[s]
+        n = r.max_new_tokens
+        lengths = host["lengths"][s]
+        done.append((ticket, Result(
+            tokens=host["out"][s, :, :n], logprobs=host["lps"][s, :, :n], lengths=lengths,
+            finish_reasons=["stop" if d else "length" for d in host["done"][s]],
+            prompt_tokens=tokens, prompt_valid=valid,
+            mean_hidden=host["hidden_sum"][s] / np.maximum(lengths, 1)[:, None])))
+        self.stats.finished += 1
+    self._release(finished)
+    return done
+
+  def _release(self, local: np.ndarray) -> None:
+    """Empties the local slots marked in `local` [local slots] (every process calls it)."""
+    if not self._agree([local.any()])[0]:
       return
-    host = jax.device_get({k: self.state[k] for k in ("out", "lps", "lengths", "done",
-                                                      "hidden_sum")})
-    for s in streaming:
-      index, r, _, _ = self._owner[s]
-      new = [host["out"][s, w, self._sent[s][w]:host["lengths"][s, w]].tolist()
-             for w in range(self.num_threads)]
-      if any(new):
-        self._sent[s] = [int(x) for x in host["lengths"][s]]
-        r.on_tokens(new)
-    for s in np.flatnonzero(finished):
-      index, r, tokens, valid = self._owner[s]
-      n = r.max_new_tokens
-      lengths = host["lengths"][s]
-      results[index] = Result(
-          tokens=host["out"][s, :, :n], logprobs=host["lps"][s, :, :n], lengths=lengths,
-          finish_reasons=["stop" if d else "length" for d in host["done"][s]],
-          prompt_tokens=tokens, prompt_valid=valid,
-          mean_hidden=host["hidden_sum"][s] / np.maximum(lengths, 1)[:, None])
+    for s in np.flatnonzero(local):
       self._owner[s] = self._sent[s] = None
-      self.stats.finished += 1
     with self._mesh():
-      self.state = _release(self.state, jnp.asarray(finished))
+      self.state = _release(self.state, self._put(local))
 
   def reset(self) -> None:
-    """Empties every slot (the cache stays allocated)."""
-    with self._mesh():
-      self.state = _release(self.state, jnp.ones((self.slots,), bool))
-    self._owner = [None] * self.slots
-    self._sent = [None] * self.slots
+    """Empties every slot and the queue (the cache stays allocated)."""
+    with self._lock:
+      self._waiting.clear()
+    self._release(np.ones((self.local_slots,), bool))
 
+
+def as_sample_output(results: Sequence[Result], width: int | None = None,
+                     max_new_tokens: int | None = None, pad_id: int = 0):
+  """Results -> one `sampling.SampleOutput` (the sampler's batch form): prompts left-padded to
+  `width` (default: the widest), tokens and logprobs padded to `max_new_tokens` columns
+  (default: the longest)."""
+  from lace_jax.sampling import SampleOutput  # noqa: PLC0415
+  p = width or max(r.prompt_tokens.shape[-1] for r in results)
+  n = max_new_tokens or max(r.tokens.shape[-1] for r in results)
+  lpad = lambda x, v: np.concatenate(
+      [np.full(x.shape[:-1] + (p - x.shape[-1],), v, x.dtype), x], -1)
+  rpad = lambda x, v: np.concatenate(
+      [x, np.full(x.shape[:-1] + (n - x.shape[-1],), v, x.dtype)], -1)
+  return SampleOutput(
+      tokens=np.stack([rpad(r.tokens, pad_id) for r in results]),
+      logprobs=np.stack([rpad(r.logprobs, 0.0) for r in results]),
+      lengths=np.stack([r.lengths for r in results]),
+      finish_reasons=[list(r.finish_reasons) for r in results],
+      prompt_tokens=np.stack([lpad(r.prompt_tokens, pad_id) for r in results]),
+      prompt_valid=np.stack([lpad(r.prompt_valid, False) for r in results]),
+      mean_hidden=np.stack([r.mean_hidden for r in results]))

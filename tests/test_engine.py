@@ -181,3 +181,33 @@ def test_bad_requests_are_refused_before_any_work(model):
   with pytest.raises(ValueError, match="slots=0"):
     _engine(model, 0)
   assert eng.stats.admitted == 0
+
+
+def test_two_processes_generate_what_one_does(tmp_path):
+  """The engine as one SPMD program: 2 processes x 2 CPU devices (gloo), each with its block of
+  the requests and of the slots, give the tokens of 1 process x 4 devices."""
+  import json
+  import subprocess
+  import sys
+
+  from tests.test_experiments import ROOT
+  from tests.test_train_cli import _env, _free_port
+  cmd = lambda out, *extra: [sys.executable, "-m", "tests.engine_worker", str(out), *extra]
+  one = subprocess.run(cmd(tmp_path / "one.json"), env=_env(4), cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen(cmd(tmp_path / f"two_{i}.json", f"127.0.0.1:{port}", "2", str(i)),
+                            env=_env(2), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  ref = json.load(open(tmp_path / "one.json"))
+  parts = [json.load(open(tmp_path / f"two_{i}.json")) for i in range(2)]
+  assert [p["first"] for p in parts] == [0, 5]
+  assert parts[0]["tokens"] + parts[1]["tokens"] == ref["tokens"]
+  assert len({json.dumps(t) for t in ref["tokens"]}) > 3  # not all alike
+  # 3 prompts: each prefilled once on 1 process (4 store rows); on 2 processes each keeps 2
+  # rows, so one of its 3 prompts is evicted and prefilled again, still fewer than its requests
+  assert ref["prefill_rows"] == 3 and all(3 <= p["prefill_rows"] < 5 for p in parts)
