@@ -631,8 +631,16 @@ def as_sample_output(results: Sequence[Result], width: int | None = None,
   from lace_jax.sampling import SampleOutput  # noqa: PLC0415
   p = width or max(r.prompt_tokens.shape[-1] for r in results)
   n = max_new_tokens or max(r.tokens.shape[-1] for r in results)
-  lpad = lambda x, v: np.concatenate(
-      [np.full(x.shape[:-1] + (p - x.shape[-1],), v, x.dtype), x], -1)
+  for i, r in enumerate(results):
+    longest = int(r.prompt_valid.sum(-1).max())
+    if longest > p:
+      raise ValueError(f"result {i}: a prompt of {longest} tokens is wider than width={p}")
+
+  def lpad(x, v):  # to p columns: padding added, or (invalid) padding columns dropped
+    if x.shape[-1] >= p:
+      return x[..., x.shape[-1] - p:]
+    return np.concatenate([np.full(x.shape[:-1] + (p - x.shape[-1],), v, x.dtype), x], -1)
+
   rpad = lambda x, v: np.concatenate(
       [x, np.full(x.shape[:-1] + (n - x.shape[-1],), v, x.dtype)], -1)
   return SampleOutput(

@@ -153,7 +153,10 @@ def grpo_section(*, questions_per_step: int, rollouts_per_question: int,
       "advantage": "grpo",  # grpo (mean/std over the group) | dr_grpo (mean only)
       "inner_updates": 1,  # mu: optimizer updates per batch of rollouts (mu = 1: the
       # sampler's own log-probs are the old policy's; mu > 1: a teacher-forced pass)
-      "rollout_batch": 0,  # rollouts per sampler call (0 = all of a step's at once)
+      # the generation engine's slots: rollouts generated at once, a slot refilled as soon
+      # as its lattice finishes (0 = all of a step's at once)
+      "rollout_batch": 0,
+      "decode_chunk": 32,  # columns per engine decode call (admission between calls)
       "logprob_batch": 0,  # rollouts per log-prob pass (0 = the train step's microbatch)
       # rollouts of each logged step measured for the thread-level lattice diagnostics
       # (lace_jax.diagnostics): 0 = the step's first group (G rollouts), < 0 = none

@@ -92,6 +92,11 @@ def test_seeded_draws_do_not_depend_on_slots_or_order(model):
     for j, i in enumerate(order):
       np.testing.assert_array_equal(got[j].tokens, base[i].tokens)
       np.testing.assert_allclose(got[j].logprobs, base[i].logprobs, atol=1e-5)
+  # the logprobs are the model's own (GRPO's old policy): a teacher-forced pass over the grid
+  m, params = model
+  out = engine.as_sample_output(base)
+  tf = sampling.teacher_forced_logprobs(m, params, out)
+  assert np.abs(tf - out.logprobs).max() <= 1e-4
   same_prompt = [engine.Request(prompts[0], 8, seed=s) for s in (1, 2)]
   a, b = _engine(model, 2).generate(same_prompt)
   assert (a.tokens != b.tokens).any()

@@ -4,14 +4,15 @@
 
 Each step: `grpo.questions_per_step` questions (a seeded permutation per epoch, a pure function
 of the step, so a resumed run draws the same ones), G = `grpo.rollouts_per_question` rollouts
-of each with the lockstep sampler on the current parameters (one rollout = one W-thread
-lattice), verified rewards (`lace_jax.rl.grpo.lattice_rewards`), group advantages, the old and
+of each through the generation engine (`lace_jax.engine`: a slot per rollout, refilled as
+lattices finish, a question's prompt prefilled once) on the current parameters (one rollout =
+one W-thread lattice), verified rewards (`lace_jax.rl.grpo.lattice_rewards`), group advantages, the old and
 reference log-probabilities; then `grpo.inner_updates` optimizer updates on that batch.
 
 On several processes (hosts) the step is one SPMD program: each process takes its block of the
 step's questions (`questions_per_step / blocks` whole question groups, all G rollouts x W
 threads of a question on one host; `sharding.process_share`), generates them with every other
-process in the same sampler calls, grades its own rollouts in its own grader pool and computes
+process in the same engine calls, grades its own rollouts in its own grader pool and computes
 their group advantages; the log-probabilities stay on the devices and the rollout statistics
 are reduced across processes (process 0 writes them). The numbers do not depend on the process
 count: the same global arrays, the same draws.
@@ -34,11 +35,11 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lace_jax import grading, sharding
+from lace_jax import engine, grading, sharding
 from lace_jax.diagnostics import lattice_diagnostics
 from lace_jax.model import Model, init_params
 from lace_jax.rl import grpo
-from lace_jax.sampling import full_grid, sample
+from lace_jax.sampling import SampleOutput, full_grid
 from lace_jax.tokenizer import Tokenizer, instruction_template, thread_prompts
 from lace_jax.training import loop
 from lace_jax.training.setup import Setup, load_checkpoint
@@ -84,6 +85,7 @@ class GRPOStage:
     self.batch_shapes = batch_shapes(self.cfg)
     self.rules = sharding.rules_with_overrides(self.cfg.sharding.rules)
     self._logp = None
+    self._engine = None  # made at the first step (`rollouts`)
     if logprob_passes(self.cfg):
       self._logp, self._logp_micro = jit_logprobs(self.cfg, self.model, self.mesh, self.rules)
 
@@ -98,6 +100,30 @@ class GRPOStage:
                                                      rules=self.rules))
     return sharding.merge_rows(sharding.process_rows(out, leading=1), shards)
 
+  def rollouts(self, params, picked: list[int], step: int) -> SampleOutput:
+    """G rollouts of each of this process's questions `picked` (the step's questions from
+    global index `share.rows(questions_per_step).start`), through the generation engine:
+    `grpo.rollout_batch` slots (0: every rollout of the step at once), a question's prompt
+    prefilled once for its G rollouts, each rollout's draws keyed by (seed, step, its index in
+    the step's global batch), so they do not depend on the process count or on the slots."""
+    cfg, g, d = self.cfg, self.cfg.grpo, self.cfg.data
+    gsize = g.rollouts_per_question
+    if self._engine is None:
+      self._engine = engine.Engine(
+          self.model, params, slots=g.rollout_batch or self.rows, num_threads=d.num_threads,
+          max_prompt_len=d.prompt_len, max_new_tokens=g.max_new_tokens,
+          stop_ids=(self.tokenizer.im_end_id,), pad_id=self.tokenizer.pad_id,
+          decode_chunk=g.decode_chunk, mesh=self.mesh, rules=self.rules)
+    self._engine.params = params
+    first = self.share.rows(g.questions_per_step).start * gsize
+    seed = lambda i: int(np.random.SeedSequence([cfg.seed, step, first + i]).generate_state(1)[0])
+    requests = [engine.Request(self.prompts[q], g.max_new_tokens, temperature=g.temperature,
+                               top_p=g.top_p, top_k=g.top_k, seed=seed(i))
+                for i, q in enumerate(q for q in picked for _ in range(gsize))]
+    return engine.as_sample_output(self._engine.generate(requests), width=d.prompt_len,
+                                   max_new_tokens=g.max_new_tokens,
+                                   pad_id=self.tokenizer.pad_id)
+
   def next_batch(self, state: dict, step: int) -> tuple[dict[str, np.ndarray], dict]:
     cfg, g, d = self.cfg, self.cfg.grpo, self.cfg.data
     t0 = time.perf_counter()
@@ -107,12 +133,7 @@ class GRPOStage:
                             cfg.seed)[self.share.rows(g.questions_per_step)]
     nq, rows = len(picked), len(picked) * gsize
     qs = [self.questions[i] for i in picked]
-    prompt_ids = [self.prompts[i] for i in picked for _ in range(gsize)]
-    out = sample(self.model, state["params"], prompt_ids, num_threads=w,
-                 max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p,
-                 top_k=g.top_k, seed=cfg.seed * 100_003 + step,
-                 stop_ids=(self.tokenizer.im_end_id,), pad_id=self.tokenizer.pad_id,
-                 prompt_width=p, mesh=self.mesh, rules=self.rules, batch_chunk=g.rollout_batch)
+    out = self.rollouts(state["params"], picked, step)
     rollout_s = time.perf_counter() - t0
     r = grpo.lattice_rewards(out.texts(self.tokenizer),
                              [q.answer for q in qs for _ in range(gsize)], out.mean_hidden,
