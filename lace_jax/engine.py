@@ -52,8 +52,8 @@ from jax.experimental import multihost_utils
 
 from lace_jax import ops, sharding
 from lace_jax.model import Model, Params
-from lace_jax.sampling import (GREEDY_EPSILON, _constrain_cache, _ends_with_sequence,
-                               _filter_logits, _knobs, left_pad)
+from lace_jax.sampling import (GREEDY_EPSILON, Cancelled, SampleOutput, _constrain_cache,
+                               _ends_with_sequence, _filter_logits, _knobs, left_pad)
 
 
 @dataclasses.dataclass
@@ -561,7 +561,6 @@ class Engine:
     """Generates every request (in slots as they free up, FIFO) and returns their results in
     order. should_cancel: called between decode calls (it must answer the same on every
     process); True stops (`sampling.Cancelled`) and empties the slots."""
-    from lace_jax.sampling import Cancelled  # noqa: PLC0415 (a name of the sampler's API)
     for index, r in enumerate(requests):
       self._check(index, r)
     if self.busy:
@@ -628,7 +627,6 @@ def as_sample_output(results: Sequence[Result], width: int | None = None,
   """Results -> one `sampling.SampleOutput` (the sampler's batch form): prompts left-padded to
   `width` (default: the widest), tokens and logprobs padded to `max_new_tokens` columns
   (default: the longest)."""
-  from lace_jax.sampling import SampleOutput  # noqa: PLC0415
   p = width or max(r.prompt_tokens.shape[-1] for r in results)
   n = max_new_tokens or max(r.tokens.shape[-1] for r in results)
   for i, r in enumerate(results):

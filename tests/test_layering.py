@@ -30,6 +30,7 @@ LAYERS = (
     ("lace_jax.sharding", "lace_jax.ops"),
     ("lace_jax.model", "lace_jax.losses", "lace_jax.diagnostics"),
     ("lace_jax.hf_io", "lace_jax.sampling", "lace_jax.overhead", "lace_jax.distributed"),
+    ("lace_jax.engine",),  # generation in slots, on the sampler's pieces
     ("lace_jax.training.setup", "lace_jax.training.trainer", "lace_jax.training.checkpointer",
      "lace_jax.training.metrics", "lace_jax.rl.grpo"),
     ("lace_jax.training.loop", "lace_jax.evaluate"),
@@ -166,7 +167,7 @@ def test_the_layering_check_sees_a_hidden_upward_import():
            imports_of(source, "lace_jax.model", False, set(modules))]
   assert extra == [("lace_jax.model", "lace_jax.training.loop", "model.py:2", True)]
   assert violations(extra) == ["model.py:2: lace_jax.model (layer 6, lace_jax.model) imports "
-                               "lace_jax.training.loop (layer 9, lace_jax.training.loop)"]
+                               "lace_jax.training.loop (layer 10, lace_jax.training.loop)"]
   beside = [("lace_jax.serve.server", "lace_jax.toy.tasks", "server.py:1", False)]
   assert len(violations(beside)) == 1  # same layer, another entry: not allowed either
 
