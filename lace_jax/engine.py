@@ -301,7 +301,7 @@ def _decode(model: Model, params: Params, state: dict, limit: jax.Array, free_ea
   return _constrain_state(state, mesh, rules), k, occupancy
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnames=("state",))
 def _release(state: dict, finished: jax.Array) -> dict:
   """Marks the finished slots [S] empty (greedy knobs again)."""
   keep = ~finished
