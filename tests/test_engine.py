@@ -216,3 +216,24 @@ def test_two_processes_generate_what_one_does(tmp_path):
   # 3 prompts: each prefilled once on 1 process (4 store rows); on 2 processes each keeps 2
   # rows, so one of its 3 prompts is evicted and prefilled again, still fewer than its requests
   assert ref["prefill_rows"] == 3 and all(3 <= p["prefill_rows"] < 5 for p in parts)
+
+
+def test_submit_step_and_cancel(model):
+  """The server's loop: requests submitted while others run are admitted into free slots;
+  a cancelled request (waiting or in a slot) returns nothing and frees its slot at once."""
+  eng = _engine(model, 1, decode_chunk=2, stop_ids=())
+  prompts = _prompts(3, seed=6)
+  long = eng.submit(engine.Request(prompts[0], 10, temperature=0.0))
+  waiting = eng.submit(engine.Request(prompts[1], 10, temperature=0.0))
+  assert eng.step() == []  # the long one runs: 2 columns
+  eng.cancel(waiting)  # still waiting: dropped
+  eng.cancel(long)  # in its slot: freed at the next step
+  last = eng.submit(engine.Request(prompts[2], 4, temperature=0.0))
+  done = []
+  while eng.busy:
+    done += eng.step()
+  assert [t for t, _ in done] == [last]
+  alone = _engine(model, 1).generate([engine.Request(prompts[2], 4, temperature=0.0)])[0]
+  np.testing.assert_array_equal(done[0][1].tokens, alone.tokens)
+  with pytest.raises(ValueError, match="request submitted: max_new_tokens=11"):
+    eng.submit(engine.Request(prompts[0], 11))
