@@ -52,8 +52,9 @@ from jax.experimental import multihost_utils
 
 from lace_jax import ops, sharding
 from lace_jax.model import Model, Params
-from lace_jax.sampling import (GREEDY_EPSILON, Cancelled, SampleOutput, _constrain_cache,
-                               _ends_with_sequence, _filter_logits, _knobs, left_pad)
+from lace_jax.sampling import (GREEDY_EPSILON, Cancelled, SampleOutput, _bucket,
+                               _constrain_cache, _ends_with_sequence, _filter_logits, _knobs,
+                               left_pad)
 
 
 @dataclasses.dataclass
@@ -107,10 +108,6 @@ class Stats:
   columns: int = 0
   slot_columns: int = 0
   seconds: float = 0.0
-
-
-def _bucket(x: int, lo: int) -> int:
-  return max(lo, 1 << max(0, x - 1).bit_length())
 
 
 def _choose_keyed(keys: jax.Array, logits: jax.Array, knobs: dict) -> jax.Array:
@@ -514,6 +511,9 @@ class Engine:
     """Queues a request (checked now: ValueError naming what is wrong); returns its ticket.
     Thread-safe."""
     self._check("submitted", request)
+    return self._enqueue(request)
+
+  def _enqueue(self, request: Request) -> int:
     with self._lock:
       ticket = next(self._tickets)
       self._waiting.append((ticket, request))
@@ -565,7 +565,7 @@ class Engine:
       self._check(index, r)
     if self.busy:
       raise RuntimeError("generate() on an engine with requests in flight (submit/step)")
-    tickets = {self.submit(r): i for i, r in enumerate(requests)}
+    tickets = {self._enqueue(r): i for i, r in enumerate(requests)}  # checked above
     results: list[Result | None] = [None] * len(requests)
     while self._agree([self.busy])[0]:
       for ticket, result in self.step():
