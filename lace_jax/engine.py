@@ -52,7 +52,7 @@ from jax.experimental import multihost_utils
 
 from lace_jax import ops, sharding
 from lace_jax.model import Model, Params
-from lace_jax.sampling import (GREEDY_EPSILON, Cancelled, SampleOutput, _bucket,
+from lace_jax.sampling import (GREEDY_EPSILON, Cancelled, SampleOutput, bucket,
                                _constrain_cache, _ends_with_sequence, _filter_logits, _knobs,
                                left_pad)
 
@@ -171,19 +171,37 @@ def _empty_state(model: Model, *, slots: int, num_threads: int, length: int,
   return _constrain_state(state, mesh, rules)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "rows", "num_threads", "width"))
-def _empty_store(model: Model, *, rows: int, num_threads: int, width: int) -> dict:
+def _store_sharding(store: dict, mesh, rules) -> dict:
+  """The store's rows over the mesh's batch axes, as the slots (its cache as the engine's)."""
+  cache = sharding.cache_sharding({"layers": store["cache"]}, mesh, rules)["layers"]
+  rest = {k: sharding.batch_sharding(mesh, v.ndim, rules=rules)
+          for k, v in store.items() if k != "cache"}
+  return dict(rest, cache=cache)
+
+
+def _constrain_store(store: dict, mesh, rules) -> dict:
+  if mesh is None:
+    return store
+  return jax.lax.with_sharding_constraint(store, _store_sharding(store, mesh, rules))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "rows", "num_threads", "width", "mesh",
+                                             "rules"))
+def _empty_store(model: Model, *, rows: int, num_threads: int, width: int, mesh=None,
+                 rules=()) -> dict:
   """The prompt store: R prefilled prompt grids (cache columns 0..P-1 [R, W, P, ...], validity
   [R, W, P], the last column's logits [R, W, V] and the next token positions [R, W])."""
-  return dict(cache=model.init_cache(rows, num_threads, width)["layers"],
-              valid=jnp.zeros((rows, num_threads, width), bool),
-              logits=jnp.zeros((rows, num_threads, model.config.vocab_size), jnp.float32),
-              next_pos=jnp.zeros((rows, num_threads), jnp.int32))
+  store = dict(cache=model.init_cache(rows, num_threads, width)["layers"],
+               valid=jnp.zeros((rows, num_threads, width), bool),
+               logits=jnp.zeros((rows, num_threads, model.config.vocab_size), jnp.float32),
+               next_pos=jnp.zeros((rows, num_threads), jnp.int32))
+  return _constrain_store(store, mesh, rules)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "rules"), donate_argnames=("store",))
+@functools.partial(jax.jit, static_argnames=("model", "mesh", "rules"),
+                   donate_argnames=("store",))
 def _prefill(model: Model, params: Params, store: dict, prompt: jax.Array,
-             prompt_valid: jax.Array, rows: jax.Array, *, rules=()) -> dict:
+             prompt_valid: jax.Array, rows: jax.Array, *, mesh=None, rules=()) -> dict:
   """Prefills U prompt grids [U, W, P'] once and keeps them in the store's rows [U] (R: padding,
   dropped)."""
   u, w, p = prompt.shape
@@ -194,13 +212,14 @@ def _prefill(model: Model, params: Params, store: dict, prompt: jax.Array,
                                      logits="last")
   width = store["valid"].shape[2]
   put = lambda buf, fresh: buf.at[rows, :, :p].set(fresh.astype(buf.dtype), mode="drop")
-  return dict(
+  return _constrain_store(dict(
       cache=jax.tree.map(put, store["cache"], small["layers"]),
       valid=_set_rows(store["valid"], rows,
                       jnp.pad(prompt_valid, ((0, 0), (0, 0), (0, width - p)))),
       logits=_set_rows(store["logits"], rows, logits[:, :, -1]),
       next_pos=_set_rows(store["next_pos"], rows,
-                         jnp.max(jnp.where(prompt_valid, positions + 1, 0), axis=-1)))
+                         jnp.max(jnp.where(prompt_valid, positions + 1, 0), axis=-1))),
+      mesh, rules)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
@@ -346,7 +365,7 @@ class Engine:
         {d.process_index for d in mesh.devices.flat}) > 1
     self.model, self.params = model, params
     self.slots, self.num_threads = int(slots), int(num_threads)
-    self.max_prompt_len = _bucket(int(max_prompt_len), 16)
+    self.max_prompt_len = bucket(int(max_prompt_len), 16)
     self.max_new_tokens = int(max_new_tokens)
     self.decode_chunk = int(decode_chunk)
     self.stop_shape = tuple(int(x) for x in stop_shape)
@@ -363,7 +382,7 @@ class Engine:
           stop_shape=self.stop_shape, **self.static)
       # as many prefilled grids as slots: an admission's grids always fit
       self.store = _empty_store(model, rows=self.slots, num_threads=self.num_threads,
-                                width=self.max_prompt_len)
+                                width=self.max_prompt_len, mesh=mesh, rules=self.static["rules"])
     # a prompt grid (its width, tokens, validity) -> (local store row, the width it was
     # prefilled at), least recently used first
     self._store = {}
@@ -393,7 +412,7 @@ class Engine:
     """The rows of an admission call for `count` requests (or grids) per process: a power of
     two (few compiled shapes), a multiple of this process's batch shards."""
     shards = 1 if self.share is None else self.share.shards
-    return -(-_bucket(count, 1) // shards) * shards
+    return -(-bucket(count, 1) // shards) * shards
 
   def _agree(self, values: Sequence[int]) -> np.ndarray:
     """The maximum over processes of each of these ints (itself on one process)."""
@@ -418,7 +437,7 @@ class Engine:
   def _width(self, prompts: Sequence, index=None) -> int:
     """The power-of-two width (>= 16) the prompts' grids are padded to."""
     tokens, _ = left_pad(prompts, self.num_threads, self.static["pad_id"])
-    width = _bucket(tokens.shape[-1], 16)
+    width = bucket(tokens.shape[-1], 16)
     if width > self.max_prompt_len:
       at = "" if index is None else f"request {index}: "
       raise ValueError(f"{at}a prompt of {tokens.shape[-1]} tokens does not fit the engine's "
@@ -463,7 +482,7 @@ class Engine:
         self.store = _prefill(self.model, self.params, self.store,
                               self._put(np.stack([t for t, _ in padded])),
                               self._put(np.stack([v for _, v in padded])), self._put(rows_arr),
-                              rules=self.static["rules"])
+                              mesh=self.static["mesh"], rules=self.static["rules"])
       self._store.update((k, (row, width)) for k, row in zip(missing, rows))
       self.stats.prefill_rows += len(missing)
     for k in keys:  # most recently used last
@@ -649,3 +668,45 @@ def as_sample_output(results: Sequence[Result], width: int | None = None,
       prompt_tokens=np.stack([lpad(r.prompt_tokens, pad_id) for r in results]),
       prompt_valid=np.stack([lpad(r.prompt_valid, False) for r in results]),
       mean_hidden=np.stack([r.mean_hidden for r in results]))
+
+
+def abstract_calls(model: Model, params, *, slots: int, num_threads: int, prompt_len: int,
+                   max_new_tokens: int, mesh, rules, stop_ids: Sequence[int] = (0,),
+                   stop_shape: tuple[int, int] = (4, 16)) -> list[tuple]:
+  """The engine's jitted calls at their largest shapes, with abstract arguments laid out on
+  `mesh` (nothing allocated), for the plan mode (`lace_jax.plan`): [(name, jitted, args,
+  kwargs, arg groups)]: "prefill" (S prompt grids into the store), "admit" (S requests into
+  the slots) and "decode" (the column loop over S slots); the "cache" group is the slots'
+  state and the store. `params`: ShapeDtypeStructs carrying
+  their shardings."""
+  rules = tuple(rules)
+  s, w, p, n = slots, num_threads, bucket(prompt_len, 16), max_new_tokens
+  static = dict(stop_ids=tuple(int(t) for t in stop_ids), pad_id=0, mesh=mesh, rules=rules)
+  bs = lambda ndim: sharding.batch_sharding(mesh, ndim, rules=rules)
+  sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=bs(len(shape)))
+  one = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=sharding.replicated(mesh))
+  with_sharding = lambda tree, shardings: jax.tree.map(
+      lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
+  state = jax.eval_shape(functools.partial(
+      _empty_state, model, slots=s, num_threads=w, length=p + n, max_new_tokens=n,
+      stop_shape=tuple(stop_shape), **dict(static, mesh=None)))
+  state = with_sharding(state, dict(
+      {k: bs(v.ndim) for k, v in state.items() if k != "cache"},
+      cache=sharding.cache_sharding(state["cache"], mesh, rules)))
+  store = jax.eval_shape(functools.partial(_empty_store, model, rows=s, num_threads=w, width=p))
+  store = with_sharding(store, _store_sharding(store, mesh, rules))
+  prompt, valid, rows = sd((s, w, p), jnp.int32), sd((s, w, p), jnp.bool_), sd((s,), jnp.int32)
+  key = jax.random.key_data(jax.random.key(0))
+  new = dict(temperature=sd((s,), jnp.float32), top_p=sd((s,), jnp.float32),
+             top_k=sd((s,), jnp.int32), stops=sd((s, *stop_shape), jnp.int32),
+             budget=sd((s,), jnp.int32), start=sd((s,), jnp.int32),
+             key=sd((s, *key.shape), key.dtype))
+  return [
+      ("prefill", _prefill, (model, params, store, prompt, valid, rows),
+       dict(mesh=mesh, rules=rules),
+       {"params": params, "cache": store, "batch": (prompt, valid, rows)}),
+      ("admit", _admit, (model, state, store, rows, rows, new), static,
+       {"cache": (state, store), "batch": (rows, new)}),
+      ("decode", _decode, (model, params, state, one(jnp.int32), one(jnp.bool_)), static,
+       {"params": params, "cache": state}),
+  ]

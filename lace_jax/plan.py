@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import topologies
 
-from lace_jax import kernels, sampling, sharding
+from lace_jax import engine, kernels, sampling, sharding
 from lace_jax.model import Model
 from lace_jax.rl import stage as grpo_stage
 from lace_jax.training import lm
@@ -295,6 +295,33 @@ def _sampler_calls(model: Model, mesh, rules, params, *, batch: int, num_threads
   return out
 
 
+def _engine_calls(model: Model, mesh, rules, params, *, slots: int, num_threads: int,
+                  prompt_len: int, max_new_tokens: int, decode_chunk: int, lattices: int,
+                  prefix: str) -> list[Call]:
+  """The engine's calls (`engine.abstract_calls`) generating `lattices` lattices per stage step
+  in `slots` slots: at worst every slot's prompt prefilled and admitted ceil(lattices / slots)
+  times, and every lattice's max_new_tokens columns decoded in calls of decode_chunk."""
+  s, w, n = slots, num_threads, max_new_tokens
+  p = engine.abstract_calls(model, params, slots=s, num_threads=w, prompt_len=prompt_len,
+                            max_new_tokens=n, mesh=mesh, rules=rules)
+  waves = -(-lattices // s)
+  chunk = min(decode_chunk, n)
+  width = sampling.bucket(prompt_len, 16)  # the store's (and a slot's prompt) width
+  out = []
+  for name, jitted, args, kwargs, groups in p:
+    if name == "prefill":
+      call = Call(f"{prefix}prefill", jitted, args, kwargs, groups, calls=waves,
+                  model_flops=forward_flops(model, s * w * width, width / 2, w))
+    elif name == "admit":
+      call = Call(f"{prefix}admit", jitted, args, kwargs, groups, calls=waves)
+    else:
+      call = Call(f"{prefix}decode", jitted, args, kwargs, groups, trips=chunk,
+                  calls=waves * -(-n // chunk),
+                  model_flops=chunk * forward_flops(model, s * w, width + n / 2, w))
+    out.append(call)
+  return out
+
+
 def _abstract_params(model: Model, mesh, rules) -> Any:
   shardings = sharding.logical_to_sharding(model.logical_axes(), mesh, rules)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -333,9 +360,9 @@ def stage_calls(cfg: ml_collections.ConfigDict, mesh) -> list[Call]:
                       "grpo.questions_per_step x rollouts_per_question / train.grad_accum", mesh,
                       rules)
     params = _abstract_params(model, mesh, rules)
-    calls = _sampler_calls(model, mesh, rules, params, batch=chunk, num_threads=d.num_threads,
-                           prompt_len=d.prompt_len, max_new_tokens=g.max_new_tokens,
-                           calls=rows // chunk, prefix="rollout_")
+    calls = _engine_calls(model, mesh, rules, params, slots=chunk, num_threads=d.num_threads,
+                          prompt_len=d.prompt_len, max_new_tokens=g.max_new_tokens,
+                          decode_chunk=g.decode_chunk, lattices=rows, prefix="rollout_")
     passes = grpo_stage.logprob_passes(cfg)
     if passes:
       jitted, args, groups, micro = grpo_stage.abstract_logprob_call(cfg, model, mesh, rules,

@@ -257,7 +257,7 @@ class Cancelled(Exception):
   """`sample` stopped because its `should_cancel` callback returned True."""
 
 
-def _bucket(x: int, lo: int = 1) -> int:
+def bucket(x: int, lo: int = 1) -> int:
   """The smallest power of two >= max(x, lo) (0 stays 0): a shape bucket."""
   return 0 if x == 0 else max(lo, 1 << max(0, x - 1).bit_length())
 
@@ -288,8 +288,8 @@ def _stop_array(shared: Sequence[Sequence[int]], per_example: Sequence | None, b
       if any(t < 0 for t in q):
         raise ValueError(f"stop sequence {q} has a negative token id")
     rows.append([q for q in seqs if 0 < len(q) <= max_new_tokens])
-  s = _bucket(max((len(r) for r in rows), default=0))
-  length = _bucket(max((len(q) for r in rows for q in r), default=0))
+  s = bucket(max((len(r) for r in rows), default=0))
+  length = bucket(max((len(q) for r in rows for q in r), default=0))
   stops = np.full((b, s, length), -1, np.int32)
   for i, r in enumerate(rows):
     for j, q in enumerate(r):

@@ -101,11 +101,14 @@ def test_model_compiles_for_gpu(gpu, e, w):
                   rollout_batch=2)
   cfg.train.grad_accum = 1
   report = plan.plan_target(cfg, f"cuda:{name}", log=lambda *a: None)
-  assert [f["function"] for f in report["functions"]] == ["rollout_prefill", "rollout_decode",
-                                                          "train_step"]
+  assert [f["function"] for f in report["functions"]] == ["rollout_prefill", "rollout_admit",
+                                                          "rollout_decode", "train_step"]
   assert report["fits"], report
   for f in report["functions"]:
-    assert f["temp_bytes"] > 0 and f["total_bytes"] < f["capacity"], f
+    assert f["total_bytes"] < f["capacity"], f
+    if f["function"] == "rollout_admit":  # copies into the slots: no model in it
+      continue
+    assert f["temp_bytes"] > 0
     # the lattice layer (and the backbone's flash attention) run as Triton kernels
     assert f["custom_calls"].get("__gpu$xla.gpu.triton", 0) >= 1, f["custom_calls"]
   train = report["functions"][2]["custom_calls"]["__gpu$xla.gpu.triton"]

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from lace_jax import plan, runtime
+from lace_jax import plan, runtime, sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +24,8 @@ def _main(*args, timeout=900):
 
 @pytest.mark.parametrize("experiment,functions", [
     ("sft_1p7b", ["train_step"]),
-    ("grpo_1p7b", ["rollout_prefill", "rollout_decode", "logprobs", "train_step"]),
+    ("grpo_1p7b", ["rollout_prefill", "rollout_admit", "rollout_decode", "logprobs",
+                   "train_step"]),
     ("eval_4b", ["prefill", "decode"]),
 ])
 def test_plan_local_runlocal(tmp_path, experiment, functions):
@@ -39,21 +40,25 @@ def test_plan_local_runlocal(tmp_path, experiment, functions):
   assert [f["function"] for f in rep["functions"]] == functions
   for f in rep["functions"]:
     assert f["fits"] and f["total_bytes"] > 0 and f["temp_bytes"] >= 0
-    assert f["params_bytes"] > 0  # the tiny model's parameters, counted per device
+    if f["function"] != "rollout_admit":  # (copies prompts into the slots: no model)
+      assert f["params_bytes"] > 0  # the tiny model's parameters, counted per device
   assert "| train_step |" in r.stdout or "| prefill |" in r.stdout
   assert not os.path.exists(tmp_path / "checkpoints")  # nothing ran
   rows = {f["function"]: f for f in rep["functions"]}
-  if "rollout_decode" in rows:  # one decode call generates every new token: its model FLOPs
-    # are those of (max_new_tokens - 1) one-token steps, at least the prefill's per token
+  if "rollout_decode" in rows:  # a decode call of the engine runs decode_chunk one-token
+    # columns over every slot: per column at least the prefill's FLOPs per prompt column, and
+    # enough calls per step for every new token of every rollout
     pre, dec = rows["rollout_prefill"], rows["rollout_decode"]
     spec = importlib.util.spec_from_file_location("g", os.path.join(ROOT, "experiments",
                                                                      f"{experiment}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cfg = mod.get_config("runlocal")
-    p, n = cfg.data.prompt_len, cfg.grpo.max_new_tokens
-    assert dec["loop_trips"] == n - 1
-    assert dec["model_flops_per_device"] >= pre["model_flops_per_device"] * (n - 1) / p
+    p, n, chunk = cfg.data.prompt_len, cfg.grpo.max_new_tokens, cfg.grpo.decode_chunk
+    width = sampling.bucket(p, 16)
+    assert dec["loop_trips"] == min(chunk, n)
+    assert dec["calls_per_step"] * dec["loop_trips"] >= n
+    assert dec["model_flops_per_device"] >= pre["model_flops_per_device"] * min(chunk, n) / width
 
 
 def test_plan_exits_nonzero_naming_the_function(tmp_path):
