@@ -1,8 +1,8 @@
-"""An OpenAI-compatible chat server over the lockstep lattice sampler.
+"""An OpenAI-compatible chat server over the lattice generation engine (`lace_jax.engine`).
 
   python -m lace_jax.serve --checkpoint DIR [--lattice checkpoint|none] [--port 8000]
       [--host 127.0.0.1] [--max-threads 8] [--max-prompt-tokens 2048] [--max-new-tokens 1024]
-      [--max-batch 8] [--batch-window-ms 50] [--max-body-bytes 1048576] [--model-name NAME]
+      [--max-batch 8] [--max-engines 2] [--max-body-bytes 1048576] [--model-name NAME]
 
 Endpoints (FastAPI + uvicorn):
   GET  /health               {"status": "ok"}
@@ -14,30 +14,25 @@ Endpoints (FastAPI + uvicorn):
                              request field `top_k`; response field `"lace": {"best_index",
                              "format_ok", "format_error", "threads"}` from `grading.parse_lattice`.
 
-Batching: requests are queued; one background thread (JAX never runs on the asyncio loop)
-takes the oldest request plus every queued request compatible with it (same n and, when
-sampling, the same seed), up to --max-batch, waiting until --batch-window-ms after the oldest
-request arrived for more, and runs ONE `sampling.sample` call for them all. temperature,
-top_p, top_k and the stop sequences are per-request arrays traced by the sampler, so requests
-with different values share a batch and a compiled program. Shapes are bucketed to bound
-recompilation: the batch is padded to a power of two (dummy rows, capped at --max-batch), the
-prompt width to a power of two >= 16, the step count to a power of two >= 16 (capped at
---max-new-tokens) and the stop sequences to power-of-two counts and lengths; past MAX_COMPILED
-distinct shapes the sampler's compilation cache is cleared. Each request's threads are then
-cut to its own max_tokens. Because the sampler is causal over columns, the cut is exact:
-tokens before column k never depend on later columns. One INFO line per batch goes to stderr:
+Scheduling: one background thread (JAX never runs on the asyncio loop) owns a generation
+engine per thread count n (--max-batch slots each; at most --max-engines at once, an idle one
+dropped for a new n). A request goes to its engine's queue and takes a free slot at the next
+engine step, while the other slots' lattices keep running; each step decodes up to
+DECODE_CHUNK columns, and a finished lattice frees its slot at once. temperature, top_p, top_k,
+the stop sequences and the seed are per-slot values traced by the engine, so any requests
+share its compiled programs (fixed shapes: the slots, power-of-two prompt widths and
+admission sizes). The prompt grid of a request is prefilled once while it stays in the
+engine's prompt store (a repeated prompt with the same n is not prefilled again). One INFO
+line per finished request goes to stderr:
 
-  batch size=3 threads=4 prompt_tokens=96 new_tokens=72 seconds=1.234 padded_size=4
-  prompt_width=32 max_new_tokens=16 stop_shape=2x4                    (one line)
+  completion n=4 prompt_tokens=31 completion_tokens=72 seconds=1.234 queued=0.012 shared=3
 
-size = requests in the batch, prompt_tokens = their prompt tokens (each prompt counted once),
-new_tokens = completion tokens summed over every thread of every request; the last five fields
-are the shape bucket, whose first batch compiles the sampler (prefill and decode; with
-JAX_LOG_COMPILES=1, JAX logs each compilation).
+seconds = from arrival to the answer, queued = until it had a slot, shared = the most
+requests its engine ran at once while it ran (with JAX_LOG_COMPILES=1, JAX logs each
+compilation).
 
-Disconnects: a request whose client disconnects is cancelled: dropped if still queued; a
-running batch returns to the host every DECODE_CHUNK columns and stops once all of its
-clients are gone.
+Disconnects: a request whose client disconnects (or stops reading its stream) is cancelled:
+dropped if still queued, its slot freed at the next engine step if running.
 
 Prompts: every message's content is encoded as plain text (`Tokenizer.encode_chat`): a
 `<|im_end|>` written by a client is text, not the token, so it cannot open a turn. A prompt is
@@ -45,22 +40,24 @@ tokenized off the event loop, after a cheap bound (more characters than --max-pr
 tokens can spell is refused untokenized).
 
 Stopping: every thread stops on `<|im_end|>` (excluded from the content). `stop` strings are
-passed to the sampler as token sequences (`tokenizer.encode(s)`; the thread then stops in the
-lattice) and also cut from the decoded text at their first occurrence, as OpenAI does, which
+passed to the engine as token sequences (`tokenizer.encode(s)`, those of up to 32 tokens; the
+thread then stops in the lattice) and also cut from the decoded text at their first occurrence, as OpenAI does, which
 catches a stop string the model spelled with other tokens (that thread went on generating
 inside the lattice, but its content ends before the stop string).
 
-Streaming (`stream: true`): the lattice sampler generates every column of every thread in one
-jitted loop, so the server generates the whole answer first and then streams each thread's
-text as Server-Sent Events, one piece per decoded token (pieces of the threads interleaved),
-in the OpenAI `chat.completion.chunk` format, ending with `data: [DONE]`. Concatenating the
-`delta.content` of one index gives exactly the non-streamed content. The last chunk before
-`[DONE]` carries the `lace` field (and `usage` when `stream_options.include_usage` is true).
+Streaming (`stream: true`): each thread's content is sent as it is generated, after every
+engine step, as Server-Sent Events in the OpenAI `chat.completion.chunk` format (pieces of the
+threads interleaved as they come), ending with `data: [DONE]`. Detokenization is incremental
+(`TextStream`, O(n) per thread): a piece never ends inside a UTF-8 character, and text that a
+stop string could still cut is held back. Concatenating the `delta.content` of one index gives
+exactly the non-streamed content. The last chunk before `[DONE]` carries the `lace` field (and
+`usage` when `stream_options.include_usage` is true). An error after the stream started is
+sent as a `data: {"error": ...}` event.
 
-Seeds: with temperature > 0 a batch samples with the seed of its requests (a fresh random seed
-when none was given); the draw depends on the batch's padded shape, so a seeded sampling
-request repeats exactly only when it runs in a batch of the same shape (e.g. alone).
-Temperature 0 (below sampling.GREEDY_EPSILON, e.g. 1e-300) is greedy and needs no seed.
+Seeds: a sampled request draws with its `seed` (a fresh random one when none is given), keyed
+by request, thread and column (`lace_jax.engine`): a seeded request repeats exactly whatever
+else the server is generating. Temperature 0 (below sampling.GREEDY_EPSILON, e.g. 1e-300) is
+greedy and needs no seed.
 
 Errors use the OpenAI shape {"error": {"message", "type", "param", "code"}}: 400 for a bad body
 or field (also JSON nested too deeply and strings with lone surrogates), 404 for an unknown
@@ -78,6 +75,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -101,6 +99,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, Validat
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lace_jax import grading, sampling
+from lace_jax.engine import Engine, Request
 from lace_jax.hf_io import load_pretrained
 from lace_jax.model import Model, Params
 from lace_jax.tokenizer import ENDOFTEXT, IM_END, Tokenizer, render_messages
@@ -108,9 +107,8 @@ from lace_jax.tokenizer import ENDOFTEXT, IM_END, Tokenizer, render_messages
 log = logging.getLogger("lace_jax.serve")  # not __name__: that is "__main__" under `python -m`
 
 MAX_STOP_STRINGS = 16
-MIN_BUCKET = 16
-DECODE_CHUNK = 32  # columns between checks that a running batch's clients are still there
-MAX_COMPILED = 64  # distinct sampler shapes kept compiled (the cache is cleared past it)
+STOP_SHAPE = (MAX_STOP_STRINGS, 32)  # the engine's stop sequences: count, tokens each
+DECODE_CHUNK = 16  # columns per engine step: admission, streaming and cancellation between
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 
 
@@ -258,17 +256,11 @@ class ChatRequest:
   stop: tuple[str, ...]
   stream: bool
   include_usage: bool
-  stop_tokens: tuple[tuple[int, ...], ...] = ()  # `stop` encoded (the sampler's sequences)
+  stop_tokens: tuple[tuple[int, ...], ...] = ()  # `stop` encoded (the engine's sequences)
 
   @property
   def greedy(self) -> bool:
     return self.temperature < sampling.GREEDY_EPSILON
-
-  @property
-  def key(self) -> tuple:
-    """Requests with equal keys can share one `sample` call: temperature, top_p, top_k and
-    stop are per-example sampler inputs, so only n and the seed of a sampled request split."""
-    return (self.n, None if self.greedy else self.seed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,7 +321,6 @@ class ThreadResult:
   text: str
   finish_reason: str  # "stop" | "length"
   completion_tokens: int  # tokens emitted up to the cut, a stop token included
-  pieces: list[str] | None  # the text split at token boundaries (streamed requests only)
 
 
 @dataclasses.dataclass
@@ -347,29 +338,10 @@ class Completion:
             "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-def text_pieces(tokenizer: Tokenizer, ids: Sequence[int], text: str) -> list[str]:
-  """`text` (the decoding of `ids`, possibly cut short) split where the decoding of a token
-  prefix ends; a prefix that ends inside a multi-byte character is skipped. The pieces
-  concatenate to exactly `text`."""
-  pieces, done = [], 0
-  for k in range(1, len(ids) + 1):
-    if done >= len(text):
-      break
-    prefix = tokenizer.decode(ids[:k])
-    end = min(len(prefix), len(text))
-    if end > done and prefix[:end] == text[:end]:
-      pieces.append(text[done:end])
-      done = end
-  if done < len(text):
-    pieces.append(text[done:])
-  return pieces
-
-
 def finish_thread(tokenizer: Tokenizer, tokens: np.ndarray, length: int, reason: str,
-                  max_tokens: int, stop_ids: Sequence[int], stop: Sequence[str],
-                  pieces: bool) -> ThreadResult:
-  """One thread's sampler output -> its content, cut to `max_tokens` tokens, without the stop
-  token, and before the first occurrence of any `stop` string."""
+                  max_tokens: int, stop_ids: Sequence[int], stop: Sequence[str]) -> ThreadResult:
+  """One thread's generated tokens -> its content, cut to `max_tokens` tokens, without the
+  stop token, and before the first occurrence of any `stop` string."""
   ids = [int(t) for t in tokens[:length]]
   if len(ids) > max_tokens:
     ids, reason = ids[:max_tokens], "length"
@@ -378,8 +350,7 @@ def finish_thread(tokenizer: Tokenizer, tokens: np.ndarray, length: int, reason:
   hits = [i for i in (text.find(s) for s in stop) if i >= 0]
   if hits:
     text, reason = text[:min(hits)], "stop"
-  return ThreadResult(text, reason, len(ids),
-                      text_pieces(tokenizer, content, text) if pieces else None)
+  return ThreadResult(text, reason, len(ids))
 
 
 def lace_summary(texts: Sequence[str]) -> dict[str, Any]:
@@ -389,53 +360,105 @@ def lace_summary(texts: Sequence[str]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Batching
+# Streaming text
+
+
+class TextStream:
+  """One thread's content as its tokens arrive -> text pieces safe to send: never part of a
+  UTF-8 character, never text that a stop string could still cut (the last len(stop) - 1
+  characters wait), nothing after a stop string. O(n) in the thread's tokens: each new token
+  is decoded with the few tokens before it (the tokens since the last complete character)."""
+
+  def __init__(self, tokenizer: Tokenizer, stop_ids: Sequence[int], stop: Sequence[str]):
+    self.tokenizer, self.stop_ids, self.stop = tokenizer, set(stop_ids), tuple(stop)
+    self.hold = max((len(x) for x in stop), default=1) - 1
+    self.ids: list[int] = []
+    self.prefix = self.read = 0  # ids[prefix:read] decode to the end of `text`
+    self.text = ""  # the content decoded so far (complete characters)
+    self.sent = 0  # characters of `text` handed out
+    self.stopped = False  # a stop string was found: nothing more is sent
+
+  def add(self, ids: Sequence[int]) -> str:
+    """The new piece to send after `ids` (possibly "")."""
+    if self.stopped:
+      return ""
+    self.ids += [int(t) for t in ids if int(t) not in self.stop_ids]
+    before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+    now = self.tokenizer.decode(self.ids[self.prefix:])
+    if len(now) > len(before) and not now.endswith("\ufffd"):
+      self.text += now[len(before):]
+      self.prefix, self.read = self.read, len(self.ids)
+    end = len(self.text) - self.hold
+    # a stop string can only start in the text not yet sent, or in the held-back tail
+    look = max(0, self.sent - self.hold)
+    hits = [i for i in (self.text.find(x, look) for x in self.stop) if i >= 0]
+    if hits:
+      end, self.stopped = min(hits), True
+    piece = self.text[self.sent:max(end, self.sent)]
+    self.sent += len(piece)
+    return piece
+
+  def finish(self, text: str) -> str:
+    """The rest of the thread's final content `text` (what `finish_thread` gives), once it is
+    done; its sent pieces are a prefix of it."""
+    rest = text[self.sent:]
+    self.sent = len(text)
+    return rest
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduling
 
 
 @dataclasses.dataclass
 class Job:
+  """A request and its client's side: the future of its Completion, whether the client has
+  gone, and (streamed requests) `on_text(index, piece)`, called on the generation thread."""
+
   request: ChatRequest
   arrival: float  # time.monotonic()
   future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
   gone: threading.Event = dataclasses.field(default_factory=threading.Event)  # client left
+  on_text: Callable[[int, str], None] | None = None
+  streams: list[TextStream] | None = None
+  admitted: float | None = None  # when it got a slot
+  shared: int = 0  # the most lattices its engine ran beside it
 
   def cancel(self) -> None:
-    """The client went away: a queued job is dropped; a running batch stops at its next
-    decode chunk once every job in it is gone."""
+    """The client went away: a queued job is dropped, a running one frees its slot at the
+    generation thread's next step."""
     self.gone.set()
     self.future.cancel()
 
 
-def _bucket(x: int, lo: int, hi: int) -> int:
-  """The smallest power of two >= max(x, lo), capped at hi (x <= hi)."""
-  return min(hi, max(lo, 1 << max(0, x - 1).bit_length()))
-
-
-class Batcher:
-  """A queue of jobs and the one thread that runs them, batched, through `sampling.sample`.
+class Scheduler:
+  """The generation thread: requests go to the generation engine (`lace_jax.engine`) of their
+  thread count n (one engine per n, with --max-batch slots each, at most `max_engines` at
+  once; an idle one is dropped for a new n), which admits them into free slots while others
+  run. Each engine step decodes up to `decode_chunk` columns; between steps new requests are
+  admitted, streamed tokens are handed out and abandoned requests free their slots.
 
   `submit` may be called from any thread; each job's future resolves to a `Completion` or to
-  the exception generation raised. `start` is idempotent; `stop` fails queued jobs and joins
-  the thread (bounded by `timeout_s`)."""
+  the exception generation raised. `start` is idempotent; `stop` fails the jobs not finished
+  and joins the thread (bounded by `timeout_s`)."""
 
   def __init__(self, model: Model, params: Params, tokenizer: Tokenizer, *, max_batch: int,
-               batch_window_s: float, max_prompt_tokens: int, max_new_tokens: int,
-               decode_chunk: int = DECODE_CHUNK, max_compiled: int = MAX_COMPILED):
+               max_prompt_tokens: int, max_new_tokens: int, max_engines: int = 2,
+               decode_chunk: int = DECODE_CHUNK):
     self.model, self.params, self.tokenizer = model, params, tokenizer
-    self.max_batch, self.batch_window_s = max_batch, batch_window_s
-    self.max_width = -(-max_prompt_tokens // MIN_BUCKET) * MIN_BUCKET
-    self.max_new_tokens = max_new_tokens
+    self.max_batch, self.max_engines = max_batch, max_engines
+    self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
+    self.decode_chunk = decode_chunk
     self.stop_ids = (tokenizer.im_end_id,)
     self.pad_id = tokenizer.pad_id
-    self._pending: list[Job] = []
+    self.engines: dict[int, Engine] = {}  # n -> its engine, least recently used first
+    self._pending: list[Job] = []  # submitted, not yet handed to an engine
+    self._running: dict[tuple[int, int], Job] = {}  # (n, ticket) -> job
     self._cond = threading.Condition()
     self._stopping = False
     self._thread: threading.Thread | None = None
-    self.batches_run = 0
-    self.batches_cancelled = 0
-    self.decode_chunk = decode_chunk
-    self.max_compiled = max_compiled
-    self._shapes: set[tuple] = set()  # the sampler shapes compiled since the last clear
+    self.completed = 0
+    self.cancelled = 0
 
   def start(self) -> None:
     with self._cond:
@@ -448,128 +471,149 @@ class Batcher:
   def stop(self, timeout_s: float = 10.0) -> None:
     with self._cond:
       self._stopping = True
-      pending, self._pending = self._pending, []
       self._cond.notify_all()
-    for job in pending:
-      if job.future.set_running_or_notify_cancel():
-        job.future.set_exception(RuntimeError("the server is shutting down"))
     if self._thread is not None:
       self._thread.join(timeout_s)
+    with self._cond:
+      jobs, self._pending = self._pending + list(self._running.values()), []
+      self._running.clear()
+    for job in jobs:
+      self._fail(job, RuntimeError("the server is shutting down"))
 
-  def submit(self, request: ChatRequest) -> Job:
-    """Queues `request`; its job's future resolves to the Completion."""
+  def submit(self, request: ChatRequest, on_text: Callable[[int, str], None] | None = None
+             ) -> Job:
+    """Queues `request`; its job's future resolves to the Completion. on_text(index, piece):
+    the content of thread `index` as it is generated (streamed requests)."""
     self.start()
-    job = Job(request, time.monotonic())
+    job = Job(request, time.monotonic(), on_text=on_text)
     with self._cond:
       self._pending.append(job)
       self._cond.notify_all()
     return job
 
-  def _take_batch(self) -> list[Job] | None:
-    """Blocks until a batch is ready; None once stopping."""
-    with self._cond:
-      while not self._pending:
-        if self._stopping:
-          return None
-        self._cond.wait(0.5)
-      if self._stopping:
+  @staticmethod
+  def _fail(job: Job, error: BaseException) -> None:
+    if not job.future.done():
+      job.future.set_exception(error)
+
+  def _engine(self, n: int) -> Engine | None:
+    """The engine of n threads (made if there is room: an idle engine of another n is
+    dropped, its cache freed), or None while every engine is busy."""
+    if n in self.engines:
+      self.engines[n] = self.engines.pop(n)  # most recently used last
+      return self.engines[n]
+    if len(self.engines) >= self.max_engines:
+      idle = [k for k, e in self.engines.items() if not e.busy]
+      if not idle:
         return None
-      first = self._pending[0]
-      deadline = first.arrival + self.batch_window_s
-      while True:
-        batch = [j for j in self._pending if j.request.key == first.request.key]
-        batch = batch[:self.max_batch]
-        remaining = deadline - time.monotonic()
-        if len(batch) >= self.max_batch or remaining <= 0 or self._stopping:
-          break
-        self._cond.wait(remaining)
-      taken = {id(j) for j in batch}
-      self._pending = [j for j in self._pending if id(j) not in taken]
-    # a job whose client went away (cancelled future) is dropped here
-    return [j for j in batch if j.future.set_running_or_notify_cancel()]
+      del self.engines[idle[0]]
+      log.info("dropped the idle engine of n=%d threads (--max-engines %d)", idle[0],
+               self.max_engines)
+    start = time.perf_counter()
+    self.engines[n] = Engine(
+        self.model, self.params, slots=self.max_batch, num_threads=n,
+        max_prompt_len=self.max_prompt_tokens, max_new_tokens=self.max_new_tokens,
+        stop_ids=self.stop_ids, pad_id=self.pad_id, stop_shape=STOP_SHAPE,
+        decode_chunk=self.decode_chunk)
+    log.info("engine for n=%d threads: %d slots of %d prompt + %d new tokens (%.1f s)", n,
+             self.max_batch, self.max_prompt_tokens, self.max_new_tokens,
+             time.perf_counter() - start)
+    return self.engines[n]
+
+  def _request(self, job: Job) -> Request:
+    r = job.request
+
+    def on_tokens(new: list[list[int]]) -> None:  # streamed: each thread's new text
+      for i, ids in enumerate(new):
+        piece = job.streams[i].add(ids)
+        if piece:
+          job.on_text(i, piece)
+
+    if job.on_text is not None:
+      job.streams = [TextStream(self.tokenizer, self.stop_ids, r.stop) for _ in range(r.n)]
+
+    seed = r.seed if r.seed is not None else random.SystemRandom().randrange(2**31)
+    # stop strings go to the engine as token sequences when they fit its stop array; the text
+    # cut (`finish_thread`) catches the others
+    stops = [q for q in r.stop_tokens if len(q) <= STOP_SHAPE[1]]
+    return Request(r.prompt_ids, max_new_tokens=r.max_tokens, temperature=r.temperature,
+                   top_p=r.top_p, top_k=r.top_k, stop_sequences=stops, seed=seed,
+                   on_tokens=on_tokens if job.on_text is not None else None)
+
+  def _dispatch(self) -> None:
+    """Pending jobs -> their engines' queues (FIFO per n); abandoned jobs dropped or their
+    slots freed."""
+    with self._cond:
+      pending, self._pending = self._pending, []
+    kept = []
+    for job in pending:
+      if job.gone.is_set():
+        self.cancelled += 1
+        continue
+      engine = self._engine(job.request.n)
+      if engine is None:  # every engine busy with other n: wait
+        kept.append(job)
+        continue
+      if not job.future.set_running_or_notify_cancel():
+        continue
+      self._running[(job.request.n, engine.submit(self._request(job)))] = job
+    for (n, ticket), job in list(self._running.items()):
+      if job.gone.is_set():
+        self.engines[n].cancel(ticket)
+        del self._running[(n, ticket)]
+        self.cancelled += 1
+        log.info("client disconnected: request (n=%d, max_tokens=%d) cancelled, its slot "
+                 "freed", n, job.request.max_tokens)
+    with self._cond:
+      self._pending = kept + self._pending
 
   def _loop(self) -> None:
     while True:
-      batch = self._take_batch()
-      if batch is None:
-        return
-      if not batch:
-        continue
-      try:
-        results = self.run_batch([j.request for j in batch],
-                                 should_cancel=lambda: all(j.gone.is_set() for j in batch))
-      except sampling.Cancelled as e:  # every client of the batch went away
-        self.batches_cancelled += 1
-        log.info("batch of %d requests cancelled: every client disconnected (%s)",
-                 len(batch), e)
-        for job in batch:
-          job.future.set_exception(e)
-        continue
-      except Exception as e:  # answered as a 500; the thread keeps serving
-        log.exception("generation failed for a batch of %d requests", len(batch))
-        for job in batch:
-          job.future.set_exception(e)
-        continue
-      for job, result in zip(batch, results):
-        job.future.set_result(result)
+      with self._cond:
+        while not (self._stopping or self._pending or self._running):
+          self._cond.wait(0.5)
+        if self._stopping:
+          return
+      self._dispatch()
+      for n, engine in list(self.engines.items()):
+        if not engine.busy:
+          continue
+        try:
+          finished = engine.step()
+        except Exception as e:  # answered as 500s; the thread keeps serving
+          log.exception("generation failed on the engine of n=%d threads", n)
+          for key in [k for k in self._running if k[0] == n]:
+            self._fail(self._running.pop(key), e)
+          del self.engines[n]  # its state may be half-updated: a fresh one next time
+          continue
+        now = time.monotonic()
+        live = sum(1 for k in self._running if k[0] == n)
+        for (k, _), job in self._running.items():
+          if k == n:
+            job.admitted = job.admitted or now
+            job.shared = max(job.shared, live)
+        for ticket, result in finished:
+          job = self._running.pop((n, ticket), None)
+          if job is not None and not job.future.done():
+            try:
+              job.future.set_result(self._completion(job, result))
+            except Exception as e:  # noqa: BLE001  (a 500 for this request only)
+              log.exception("finishing a request failed")
+              self._fail(job, e)
 
-  def run_batch(self, requests: Sequence[ChatRequest],
-                should_cancel: Callable[[], bool] | None = None) -> list[Completion]:
-    """One `sample` call for compatible requests (equal `key`); `should_cancel` is asked
-    between decode chunks (`sampling.Cancelled` when it says True)."""
-    first = requests[0]
-    if any(r.key != first.key for r in requests):
-      raise ValueError("run_batch: the requests of one batch must have equal keys")
-    start = time.perf_counter()
-    padded = _bucket(len(requests), 1, max(self.max_batch, len(requests)))
-    rows = list(requests) + [first] * (padded - len(requests))  # dummy rows repeat the first
-    prompts = [r.prompt_ids for r in rows]
-    width = _bucket(max(len(p) for p in prompts), MIN_BUCKET, self.max_width)
-    steps = _bucket(max(r.max_tokens for r in requests), MIN_BUCKET, self.max_new_tokens)
-    seed = first.seed if first.seed is not None else random.SystemRandom().randrange(2**31)
-    stops = [r.stop_tokens for r in rows]
-    self._bound_compiled(first.n, padded, width, steps, stops)
-    # sampling parameters and stop sequences are traced per-example arrays: any values share
-    # the compiled sampler of this shape bucket
-    out = sampling.sample(
-        self.model, self.params, prompts, num_threads=first.n, max_new_tokens=steps,
-        temperature=[r.temperature for r in rows], top_p=[r.top_p for r in rows],
-        top_k=[r.top_k for r in rows], seed=seed, stop_ids=self.stop_ids, pad_id=self.pad_id,
-        example_stop_sequences=stops, prompt_width=width,
-        decode_chunk=self.decode_chunk if should_cancel is not None else 0,
-        should_cancel=should_cancel)
-    results = []
-    for b, r in enumerate(requests):
-      threads = [finish_thread(self.tokenizer, out.tokens[b, w], int(out.lengths[b, w]),
-                               out.finish_reasons[b][w], r.max_tokens, self.stop_ids, r.stop,
-                               pieces=r.stream)
-                 for w in range(r.n)]
-      results.append(Completion(threads, len(r.prompt_ids),
-                                lace_summary([t.text for t in threads])))
-    self.batches_run += 1
-    log.info("batch size=%d threads=%d prompt_tokens=%d new_tokens=%d seconds=%.3f "
-             "padded_size=%d prompt_width=%d max_new_tokens=%d stop_shape=%s",
-             len(requests), first.n, sum(c.prompt_tokens for c in results),
-             sum(c.completion_tokens for c in results), time.perf_counter() - start, padded,
-             width, steps, "x".join(map(str, self._stop_shape(stops, steps))))
-    return results
-
-  @staticmethod
-  def _stop_shape(stops: Sequence[Sequence[Sequence[int]]], steps: int) -> tuple[int, int]:
-    """The (sequences, length) bucket of the sampler's stop array (`sampling._stop_array`)."""
-    return sampling._stop_array((), stops, len(stops), steps).shape[1:]
-
-  def _bound_compiled(self, n: int, padded: int, width: int, steps: int,
-                      stops: Sequence[Sequence[Sequence[int]]]) -> None:
-    """Every shape is a power-of-two bucket, so the compiled samplers are few; past
-    `max_compiled` distinct shapes their cache is cleared (frees the compiled programs)."""
-    shape = (n, padded, width, steps, self._stop_shape(stops, steps))
-    if shape not in self._shapes and len(self._shapes) >= self.max_compiled:
-      log.info("%d sampler shapes compiled: clearing the compilation cache", len(self._shapes))
-      sampling._prefill.clear_cache()
-      sampling._decode.clear_cache()
-      self._shapes.clear()
-    self._shapes.add(shape)
+  def _completion(self, job: Job, result) -> Completion:
+    r = job.request
+    threads = [finish_thread(self.tokenizer, result.tokens[w], int(result.lengths[w]),
+                             result.finish_reasons[w], r.max_tokens, self.stop_ids, r.stop)
+               for w in range(r.n)]
+    completion = Completion(threads, len(r.prompt_ids), lace_summary([t.text for t in threads]))
+    self.completed += 1
+    now = time.monotonic()
+    log.info("completion n=%d prompt_tokens=%d completion_tokens=%d seconds=%.3f "
+             "queued=%.3f shared=%d", r.n, completion.prompt_tokens,
+             completion.completion_tokens, now - job.arrival,
+             (job.admitted or now) - job.arrival, job.shared)
+    return completion
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,31 +629,14 @@ def _completion_body(c: Completion, *, completion_id: str, created: int, model: 
       "usage": c.usage(), "lace": c.lace}
 
 
-def _sse_chunks(c: Completion, *, completion_id: str, created: int, model: str,
-                include_usage: bool) -> list[str]:
-  """Every `data: ...` event of one streamed completion, `[DONE]` last."""
-  def chunk(index: int | None, delta: dict | None = None, finish: str | None = None,
-            **extra) -> str:
-    choices = [] if index is None else [
-        {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
-    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-            "model": model, "choices": choices, **extra}
-    return f"data: {json.dumps(body)}\n\n"
-
-  events = [chunk(i, {"role": "assistant", "content": ""}) for i in range(len(c.threads))]
-  longest = max(len(t.pieces or []) for t in c.threads)
-  for k in range(longest):  # the threads' pieces interleaved, as they were generated
-    for i, t in enumerate(c.threads):
-      if k < len(t.pieces or []):
-        events.append(chunk(i, {"content": t.pieces[k]}))
-  last = len(c.threads) - 1
-  for i, t in enumerate(c.threads):
-    extra = {"lace": c.lace} if i == last and not include_usage else {}
-    events.append(chunk(i, {}, t.finish_reason, **extra))
-  if include_usage:
-    events.append(chunk(None, usage=c.usage(), lace=c.lace))
-  events.append("data: [DONE]\n\n")
-  return events
+def _sse_event(completion_id: str, created: int, model: str, index: int | None,
+               delta: dict | None = None, finish: str | None = None, **extra) -> str:
+  """One `data: ...` event of a streamed completion (a `chat.completion.chunk`)."""
+  choices = [] if index is None else [
+      {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
+  body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+          "model": model, "choices": choices, **extra}
+  return f"data: {json.dumps(body)}\n\n"
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -674,17 +701,15 @@ async def _disconnected(request: fastapi.Request) -> None:
 
 def _server_limits(model: Model, tokenizer: Tokenizer, *, model_name: str, max_threads: int,
                    max_prompt_tokens: int, max_new_tokens: int, max_batch: int,
-                   batch_window_ms: float, max_body_bytes: int) -> Limits:
+                   max_engines: int, max_body_bytes: int) -> Limits:
   """`create_app`'s arguments checked against each other, the model and the tokenizer ->
   the limits requests are resolved against. ValueError for a bad limit, KeyError naming a stop
   or pad token the tokenizer lacks."""
   for name, value in (("max_threads", max_threads), ("max_prompt_tokens", max_prompt_tokens),
                       ("max_new_tokens", max_new_tokens), ("max_batch", max_batch),
-                      ("max_body_bytes", max_body_bytes)):
+                      ("max_engines", max_engines), ("max_body_bytes", max_body_bytes)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{name}={value!r}; expected an integer >= 1")
-  if not (isinstance(batch_window_ms, (int, float)) and 0 <= batch_window_ms < float("inf")):
-    raise ValueError(f"batch_window_ms={batch_window_ms!r}; expected a number >= 0")
   cfg = model.config
   if max_prompt_tokens + max_new_tokens > cfg.max_position_embeddings:
     raise ValueError(f"max_prompt_tokens + max_new_tokens = {max_prompt_tokens} + "
@@ -699,16 +724,16 @@ def _server_limits(model: Model, tokenizer: Tokenizer, *, model_name: str, max_t
                 max_prompt_tokens * tokenizer.max_token_chars)
 
 
-def _lifespan(batcher: Batcher) -> Callable[[fastapi.FastAPI],
-                                            contextlib.AbstractAsyncContextManager[None]]:
+def _lifespan(scheduler: Scheduler) -> Callable[[fastapi.FastAPI],
+                                                contextlib.AbstractAsyncContextManager[None]]:
   """The app's lifespan: the generation thread runs from startup to shutdown (joined off the
   event loop, which keeps answering while a batch finishes)."""
 
   @contextlib.asynccontextmanager
   async def lifespan(app: fastapi.FastAPI) -> AsyncIterator[None]:
-    batcher.start()
+    scheduler.start()
     yield
-    await asyncio.to_thread(batcher.stop)
+    await asyncio.to_thread(scheduler.stop)
 
   return lifespan
 
@@ -787,35 +812,75 @@ def _add_model_routes(app: fastapi.FastAPI, model_name: str, created_at: int) ->
     return model_card()
 
 
-def _completion_response(completion: Completion, req: ChatRequest, model_name: str) -> Any:
-  """A finished request's answer: the `chat.completion` body, or its Server-Sent Events when
-  the request asked for a stream."""
+def _stream_response(scheduler: Scheduler, req: ChatRequest, model_name: str
+                     ) -> StreamingResponse:
+  """A streamed request: queued now; its Server-Sent Events are sent as its threads'
+  content is generated (one chunk per piece of one thread), then each thread's finish chunk,
+  the `lace` field (and `usage`) and `[DONE]`. A client that goes away frees its slot."""
   completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-  if not req.stream:
-    return _completion_body(completion, completion_id=completion_id, created=created,
-                            model=model_name)
-  events = _sse_chunks(completion, completion_id=completion_id, created=created,
-                       model=model_name, include_usage=req.include_usage)
+  event = functools.partial(_sse_event, completion_id, created, model_name)
+  loop = asyncio.get_running_loop()
+  pieces: asyncio.Queue = asyncio.Queue()
+  job = scheduler.submit(req, on_text=lambda i, piece: loop.call_soon_threadsafe(
+      pieces.put_nowait, (i, piece)))
+  done = asyncio.wrap_future(job.future)
 
   async def stream() -> AsyncIterator[str]:
-    for event in events:
-      yield event
+    try:
+      for i in range(req.n):
+        yield event(i, {"role": "assistant", "content": ""})
+      while True:
+        getter = asyncio.ensure_future(pieces.get())
+        await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
+          getter.cancel()
+          break
+        i, piece = getter.result()
+        yield event(i, {"content": piece})
+      while not pieces.empty():  # pieces handed out just before the completion
+        i, piece = pieces.get_nowait()
+        yield event(i, {"content": piece})
+      try:
+        c: Completion = done.result()
+      except Exception as e:  # after the 200: the error as an event, as OpenAI does
+        yield f"data: {json.dumps({'error': {'message': f'generation failed: {e}', 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+      for i, t in enumerate(c.threads):
+        rest = job.streams[i].finish(t.text)
+        if rest:
+          yield event(i, {"content": rest})
+      last = len(c.threads) - 1
+      for i, t in enumerate(c.threads):
+        extra = {"lace": c.lace} if i == last and not req.include_usage else {}
+        yield event(i, {}, t.finish_reason, **extra)
+      if req.include_usage:
+        yield event(None, usage=c.usage(), lace=c.lace)
+      yield "data: [DONE]\n\n"
+    finally:
+      if not job.future.done():  # the client went away mid-stream
+        job.cancel()
+        log.info("client disconnected from a stream: request (n=%d, max_tokens=%d) "
+                 "cancelled", req.n, req.max_tokens)
 
   return StreamingResponse(stream(), media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache"})
 
 
-def _add_chat_route(app: fastapi.FastAPI, batcher: Batcher, tokenizer: Tokenizer,
+def _add_chat_route(app: fastapi.FastAPI, scheduler: Scheduler, tokenizer: Tokenizer,
                     limits: Limits) -> None:
-  """POST /v1/chat/completions: the request is resolved off the event loop, queued on
-  `batcher` and awaited; a client that disconnects first cancels its job (answered 499, which
-  nobody reads), and a batch that failed is a 500."""
+  """POST /v1/chat/completions: the request is resolved off the event loop and queued on
+  `scheduler`; a streamed one is answered at once with its events, another awaited. A client
+  that disconnects first cancels its job (answered 499, which nobody reads); a failed
+  generation is a 500."""
 
   @app.post("/v1/chat/completions")
   async def chat_completions(body: ChatCompletionRequest, request: fastapi.Request) -> Any:
     # tokenizing takes time for a long prompt: off the event loop, which keeps serving
     req = await asyncio.to_thread(resolve_request, body, tokenizer, limits)
-    job = batcher.submit(req)
+    if req.stream:
+      return _stream_response(scheduler, req, limits.model_name)
+    job = scheduler.submit(req)
     result = asyncio.wrap_future(job.future)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
@@ -833,36 +898,37 @@ def _add_chat_route(app: fastapi.FastAPI, batcher: Batcher, tokenizer: Tokenizer
     except Exception as e:
       return error_response(500, f"generation failed: {type(e).__name__}: {e}",
                             type_="server_error")
-    return _completion_response(completion, req, limits.model_name)
+    return _completion_body(completion, completion_id=f"chatcmpl-{uuid.uuid4().hex}",
+                            created=int(time.time()), model=limits.model_name)
 
 
 def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name: str,
                max_threads: int = 8, max_prompt_tokens: int = 2048, max_new_tokens: int = 1024,
-               max_batch: int = 8, batch_window_ms: float = 50.0,
+               max_batch: int = 8, max_engines: int = 2,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> fastapi.FastAPI:
-  """The FastAPI app serving `model` with `params` (module docstring: endpoints, batching,
-  streaming).
+  """The FastAPI app serving `model` with `params` (module docstring: endpoints, scheduling,
+  streaming). max_batch: slots (lattices generated at once) per thread count n; max_engines:
+  thread counts served at once (each its own slots and KV cache).
 
   The generation thread starts with the app's lifespan (or on the first request) and stops at
-  shutdown; `app.state.batcher` is the `Batcher`. Raises ValueError for a limit below 1, a
+  shutdown; `app.state.scheduler` is the `Scheduler`. Raises ValueError for a limit below 1, a
   prompt + completion budget beyond the model's max_position_embeddings, or a tokenizer that
   does not fit the model.
   """
   limits = _server_limits(model, tokenizer, model_name=model_name, max_threads=max_threads,
                           max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-                          max_batch=max_batch, batch_window_ms=batch_window_ms,
+                          max_batch=max_batch, max_engines=max_engines,
                           max_body_bytes=max_body_bytes)
-  batcher = Batcher(model, params, tokenizer, max_batch=max_batch,
-                    batch_window_s=batch_window_ms / 1e3,
-                    max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
+  scheduler = Scheduler(model, params, tokenizer, max_batch=max_batch, max_engines=max_engines,
+                        max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
   created_at = int(time.time())
-  app = fastapi.FastAPI(title="lace_jax", lifespan=_lifespan(batcher))
+  app = fastapi.FastAPI(title="lace_jax", lifespan=_lifespan(scheduler))
   app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-  app.state.batcher = batcher
+  app.state.scheduler = scheduler
   app.state.limits = limits
   _add_error_handlers(app)
   _add_model_routes(app, model_name, created_at)
-  _add_chat_route(app, batcher, tokenizer, limits)
+  _add_chat_route(app, scheduler, tokenizer, limits)
   return app
 
 
@@ -886,7 +952,8 @@ def _non_negative(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m lace_jax.serve",
-                              description="OpenAI-compatible chat server over the LACE sampler")
+                              description="OpenAI-compatible chat server over the LACE "
+                              "generation engine")
   p.add_argument("--checkpoint", required=True, help="Hugging Face Qwen3 directory (with "
                  "config.json, safetensors and tokenizer.json), e.g. from save_pretrained")
   p.add_argument("--lattice", choices=("checkpoint", "none"), default="checkpoint",
@@ -898,9 +965,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-prompt-tokens", type=_positive, default=2048)
   p.add_argument("--max-new-tokens", type=_positive, default=1024,
                  help="largest max_tokens per request (also its default)")
-  p.add_argument("--max-batch", type=_positive, default=8, help="requests per sample call")
-  p.add_argument("--batch-window-ms", type=_non_negative, default=50.0,
-                 help="how long the oldest queued request waits for others to batch with")
+  p.add_argument("--max-batch", type=_positive, default=8,
+                 help="requests generated at once per thread count n (the engine's slots)")
+  p.add_argument("--max-engines", type=_positive, default=2,
+                 help="thread counts n served at once (each its own slots and KV cache)")
   p.add_argument("--max-body-bytes", type=_positive, default=DEFAULT_MAX_BODY_BYTES,
                  help="largest request body; a larger one is refused with 413")
   p.add_argument("--model-name", default=None,
@@ -930,7 +998,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      max_threads=args.max_threads,
                      max_prompt_tokens=args.max_prompt_tokens,
                      max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
-                     batch_window_ms=args.batch_window_ms,
+                     max_engines=args.max_engines,
                      max_body_bytes=args.max_body_bytes)
   except (ValueError, KeyError) as e:
     sys.exit(f"lace_jax.serve: {e}")
