@@ -6,7 +6,7 @@
   python -m lace_jax.main --config=experiments/datagen_gsm8k.py:runlocal --workdir=/tmp/datagen
 
 The output (WORKDIR/threads.jsonl) is the training schema: point an SFT experiment's
-data.path at it. `:runlocal` uses the in-process sampler on the tiny random model and keeps
+data.path at it. `:runlocal` uses the in-process generation engine on the tiny random model and keeps
 unsolved problems (a smoke test of the pipeline, not training data).
 """
 

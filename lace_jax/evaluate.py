@@ -39,7 +39,8 @@ from lace_jax.diagnostics import lattice_diagnostics
 from lace_jax.hf_io import load_pretrained
 from lace_jax.model import Model, Params, without_lattice
 from lace_jax.rl import grpo
-from lace_jax.sampling import SampleOutput, full_grid, sample
+from lace_jax.engine import Engine, Request, as_sample_output
+from lace_jax.sampling import SampleOutput, full_grid
 from lace_jax.training.setup import load_or_init, model_configs, resolve_tokenizer
 from lace_jax.tokenizer import (THREAD_INSTRUCTION, Tokenizer, instruction_template,
                                 thread_prompts)
@@ -80,6 +81,14 @@ def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[
       raise ValueError(f"eval.batch_size={batch_size} does not divide over the "
                        f"{share.ways} data-parallel ways of mesh {dict(mesh.shape)}; make it "
                        f"a multiple of {share.ways}")
+  prompt_of = lambda p: tokenizer.encode_batch(thread_prompts(p.problem, w, thinking=thinking,
+                                                                instruction=instruction))
+  # one engine for every batch (its compiled shapes reused), batch_size slots, as wide as the
+  # longest prompt
+  longest = max((len(x) for p in problems for x in prompt_of(p)), default=1)
+  engine = Engine(model, params, slots=batch_size, num_threads=w, max_prompt_len=longest,
+                  max_new_tokens=max_new_tokens, stop_ids=(tokenizer.im_end_id,),
+                  pad_id=tokenizer.pad_id, mesh=mesh, rules=rules)
   for start in tqdm(range(0, len(problems), batch_size), desc=desc, dynamic_ncols=True,
                     disable=jax.process_index() != 0):
     chunk = problems[start:start + batch_size]
@@ -87,13 +96,14 @@ def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[
     if share is not None:  # a fixed global batch; this process's block of it
       rows = range(batch_size)[share.rows(batch_size)]
       chunk = [chunk[min(i, len(chunk) - 1)] for i in rows]
-    prompts = [tokenizer.encode_batch(thread_prompts(p.problem, w, thinking=thinking,
-                                                     instruction=instruction)) for p in chunk]
     t0 = time.perf_counter()
-    out = sample(model, params, prompts, num_threads=w, max_new_tokens=max_new_tokens,
-                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed + start,
-                 stop_ids=(tokenizer.im_end_id,), pad_id=tokenizer.pad_id, mesh=mesh,
-                 rules=rules)
+    # each problem's draws keyed by (seed, its index): the same whatever the batching
+    results = engine.generate([
+        Request(prompt_of(p), max_new_tokens=max_new_tokens, temperature=temperature,
+                top_p=top_p, top_k=top_k,
+                seed=int(np.random.SeedSequence([seed, start + i]).generate_state(1)[0]))
+        for i, p in zip(rows, chunk)])
+    out = as_sample_output(results, max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_id)
     seconds = time.perf_counter() - t0
     if on_batch is not None:
       on_batch(out)

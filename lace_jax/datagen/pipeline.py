@@ -42,7 +42,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from lace_jax import grading, sharding
-from lace_jax.sampling import sample
+from lace_jax.engine import Engine, Request, as_sample_output
+from lace_jax.sampling import bucket
 from lace_jax.tokenizer import TAGS, chat_prompt
 from lace_jax.training.setup import load_or_init, model_configs, resolve_tokenizer
 
@@ -96,31 +97,38 @@ class Generator:
 
 
 class InProcessGenerator(Generator):
-  """This project's sampler on a loaded model (each prompt one independent thread)."""
+  """This project's generation engine on a loaded model (each prompt one independent
+  thread: an engine of W = 1, `batch_size` slots, refilled as completions finish; remade
+  wider when a call needs longer prompts or completions)."""
 
   def __init__(self, model, params, tokenizer, *, batch_size: int = 8, top_p: float = 1.0,
                top_k: int = 0):
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.batch_size, self.top_p, self.top_k = batch_size, top_p, top_k
     self.tokens_used = 0
+    self._engine = None
+
+  def _engine_for(self, prompt_len: int, max_tokens: int) -> Engine:
+    e = self._engine
+    if e is None or e.max_prompt_len < prompt_len or e.max_new_tokens < max_tokens:
+      self._engine = Engine(
+          self.model, self.params, slots=self.batch_size, num_threads=1,
+          max_prompt_len=max(prompt_len, e.max_prompt_len if e else 0),
+          max_new_tokens=bucket(max(max_tokens, e.max_new_tokens if e else 0), 16),
+          stop_ids=(self.tokenizer.im_end_id,), pad_id=self.tokenizer.pad_id)
+    return self._engine
 
   def complete(self, prompts, *, max_tokens, temperature, seed):
-    out_texts = []
-    for i in range(0, len(prompts), self.batch_size):
-      chunk = [self.tokenizer.encode(chat_prompt(p)) for p in prompts[i:i + self.batch_size]]
-      width = -(-max(map(len, chunk)) // 128) * 128  # few distinct shapes: few compilations
-      chunk += [chunk[-1]] * (self.batch_size - len(chunk))  # a fixed batch size, too
-      out = sample(self.model, self.params, chunk, num_threads=1, max_new_tokens=max_tokens,
-                   temperature=temperature, top_p=self.top_p, top_k=self.top_k, seed=seed + i,
-                   stop_ids=(self.tokenizer.im_end_id,), pad_id=self.tokenizer.pad_id,
-                   prompt_width=width)
-      n = len(prompts[i:i + self.batch_size])
-      out.lengths = out.lengths[:n]
-      out.tokens = out.tokens[:n]
-      out.finish_reasons = out.finish_reasons[:n]
-      self.tokens_used += int(out.lengths.sum()) + sum(map(len, chunk[:n]))
-      out_texts += [t[0] for t in out.texts(self.tokenizer)]
-    return out_texts
+    ids = [self.tokenizer.encode(chat_prompt(p)) for p in prompts]
+    if not ids:
+      return []
+    engine = self._engine_for(max(map(len, ids)), max_tokens)
+    results = engine.generate([
+        Request(x, max_new_tokens=max_tokens, temperature=temperature, top_p=self.top_p,
+                top_k=self.top_k, seed=seed + i) for i, x in enumerate(ids)])
+    self.tokens_used += sum(int(r.lengths.sum()) for r in results) + sum(map(len, ids))
+    out = as_sample_output(results, pad_id=self.tokenizer.pad_id)
+    return [t[0] for t in out.texts(self.tokenizer)]
 
   def count_tokens(self, text):
     return len(self.tokenizer.encode(text))
