@@ -51,7 +51,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lace_jax import ops, sharding
-from lace_jax.model import Model, Params
+from lace_jax.model import Model, Params, cache_seq_axis
 from lace_jax.sampling import (GREEDY_EPSILON, Cancelled, SampleOutput, bucket,
                                _constrain_cache, _ends_with_sequence, _filter_logits, _knobs,
                                left_pad)
@@ -211,9 +211,13 @@ def _prefill(model: Model, params: Params, store: dict, prompt: jax.Array,
     logits, _, small = model.prefill(params, small, prompt, positions, prompt_valid,
                                      logits="last")
   width = store["valid"].shape[2]
-  put = lambda buf, fresh: buf.at[rows, :, :p].set(fresh.astype(buf.dtype), mode="drop")
+
+  def put(path, buf, fresh):  # fresh [U, W, ..., P, ...] into rows [U], columns 0..P-1
+    cols = (slice(None),) * (cache_seq_axis(path) - 1) + (slice(0, p),)
+    return buf.at[(rows,) + cols].set(fresh.astype(buf.dtype), mode="drop")
+
   return _constrain_store(dict(
-      cache=jax.tree.map(put, store["cache"], small["layers"]),
+      cache=jax.tree_util.tree_map_with_path(put, store["cache"], small["layers"]),
       valid=_set_rows(store["valid"], rows,
                       jnp.pad(prompt_valid, ((0, 0), (0, 0), (0, width - p)))),
       logits=_set_rows(store["logits"], rows, logits[:, :, -1]),
@@ -240,11 +244,14 @@ def _admit(model: Model, state: dict, store: dict, src: jax.Array, slots: jax.Ar
   done = (jnp.isin(first, jnp.asarray(stop_ids, jnp.int32))
           | _ends_with_sequence(out, jnp.int32(0), new["stops"]))
   width = store["valid"].shape[2]
-  insert = lambda big, kept: big.at[slots, :, :width].set(kept[src].astype(big.dtype),
-                                                         mode="drop")
+
+  def insert(path, big, kept):  # the grids' columns 0..P-1 into the slots
+    cols = (slice(None),) * (cache_seq_axis(path) - 1) + (slice(0, width),)
+    return big.at[(slots,) + cols].set(kept[src].astype(big.dtype), mode="drop")
+
   length = state["cache"]["valid"].shape[2]
-  cache = dict(state["cache"], layers=jax.tree.map(insert, state["cache"]["layers"],
-                                                   store["cache"]))
+  cache = dict(state["cache"], layers=jax.tree_util.tree_map_with_path(
+      insert, state["cache"]["layers"], store["cache"]))
   cache["valid"] = _set_rows(state["cache"]["valid"], slots, jnp.pad(
       store["valid"][src], ((0, 0), (0, 0), (0, length - width))))  # later columns: False
   put = lambda name, rows: _set_rows(state[name], slots, rows)

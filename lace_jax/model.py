@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lace_jax.kernels.attention import attention
+from lace_jax.kernels.attention import attention, decode_attention
 from lace_jax.kernels.lattice_attention import lattice_attention, lattice_decode_attention
 from lace_jax import ops
 from lace_jax.sharding import batch_axes, constrain
@@ -74,7 +74,8 @@ class Attention(nn.Module):
                cache: dict | None = None, cur: jax.Array | None = None,
                valid_cache: jax.Array | None = None):
     """x [B, W, T, D] -> (o_proj output [B, W, T, D], pre-projection output a [B, W, T, N, H],
-    this layer's new cache {k, v: [B, W, S, K, H]} or None).
+    this layer's new cache {k, v: [B, W, K, S, H]} (head-major: the decode attention's dots
+    read it as laid out) or None).
 
     cache None: training (causal over the T columns). cache given and cur None: prefill, the
     T columns are written at 0..T-1. cur given: one decoding column (T = 1) written at `cur`,
@@ -105,32 +106,51 @@ class Attention(nn.Module):
                     v.reshape(b * w, t, k, h), key_valid=valid.reshape(b * w, t), causal=True,
                     implementation=cfg.attention, batch_axes=batch_axes())
       if cache is not None:
-        new_cache = {"k": _write(cache["k"], kk, 0), "v": _write(cache["v"], v, 0)}
+        new_cache = {"k": _write(cache["k"], _heads_major(kk), 0, axis=3),
+                     "v": _write(cache["v"], _heads_major(v), 0, axis=3)}
     else:  # one decoding column against the cache
-      ck, cv = _write(cache["k"], kk, cur), _write(cache["v"], v, cur)  # [B, W, S, K, H]
-      s = ck.shape[2]
-      # per-row columns (cur [B]): the cache's validity alone is the mask, as no column after
-      # a row's own is valid yet
-      per_row = jnp.ndim(cur) == 1
-      a = attention(q.reshape(b * w, 1, n, h), ck.reshape(b * w, s, k, h),
-                    cv.reshape(b * w, s, k, h), key_valid=valid_cache.reshape(b * w, s),
-                    causal=not per_row, q_offset=0 if per_row else cur,
-                    implementation=cfg.attention, batch_axes=batch_axes())
+      ck = _write(cache["k"], _heads_major(kk), cur, axis=3)  # [B, W, K, S, H]
+      cv = _write(cache["v"], _heads_major(v), cur, axis=3)
+      s = ck.shape[3]
+      # no column after a row's own (cur, or cur[b] per row) is valid yet: the cache's validity
+      # is the mask, and no block past the largest column is read
+      a = decode_attention(q.reshape(b * w, n, h), ck.reshape(b * w, k, s, h),
+                           cv.reshape(b * w, k, s, h), key_valid=valid_cache.reshape(b * w, s),
+                           limit=jnp.max(cur) + 1, implementation=cfg.attention)[:, None]
       new_cache = {"k": ck, "v": cv}
     a = constrain(a.reshape(b, w, t, n, h), _Q)  # [B, W, T, N, H]
     out = constrain(jnp.einsum("BWTNH,NHD->BWTD", a, wo.astype(dt)), _X)
     return out, a, new_cache
 
 
-def _write(buf: jax.Array, new: jax.Array, col) -> jax.Array:
-  """Writes new [B, W, T, ...] into buf [B, W, S, ...] at columns col..col+T-1; col a scalar,
-  or [B] (each row at its own column: the generation engine's slots)."""
+def _heads_major(x: jax.Array) -> jax.Array:
+  """[B, W, T, K, H] -> [B, W, K, T, H] (the backbone cache's layout)."""
+  return x.transpose(0, 1, 3, 2, 4)
+
+
+# the column (sequence) axis of each kind of cache entry (`init_cache`)
+CACHE_SEQ_AXIS = {"attn": 3, "lattice": 2, "valid": 2}
+
+
+def cache_seq_axis(path) -> int:
+  """The column axis of the cache entry at tree `path` (of a cache or its "layers")."""
+  keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
+  return CACHE_SEQ_AXIS[next((k for k in ("attn", "lattice") if k in keys), "valid")]
+
+
+def _write(buf: jax.Array, new: jax.Array, col, axis: int = 2) -> jax.Array:
+  """Writes new into buf at columns col..col+T-1 of `axis` (new has T there; otherwise buf's
+  shape); col a scalar, or [B] (each row at its own column: the generation engine's slots)."""
   new = new.astype(buf.dtype)
   if jnp.ndim(col) == 1:
-    row = lambda b, x, c: jax.lax.dynamic_update_slice(b, x, (0, c) + (0,) * (b.ndim - 2))
+    def row(b, x, c):
+      start = [0] * b.ndim
+      start[axis - 1] = c
+      return jax.lax.dynamic_update_slice(b, x, tuple(start))
     return jax.vmap(row)(buf, new, col)
-  start = (0, 0, col) + (0,) * (buf.ndim - 3)
-  return jax.lax.dynamic_update_slice(buf, new, start)
+  start = [0] * buf.ndim
+  start[axis] = col
+  return jax.lax.dynamic_update_slice(buf, new, tuple(start))
 
 
 class Lattice(nn.Module):
@@ -412,8 +432,9 @@ class Model:
 
   def init_cache(self, batch: int, num_threads: int, max_len: int) -> dict:
     """Empty decoding caches for [batch, num_threads] threads of up to max_len columns:
-    backbone k/v [B, W, S, K, H] per layer, lattice k/v [B, W, S, C, E] per lattice layer,
-    and validity [B, W, S] (False until written)."""
+    backbone k/v [B, W, K, S, H] per layer (head-major), lattice k/v [B, W, S, C, E] per
+    lattice layer, and validity [B, W, S] (False until written). `cache_seq_axis` gives each
+    entry's column axis."""
     return init_cache(self.config, self.lattice, batch, num_threads, max_len)
 
   def prefill(self, params: Params, cache: dict, tokens: jax.Array, positions: jax.Array,
@@ -464,7 +485,7 @@ def init_cache(cfg: ModelConfig, lattice: LatticeConfig | None, batch: int, num_
   shape = (batch, num_threads, max_len)
   layers = {}
   for i in range(cfg.num_layers):
-    kv = shape + (cfg.num_kv_heads, cfg.head_dim)
+    kv = (batch, num_threads, cfg.num_kv_heads, max_len, cfg.head_dim)
     layers[i] = {"attn": {"k": jnp.zeros(kv, dt), "v": jnp.zeros(kv, dt)}}
     if lattice is not None and i in lattice.layers:
       lkv = shape + (lattice.heads, lattice.head_dim)

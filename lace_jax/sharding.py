@@ -179,7 +179,7 @@ def check_divisible(shapes: Any, shardings: Any, what: str = "parameter") -> Non
 # logical axes of the decoding caches (`Model.init_cache`), by the cache entry's name
 CACHE_AXES = {
     "valid": ("batch", "thread", "seq"),
-    "attn": ("batch", "thread", "seq", "kv_heads", "head_dim"),
+    "attn": ("batch", "thread", "kv_heads", "seq", "head_dim"),  # head-major (model.py)
     "lattice": ("batch", "thread", "seq", "lattice_heads", "lattice_head_dim"),
 }
 

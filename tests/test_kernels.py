@@ -463,6 +463,39 @@ def test_backbone_attention_equals_reference(impl):
     assert rel_err(a, r) <= 1e-5
 
 
+@pytest.mark.parametrize("limit", [0, 5, 13, 37, None])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_attention_equals_reference(limit, dtype):
+  """One query column against a head-major cache [B, K, S, H]: equal to the reference on the
+  keys that are valid and below `limit`, in several blocks; the blocks at or past `limit` are
+  never read (NaN there must not leak), and a row with nothing to read gives zeros."""
+  from lace_jax.kernels.attention import decode_attention
+  b, n, kh, s, h = 3, 4, 2, 37, 16
+  dt = jnp.dtype(dtype)
+  ks = jax.random.split(jax.random.key(1), 4)
+  q = jax.random.normal(ks[0], (b, n, h)).astype(dt)
+  k, v = (jax.random.normal(x, (b, kh, s, h)).astype(dt) for x in ks[1:3])
+  valid = jax.random.bernoulli(ks[3], 0.7, (b, s)).at[2].set(False)  # row 2: no key
+  cut = s if limit is None else limit
+  # past the limit (in whole blocks of 8): poisoned; the valid keys below it are what is read
+  block_end = -(-cut // 8) * 8
+  poison = jnp.arange(s)[None, :, None] >= block_end
+  ok = valid & (jnp.arange(s)[None] < cut)
+  ref = attention_reference(q[:, None].astype(jnp.float32),
+                            k.transpose(0, 2, 1, 3).astype(jnp.float32),
+                            v.transpose(0, 2, 1, 3).astype(jnp.float32),
+                            ok[:, None, :])[:, 0]
+  ref = jnp.where(ok.any(-1)[:, None, None], ref, 0.0)
+  k = jnp.where(poison[:, None], jnp.nan, k)
+  v = jnp.where(poison[:, None], jnp.nan, v)
+  got = decode_attention(q, k, v, key_valid=valid, limit=limit, block=8)
+  assert got.dtype == dt and got.shape == (b, n, h)
+  assert np.isfinite(np.asarray(got, np.float32)).all()
+  tol = 1e-5 if dtype == "float32" else 2e-2
+  assert rel_err(np.asarray(got, np.float32), np.asarray(ref)) <= tol
+  assert not np.asarray(got[2], np.float32).any()
+
+
 def test_backbone_default_follows_the_target_platform():
   """Kernels are chosen for the platform compiled for: a `target_platform` context overrides
   the host's backend; one query column always goes to the cache-friendly chunked path."""

@@ -91,7 +91,8 @@ def test_plan_compile_only_tpu(tmp_path):
   assert rep["devices"] == "4 x TPU v5e" and "fsdp=4" in rep["mesh"]
   assert 15e9 < rep["chip"]["memory"] < 18e9  # XLA:TPU's own figure for a v5e chip
   for f in rep["functions"]:
-    assert f["fits"] and f["flops"] > 0 and f["predicted_seconds"] > 0
+    assert f["fits"] and f["predicted_seconds"] > 0
+    assert f["flops"] > 0 or f["function"] == "rollout_admit"  # (copies into the slots)
 
 
 def test_plan_names_a_batch_that_does_not_split_over_the_mesh(tmp_path):

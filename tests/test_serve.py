@@ -239,14 +239,16 @@ SCRIPT = ["x=1: 5. Found x=1. \\boxed{1} [[best]]",
 
 class ScriptedEngine:
   """A stand-in for `lace_jax.engine.Engine` with its public API (submit, step, cancel, busy,
-  reset): thread w of a request emits SCRIPT[w % 3] + <|im_end|>, `per_step` tokens per step
-  (each step taking `delay` s), cut at the request's max_new_tokens; stop sequences are left to
+  reset): thread w of a request emits SCRIPT[w % 3] + <|im_end|> (fill: the script repeated to
+  max_new_tokens), `per_step` tokens per step (each step taking `delay` s), cut at the
+  request's max_new_tokens; stop sequences are left to
   the server's text cut. Every engine made and request submitted is recorded in `log`."""
 
   def __init__(self, model, params, *, slots, num_threads, max_prompt_len, max_new_tokens,
-               stop_ids, pad_id, stop_shape, decode_chunk, log, per_step=4, delay=0.0):
+               stop_ids, pad_id, stop_shape, decode_chunk, log, per_step=4, delay=0.0,
+               fill=False):
     self.slots, self.num_threads, self.stop_ids, self.pad_id = slots, num_threads, stop_ids, pad_id
-    self.model, self.per_step, self.delay = model, per_step, delay
+    self.model, self.per_step, self.delay, self.fill = model, per_step, delay, fill
     self.log = log
     log.setdefault("engines", []).append(self)
     self.waiting, self.running, self.tickets, self.steps = [], {}, 0, 0
@@ -269,6 +271,8 @@ class ScriptedEngine:
     self.waiting, self.running = [], {}
 
   def _ids(self, w, r):
+    if self.fill:  # the script repeated: every thread runs its whole budget
+      return (TOKENIZER.encode(SCRIPT[w % 3] + " ") * r.max_new_tokens)[:r.max_new_tokens]
     return (TOKENIZER.encode(SCRIPT[w % 3]) + [self.stop_ids[0]])[:r.max_new_tokens]
 
   def step(self):
@@ -582,7 +586,7 @@ def test_short_requests_are_admitted_while_a_long_one_runs(monkeypatch):
   """Continuous batching: requests sent while a long one runs take free slots at the next
   engine step and finish long before it."""
   log: dict = {}
-  app = _scripted_app(monkeypatch, log, max_batch=8, per_step=1, delay=0.05)
+  app = _scripted_app(monkeypatch, log, max_batch=8, per_step=1, delay=0.05, fill=True)
   srv, thread, url = _serve_in_thread(app)
   try:
     long_body = {"model": "m", "n": 2, "max_tokens": 64,

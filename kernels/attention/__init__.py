@@ -19,6 +19,9 @@
                 query column (decoding); flash on GPU; pallas_tpu on TPU when T is a multiple
                 of 128; xla otherwise
 
+Decoding reads the cache through `decode_attention` (one query column against a head-major
+[B, K, S, H] cache, only the blocks up to the filled columns; the model's cache is laid out so).
+
 The mask is structured, never passed in: query t (grid column q_offset + t) reads key s iff
 key_valid[s] and (not causal or s <= q_offset + t). Outputs at query rows that are padding are
 unspecified (no valid row ever reads them).
@@ -91,6 +94,60 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array,
     # rows with no readable key: XLA gives the mean of all values, the reference zeros
     return jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0).astype(q.dtype)
   return _pallas_tpu(q, k, v, key_valid, causal, scale, batch_axes)
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array,
+                     limit: jax.Array | int | None = None, scale: float | None = None,
+                     implementation: str | None = None, block: int = DECODE_BLOCK
+                     ) -> jax.Array:
+  """One query column against a head-major decoding cache: q [B, N, H], k/v [B, K, S, H],
+  key_valid [B, S] -> [B, N, H]. Reads key j where key_valid[j] and j < limit (a scalar: the
+  caller's largest filled column + 1; None: all S), in blocks of `block` columns: the blocks
+  at or past `limit` are not read at all (a while loop of ceil(limit / block) trips), so a
+  decode step costs the filled columns, not the reserved ones.
+
+  The cache is head-major so that the two dots (batch dims B, K; contracting H, then S) read
+  it as laid out: with [B, S, K, H] XLA:GPU copies the whole cache to that layout every column.
+  implementation "reference" is the dense reference; any other value runs the blocked online
+  softmax (forward only, every platform). Rows with no readable key give zeros."""
+  b, n, h = q.shape
+  kh, s = k.shape[1], k.shape[2]
+  scale = h**-0.5 if scale is None else scale
+  cols = jnp.arange(s)
+  ok = key_valid if limit is None else key_valid & (cols[None, :] < limit)
+  if implementation == "reference":
+    out = attention_reference(q[:, None], k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                              ok[:, None, :], scale=scale)
+    return out[:, 0]
+  g = n // kh
+  qg = q.reshape(b, kh, g, h)
+  block = min(block, s)
+  nb = -(-s // block)
+  if s % block:  # the last block would read past the end: pad (rare: S is a bucket)
+    pad = nb * block - s
+    k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    ok = jnp.pad(ok, ((0, 0), (0, pad)))
+  trips = nb if limit is None else jnp.clip(-(-jnp.asarray(limit, jnp.int32) // block), 0, nb)
+
+  def body(j, carry):
+    acc, m, l = carry
+    kb = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=2)  # [B, K, blk, H]
+    vb = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=2)
+    mask = jax.lax.dynamic_slice_in_dim(ok, j * block, block, axis=1)[:, None, None]
+    sc = jnp.einsum("BKGH,BKSH->BKGS", qg, kb, preferred_element_type=jnp.float32) * scale
+    sc = jnp.where(mask, sc, NEG_INF)
+    m_new = jnp.maximum(m, jnp.max(sc, -1))
+    p = jnp.exp(sc - m_new[..., None]) * mask
+    alpha = jnp.exp(m - m_new)
+    acc = acc * alpha[..., None] + jnp.einsum("BKGS,BKSH->BKGH", p.astype(vb.dtype), vb,
+                                              preferred_element_type=jnp.float32)
+    return acc, m_new, alpha * l + jnp.sum(p, -1)
+
+  init = (jnp.zeros((b, kh, g, h), jnp.float32), jnp.full((b, kh, g), NEG_INF, jnp.float32),
+          jnp.zeros((b, kh, g), jnp.float32))
+  acc, _, l = jax.lax.fori_loop(0, trips, body, init)
+  return (acc / jnp.where(l == 0, 1.0, l)[..., None]).reshape(b, n, h).astype(q.dtype)
 
 
 def _flash(q, k, v, key_valid, causal, q_offset, scale, batch_axes):
