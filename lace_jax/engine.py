@@ -15,7 +15,9 @@ with a [B] column) and the backbone and lattice decode paths read per-slot valid
 The step loop (`generate`) decodes one column for every live slot, in jitted calls of up to
 `decode_chunk` columns that return early once a slot finishes while requests wait; finished
 lattices are read back and their slots refilled by one batched prefill. Compiled shapes are
-fixed: the slot count, prompt widths and admission sizes in power-of-two buckets.
+fixed: the slot count, and prompt widths and prefill sizes in power-of-two buckets (an
+admission is one call over all S slots in slot order: each slot's new values are selected
+where the slot lives, nothing is scattered across devices).
 
 Prompt sharing: a lattice's W threads read each other's prompt tokens through the lattice
 (with thread-indexed rotary coordinates), so threads with the same prompt still get different
@@ -227,41 +229,46 @@ def _prefill(model: Model, params: Params, store: dict, prompt: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
-def _admit(model: Model, state: dict, store: dict, src: jax.Array, slots: jax.Array,
-           new: dict, *, stop_ids: tuple[int, ...], pad_id: int, mesh=None, rules=()) -> dict:
-  """Admits A requests: request a copies the store's prefilled grid src[a] into slot slots[a]
-  (S: padding, dropped), with its knobs, key, budget and prompt width in `new` ([A] each;
-  stops [A, Sq, Lq]). Its first token (column 0) is drawn from the grid's last logits with its
-  own key. The grid's columns past its width are invalid, so the copy's stale ones are unread."""
+def _admit(model: Model, state: dict, store: dict, admit: jax.Array, src: jax.Array, new: dict,
+           *, stop_ids: tuple[int, ...], pad_id: int, mesh=None, rules=()) -> dict:
+  """Admits a request into every slot s with admit[s] [S]: it copies the store's prefilled
+  grid src[s] into the slot, with its knobs, key, budget and prompt width in `new` ([S] each,
+  in slot order; stops [S, Sq, Lq]). Its first token (column 0) is drawn from the grid's last
+  logits with its own key. The grid's columns past its width are invalid, so the copy's stale
+  ones are unread. Everything is in slot order: each slot's new values are selected where
+  it lives (no scatter across devices), only the store's rows are gathered."""
   del model
-  last = store["logits"][src]  # [A, W, V]
+  last = store["logits"][src]  # [S, W, V]
   keys = jax.random.wrap_key_data(new["key"])
   first = _choose_keyed(jax.vmap(jax.random.fold_in)(keys, jnp.zeros_like(src)), last, new)
-  a, w = first.shape
+  s, w = first.shape
   n = state["out"].shape[-1]
-  out = jnp.full((a, w, n), pad_id, jnp.int32).at[:, :, 0].set(first)
-  lps = jnp.zeros((a, w, n), jnp.float32).at[:, :, 0].set(_logprob(last, first))
+  out = jnp.full((s, w, n), pad_id, jnp.int32).at[:, :, 0].set(first)
+  lps = jnp.zeros((s, w, n), jnp.float32).at[:, :, 0].set(_logprob(last, first))
   done = (jnp.isin(first, jnp.asarray(stop_ids, jnp.int32))
           | _ends_with_sequence(out, jnp.int32(0), new["stops"]))
   width = store["valid"].shape[2]
+  pick = lambda x, old: jnp.where(admit.reshape((s,) + (1,) * (old.ndim - 1)),
+                                  x.astype(old.dtype), old)
 
-  def insert(path, big, kept):  # the grids' columns 0..P-1 into the slots
-    cols = (slice(None),) * (cache_seq_axis(path) - 1) + (slice(0, width),)
-    return big.at[(slots,) + cols].set(kept[src].astype(big.dtype), mode="drop")
+  def insert(path, big, kept):  # the grids' columns 0..P-1 into the admitted slots
+    axis = cache_seq_axis(path)
+    head = jax.lax.slice_in_dim(big, 0, width, axis=axis)
+    return jax.lax.dynamic_update_slice_in_dim(big, pick(kept[src], head), 0, axis=axis)
 
   length = state["cache"]["valid"].shape[2]
   cache = dict(state["cache"], layers=jax.tree_util.tree_map_with_path(
       insert, state["cache"]["layers"], store["cache"]))
-  cache["valid"] = _set_rows(state["cache"]["valid"], slots, jnp.pad(
-      store["valid"][src], ((0, 0), (0, 0), (0, length - width))))  # later columns: False
-  put = lambda name, rows: _set_rows(state[name], slots, rows)
+  cache["valid"] = pick(jnp.pad(store["valid"][src], ((0, 0), (0, 0), (0, length - width))),
+                        state["cache"]["valid"])  # later columns: False
+  put = lambda name, rows: pick(rows, state[name])
   state = dict(
       state, cache=cache, out=put("out", out), lps=put("lps", lps),
-      lengths=put("lengths", jnp.ones((a, w), jnp.int32)), done=put("done", done),
-      hidden_sum=put("hidden_sum", jnp.zeros((a,) + state["hidden_sum"].shape[1:])),
-      pos=put("pos", store["next_pos"][src]), i=put("i", jnp.zeros((a,), jnp.int32)),
+      lengths=put("lengths", jnp.ones((s, w), jnp.int32)), done=put("done", done),
+      hidden_sum=put("hidden_sum", jnp.zeros(state["hidden_sum"].shape)),
+      pos=put("pos", store["next_pos"][src]), i=put("i", jnp.zeros((s,), jnp.int32)),
       start=put("start", new["start"]), budget=put("budget", new["budget"]),
-      active=put("active", jnp.ones((a,), bool)), key=put("key", new["key"]),
+      active=state["active"] | admit, key=put("key", new["key"]),
       **{k: put(k, new[k]) for k in ("temperature", "top_p", "top_k", "stops")})
   return _constrain_state(state, mesh, rules)
 
@@ -332,6 +339,12 @@ def _release(state: dict, finished: jax.Array) -> dict:
               temperature=jnp.where(keep, state["temperature"], 0.0))
 
 
+def _prompt_key(prompt) -> tuple:
+  if len(prompt) and isinstance(prompt[0], (list, tuple, np.ndarray)):
+    return tuple(tuple(int(t) for t in x) for x in prompt)
+  return tuple(int(t) for t in prompt)
+
+
 class Engine:
   """S lattice slots over a persistent cache; see the module docstring.
 
@@ -343,6 +356,9 @@ class Engine:
   stop_shape: (sequences, length) of the largest per-request stop-sequence set accepted.
   decode_chunk: columns per decode call (the host regains control between calls: admission,
     streaming, cancellation).
+  prompt_store: prefilled prompt grids kept (default: slots; rounded up to a multiple of the
+    data-parallel ways). An admission takes at most this many distinct prompts. GRPO keeps its
+    step's questions: the store, and an admission's copy out of it, are that much smaller.
   mesh, rules: lay the slots out over the mesh's batch axes (as `sample`'s batch). On a mesh
     that spans processes the engine is one SPMD program: every process makes the same calls
     (`generate` or `step` together) with ITS requests, which go to its block of the slots
@@ -354,13 +370,15 @@ class Engine:
   def __init__(self, model: Model, params: Params, *, slots: int, num_threads: int,
                max_prompt_len: int, max_new_tokens: int, stop_ids: Sequence[int] = (),
                pad_id: int = 0, stop_shape: tuple[int, int] = (4, 16), decode_chunk: int = 32,
-               mesh=None, rules=None):
+               prompt_store: int | None = None, mesh=None, rules=None):
     for name, value in (("slots", slots), ("num_threads", num_threads),
                         ("max_prompt_len", max_prompt_len), ("max_new_tokens", max_new_tokens),
-                        ("decode_chunk", decode_chunk)):
+                        ("decode_chunk", decode_chunk),
+                        ("prompt_store", slots if prompt_store is None else prompt_store)):
       if not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"Engine {name}={value!r}; expected an int >= 1")
     self.share = None
+    ways = 1
     if mesh is not None:
       rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
       ways = sharding.batch_ways(mesh, rules)
@@ -381,6 +399,10 @@ class Engine:
     # this process's block of the slots (and of the store's rows): global rows lo..lo + local
     mine = slice(0, self.slots) if self.share is None else self.share.rows(self.slots)
     self._lo, self.local_slots = mine.start, mine.stop - mine.start
+    self.store_rows = -(-(slots if prompt_store is None else int(prompt_store)) // ways) * ways
+    rows = (slice(0, self.store_rows) if self.share is None
+            else self.share.rows(self.store_rows))
+    self._store_lo, self.local_store_rows = rows.start, rows.stop - rows.start
     self.stats = Stats()
     with self._mesh():
       self.state = _empty_state(
@@ -388,7 +410,7 @@ class Engine:
           length=self.max_prompt_len + self.max_new_tokens, max_new_tokens=self.max_new_tokens,
           stop_shape=self.stop_shape, **self.static)
       # as many prefilled grids as slots: an admission's grids always fit
-      self.store = _empty_store(model, rows=self.slots, num_threads=self.num_threads,
+      self.store = _empty_store(model, rows=self.store_rows, num_threads=self.num_threads,
                                 width=self.max_prompt_len, mesh=mesh, rules=self.static["rules"])
     # a prompt grid (its width, tokens, validity) -> (local store row, the width it was
     # prefilled at), least recently used first
@@ -475,7 +497,8 @@ class Engine:
       needed = set(keys)
       taken = {row for row, _ in self._store.values()}
       spare = [row for k, (row, _) in self._store.items() if k not in needed]  # oldest first
-      rows = ([r for r in range(self.local_slots) if r not in taken] + spare)[:len(missing)]
+      rows = ([r for r in range(self.local_store_rows) if r not in taken]
+              + spare)[:len(missing)]
       for k in [k for k, (row, _) in self._store.items() if row in rows]:
         del self._store[k]
       u_pad = self._rows(u)
@@ -483,7 +506,8 @@ class Engine:
                np.zeros((self.num_threads, width), bool))
       padded = [(repad(grid_of[k][0], pad_id, width), repad(grid_of[k][1], False, width))
                 for k in missing] + [blank] * (u_pad - len(missing))
-      rows_arr = np.asarray([self._lo + r for r in rows] + [self.slots] * (u_pad - len(rows)),
+      rows_arr = np.asarray([self._store_lo + r for r in rows]
+                            + [self.store_rows] * (u_pad - len(rows)),
                             np.int32)
       with self._mesh():
         self.store = _prefill(self.model, self.params, self.store,
@@ -503,12 +527,14 @@ class Engine:
     if knobs is not None and knobs["stops"].size:
       got = knobs["stops"]
       stops[:, :got.shape[1], self.stop_shape[1] - got.shape[2]:] = got
-    a_pad = self._rows(a)
+    slots = self.local_slots
 
-    def fill(values, pad, dtype) -> np.ndarray:  # n rows, then a_pad - n rows of `pad`
-      pad = np.asarray(pad, dtype)
-      rows = np.asarray(values, dtype).reshape((n,) + pad.shape)
-      return np.concatenate([rows, np.broadcast_to(pad, (a_pad - n,) + pad.shape)])
+    def fill(values, pad, dtype) -> np.ndarray:  # this process's slots in order: `values` at
+      pad = np.asarray(pad, dtype)  # the admitted ones (free[:n]), `pad` elsewhere
+      out = np.array(np.broadcast_to(pad, (slots,) + pad.shape))
+      if n:
+        out[np.asarray(free[:n])] = np.asarray(values, dtype).reshape((n,) + pad.shape)
+      return out
 
     key_data = lambda seed: np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
     knob = lambda name: knobs[name] if knobs is not None else []
@@ -519,10 +545,10 @@ class Engine:
         budget=fill([r.max_new_tokens for r in reqs], 0, np.int32),
         start=fill(starts, 0, np.int32),
         key=fill([key_data(r.seed) for r in reqs], np.zeros_like(key_data(0)), np.uint32))
-    src = fill([self._lo + self._store[k][0] for k in keys], 0, np.int32)
-    slots = fill([self._lo + s for s in free], self.slots, np.int32)
+    src = fill([self._store_lo + self._store[k][0] for k in keys], 0, np.int32)
+    admit = fill([True] * n, False, bool)
     with self._mesh():
-      self.state = _admit(self.model, self.state, self.store, self._put(src), self._put(slots),
+      self.state = _admit(self.model, self.state, self.store, self._put(admit), self._put(src),
                           {k: self._put(v) for k, v in new.items()}, **self.static)
     for (ticket, r), slot, k, p in zip(batch, free, keys, starts):
       tokens, valid = grid_of[k]
@@ -566,7 +592,13 @@ class Engine:
       if cancelled:
         self._waiting = collections.deque(x for x in self._waiting if x[0] not in cancelled)
       free = [s for s, o in enumerate(self._owner) if o is None]
-      batch = [self._waiting.popleft() for _ in range(min(len(free), len(self._waiting)))]
+      batch, prompts = [], set()  # FIFO, at most as many distinct prompts as the store holds
+      while self._waiting and len(batch) < len(free):
+        key = _prompt_key(self._waiting[0][1].prompt)
+        if key not in prompts and len(prompts) >= self.local_store_rows:
+          break
+        prompts.add(key)
+        batch.append(self._waiting.popleft())
     self._release(np.asarray([o is not None and o[0] in cancelled for o in self._owner]))
     self._admit(batch, free[:len(batch)])
     waiting, running = (bool(x) for x in self._agree([len(self._waiting) > 0, self.busy]))
@@ -678,11 +710,12 @@ def as_sample_output(results: Sequence[Result], width: int | None = None,
 
 
 def abstract_calls(model: Model, params, *, slots: int, num_threads: int, prompt_len: int,
-                   max_new_tokens: int, mesh, rules, stop_ids: Sequence[int] = (0,),
+                   max_new_tokens: int, mesh, rules, prompt_store: int | None = None,
+                   stop_ids: Sequence[int] = (0,),
                    stop_shape: tuple[int, int] = (4, 16)) -> list[tuple]:
   """The engine's jitted calls at their largest shapes, with abstract arguments laid out on
   `mesh` (nothing allocated), for the plan mode (`lace_jax.plan`): [(name, jitted, args,
-  kwargs, arg groups)]: "prefill" (S prompt grids into the store), "admit" (S requests into
+  kwargs, arg groups)]: "prefill" (min(S, store) prompt grids into the store), "admit" (S requests into
   the slots) and "decode" (the column loop over S slots); the "cache" group is the slots'
   state and the store. `params`: ShapeDtypeStructs carrying
   their shardings."""
@@ -700,9 +733,13 @@ def abstract_calls(model: Model, params, *, slots: int, num_threads: int, prompt
   state = with_sharding(state, dict(
       {k: bs(v.ndim) for k, v in state.items() if k != "cache"},
       cache=sharding.cache_sharding(state["cache"], mesh, rules)))
-  store = jax.eval_shape(functools.partial(_empty_store, model, rows=s, num_threads=w, width=p))
+  ways = sharding.batch_ways(mesh, rules)
+  r = -(-(s if prompt_store is None else prompt_store) // ways) * ways  # as `Engine` rounds
+  store = jax.eval_shape(functools.partial(_empty_store, model, rows=r, num_threads=w, width=p))
   store = with_sharding(store, _store_sharding(store, mesh, rules))
-  prompt, valid, rows = sd((s, w, p), jnp.int32), sd((s, w, p), jnp.bool_), sd((s,), jnp.int32)
+  u = min(s, r)  # an admission prefills at most as many grids as the store holds
+  prompt, valid, rows = sd((u, w, p), jnp.int32), sd((u, w, p), jnp.bool_), sd((u,), jnp.int32)
+  admit, src = sd((s,), jnp.bool_), sd((s,), jnp.int32)
   key = jax.random.key_data(jax.random.key(0))
   new = dict(temperature=sd((s,), jnp.float32), top_p=sd((s,), jnp.float32),
              top_k=sd((s,), jnp.int32), stops=sd((s, *stop_shape), jnp.int32),
@@ -712,8 +749,8 @@ def abstract_calls(model: Model, params, *, slots: int, num_threads: int, prompt
       ("prefill", _prefill, (model, params, store, prompt, valid, rows),
        dict(mesh=mesh, rules=rules),
        {"params": params, "cache": store, "batch": (prompt, valid, rows)}),
-      ("admit", _admit, (model, state, store, rows, rows, new), static,
-       {"cache": (state, store), "batch": (rows, new)}),
+      ("admit", _admit, (model, state, store, admit, src, new), static,
+       {"cache": (state, store), "batch": (admit, src, new)}),
       ("decode", _decode, (model, params, state, one(jnp.int32), one(jnp.bool_)), static,
        {"params": params, "cache": state}),
   ]

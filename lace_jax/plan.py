@@ -297,13 +297,14 @@ def _sampler_calls(model: Model, mesh, rules, params, *, batch: int, num_threads
 
 def _engine_calls(model: Model, mesh, rules, params, *, slots: int, num_threads: int,
                   prompt_len: int, max_new_tokens: int, decode_chunk: int, lattices: int,
-                  prefix: str) -> list[Call]:
+                  prompt_store: int | None, prefix: str) -> list[Call]:
   """The engine's calls (`engine.abstract_calls`) generating `lattices` lattices per stage step
   in `slots` slots: at worst every slot's prompt prefilled and admitted ceil(lattices / slots)
   times, and every lattice's max_new_tokens columns decoded in calls of decode_chunk."""
   s, w, n = slots, num_threads, max_new_tokens
   p = engine.abstract_calls(model, params, slots=s, num_threads=w, prompt_len=prompt_len,
-                            max_new_tokens=n, mesh=mesh, rules=rules)
+                            max_new_tokens=n, mesh=mesh, rules=rules, prompt_store=prompt_store)
+  grids = s if prompt_store is None else min(s, prompt_store)  # prefilled per admission
   waves = -(-lattices // s)
   chunk = min(decode_chunk, n)
   width = sampling.bucket(prompt_len, 16)  # the store's (and a slot's prompt) width
@@ -311,7 +312,7 @@ def _engine_calls(model: Model, mesh, rules, params, *, slots: int, num_threads:
   for name, jitted, args, kwargs, groups in p:
     if name == "prefill":
       call = Call(f"{prefix}prefill", jitted, args, kwargs, groups, calls=waves,
-                  model_flops=forward_flops(model, s * w * width, width / 2, w))
+                  model_flops=forward_flops(model, grids * w * width, width / 2, w))
     elif name == "admit":
       call = Call(f"{prefix}admit", jitted, args, kwargs, groups, calls=waves)
     else:
@@ -362,7 +363,8 @@ def stage_calls(cfg: ml_collections.ConfigDict, mesh) -> list[Call]:
     params = _abstract_params(model, mesh, rules)
     calls = _engine_calls(model, mesh, rules, params, slots=chunk, num_threads=d.num_threads,
                           prompt_len=d.prompt_len, max_new_tokens=g.max_new_tokens,
-                          decode_chunk=g.decode_chunk, lattices=rows, prefix="rollout_")
+                          decode_chunk=g.decode_chunk, lattices=rows,
+                          prompt_store=g.questions_per_step, prefix="rollout_")
     passes = grpo_stage.logprob_passes(cfg)
     if passes:
       jitted, args, groups, micro = grpo_stage.abstract_logprob_call(cfg, model, mesh, rules,

@@ -113,7 +113,8 @@ class GRPOStage:
           self.model, params, slots=g.rollout_batch or self.rows, num_threads=d.num_threads,
           max_prompt_len=d.prompt_len, max_new_tokens=g.max_new_tokens,
           stop_ids=(self.tokenizer.im_end_id,), pad_id=self.tokenizer.pad_id,
-          decode_chunk=g.decode_chunk, mesh=self.mesh, rules=self.rules)
+          decode_chunk=g.decode_chunk, prompt_store=g.questions_per_step, mesh=self.mesh,
+          rules=self.rules)
     self._engine.params = params
     first = self.share.rows(g.questions_per_step).start * gsize
     seed = lambda i: int(np.random.SeedSequence([cfg.seed, step, first + i]).generate_state(1)[0])
