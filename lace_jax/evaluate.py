@@ -103,7 +103,11 @@ def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[
                 top_p=top_p, top_k=top_k,
                 seed=int(np.random.SeedSequence([seed, start + i]).generate_state(1)[0]))
         for i, p in zip(rows, chunk)])
-    out = as_sample_output(results, max_new_tokens=max_new_tokens, pad_id=tokenizer.pad_id)
+    # prompts left-padded to the longest one rounded up to 16, as `sample` pads a batch (the
+    # grid the lattice diagnostics read; the engine keeps power-of-two widths)
+    width = -(-max(int(r.prompt_valid.sum(-1).max()) for r in results) // 16) * 16
+    out = as_sample_output(results, width=width, max_new_tokens=max_new_tokens,
+                           pad_id=tokenizer.pad_id)
     seconds = time.perf_counter() - t0
     if on_batch is not None:
       on_batch(out)
