@@ -33,7 +33,7 @@ the row). They do not depend on the slot, the slot count or the order of arrival
 requests give token for token what `sample` gives.
 
 Letters: S slots · W threads · P prompt width · N new tokens · L = P + N cache columns ·
-U distinct prompt grids of an admission · A admitted requests · V vocab · D model.
+U distinct prompt grids of an admission · R prompt-store rows · V vocab · D model.
 """
 
 from __future__ import annotations
@@ -132,9 +132,10 @@ def _logprob(logits: jax.Array, token: jax.Array) -> jax.Array:
   return jnp.take_along_axis(jax.nn.log_softmax(logits), token[..., None], -1)[..., 0]
 
 
-def _set_rows(buf: jax.Array, slots: jax.Array, rows: jax.Array) -> jax.Array:
-  """buf [S, ...] with rows [A, ...] written at slots [A]; a slot index S (padding) is dropped."""
-  return buf.at[slots].set(rows.astype(buf.dtype), mode="drop")
+def _set_rows(buf: jax.Array, at: jax.Array, rows: jax.Array) -> jax.Array:
+  """buf [R, ...] with rows [U, ...] written at indices at [U]; an index R (padding) is
+  dropped."""
+  return buf.at[at].set(rows.astype(buf.dtype), mode="drop")
 
 
 _STATIC = ("model", "stop_ids", "pad_id", "mesh", "rules")
