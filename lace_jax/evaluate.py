@@ -85,7 +85,8 @@ def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[
                                                                 instruction=instruction))
   # one engine for every batch (its compiled shapes reused), batch_size slots, as wide as the
   # longest prompt
-  longest = max((len(x) for p in problems for x in prompt_of(p)), default=1)
+  lengths = [max(map(len, prompt_of(p))) for p in problems]  # each problem's longest prompt
+  longest = max(lengths, default=1)
   engine = Engine(model, params, slots=batch_size, num_threads=w, max_prompt_len=longest,
                   max_new_tokens=max_new_tokens, stop_ids=(tokenizer.im_end_id,),
                   pad_id=tokenizer.pad_id, mesh=mesh, rules=rules)
@@ -103,9 +104,10 @@ def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[
                 top_p=top_p, top_k=top_k,
                 seed=int(np.random.SeedSequence([seed, start + i]).generate_state(1)[0]))
         for i, p in zip(rows, chunk)])
-    # prompts left-padded to the longest one rounded up to 16, as `sample` pads a batch (the
-    # grid the lattice diagnostics read; the engine keeps power-of-two widths)
-    width = -(-max(int(r.prompt_valid.sum(-1).max()) for r in results) // 16) * 16
+    # prompts left-padded to the global batch's longest one rounded up to 16, as `sample` pads
+    # a batch (the grid the lattice diagnostics read; the engine keeps power-of-two widths).
+    # Every process computes it from the whole batch: the diagnostics run on all together
+    width = -(-max(lengths[start:start + batch_size]) // 16) * 16
     out = as_sample_output(results, width=width, max_new_tokens=max_new_tokens,
                            pad_id=tokenizer.pad_id)
     seconds = time.perf_counter() - t0

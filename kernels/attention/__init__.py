@@ -123,18 +123,17 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax
   qg = q.reshape(b, kh, g, h)
   block = min(block, s)
   nb = -(-s // block)
-  if s % block:  # the last block would read past the end: pad (rare: S is a bucket)
-    pad = nb * block - s
-    k = jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    v = jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    ok = jnp.pad(ok, ((0, 0), (0, pad)))
   trips = nb if limit is None else jnp.clip(-(-jnp.asarray(limit, jnp.int32) // block), 0, nb)
 
   def body(j, carry):
     acc, m, l = carry
-    kb = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=2)  # [B, K, blk, H]
-    vb = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=2)
-    mask = jax.lax.dynamic_slice_in_dim(ok, j * block, block, axis=1)[:, None, None]
+    # when S is not a multiple of the block, the last block starts early (S - block) and
+    # skips the columns the one before it read: no padded copy of the cache
+    start = jnp.minimum(j * block, s - block)
+    kb = jax.lax.dynamic_slice_in_dim(k, start, block, axis=2)  # [B, K, blk, H]
+    vb = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
+    fresh = start + jnp.arange(block) >= j * block
+    mask = (jax.lax.dynamic_slice_in_dim(ok, start, block, axis=1) & fresh)[:, None, None]
     sc = jnp.einsum("BKGH,BKSH->BKGS", qg, kb, preferred_element_type=jnp.float32) * scale
     sc = jnp.where(mask, sc, NEG_INF)
     m_new = jnp.maximum(m, jnp.max(sc, -1))
