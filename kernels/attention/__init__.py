@@ -96,6 +96,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array,
   return _pallas_tpu(q, k, v, key_valid, causal, scale, batch_axes)
 
 
+def _softmax_block(acc, m, l, sc, mask, weighted_values):
+  """One key block of an online softmax: scores sc [..., blk] where mask, and
+  weighted_values(p) = the block's values weighted by p -> the new (acc, max, sum)."""
+  sc = jnp.where(mask, sc, NEG_INF)
+  m_new = jnp.maximum(m, jnp.max(sc, -1))
+  p = jnp.exp(sc - m_new[..., None]) * mask
+  alpha = jnp.exp(m - m_new)
+  return acc * alpha[..., None] + weighted_values(p), m_new, alpha * l + jnp.sum(p, -1)
+
+
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array,
                      limit: jax.Array | int | None = None, scale: float | None = None,
                      implementation: str | None = None, block: int = DECODE_BLOCK
@@ -135,13 +145,8 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax
     fresh = start + jnp.arange(block) >= j * block
     mask = (jax.lax.dynamic_slice_in_dim(ok, start, block, axis=1) & fresh)[:, None, None]
     sc = jnp.einsum("BKGH,BKSH->BKGS", qg, kb, preferred_element_type=jnp.float32) * scale
-    sc = jnp.where(mask, sc, NEG_INF)
-    m_new = jnp.maximum(m, jnp.max(sc, -1))
-    p = jnp.exp(sc - m_new[..., None]) * mask
-    alpha = jnp.exp(m - m_new)
-    acc = acc * alpha[..., None] + jnp.einsum("BKGS,BKSH->BKGH", p.astype(vb.dtype), vb,
-                                              preferred_element_type=jnp.float32)
-    return acc, m_new, alpha * l + jnp.sum(p, -1)
+    return _softmax_block(acc, m, l, sc, mask, lambda p: jnp.einsum(
+        "BKGS,BKSH->BKGH", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32))
 
   init = (jnp.zeros((b, kh, g, h), jnp.float32), jnp.full((b, kh, g), NEG_INF, jnp.float32),
           jnp.zeros((b, kh, g), jnp.float32))
@@ -271,13 +276,8 @@ def _chunked(q, k, v, key_valid, causal, q_offset, scale, block: int = DECODE_BL
     allowed = ok[:, None, :] & ((cols[None, :] <= rows[:, None]) if causal else True)
     sc = jnp.einsum("BTKGH,BSKH->BKGTS", qg, kb, preferred_element_type=jnp.float32) * scale
     mask = allowed[:, None, None]  # [B, 1, 1, T, blk]
-    sc = jnp.where(mask, sc, NEG_INF)
-    m_new = jnp.maximum(m, jnp.max(sc, -1))
-    p = jnp.exp(sc - m_new[..., None]) * mask
-    alpha = jnp.exp(m - m_new)
-    acc = acc * alpha[..., None] + jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(vb.dtype), vb,
-                                              preferred_element_type=jnp.float32)
-    return (acc, m_new, alpha * l + jnp.sum(p, -1)), None
+    return _softmax_block(acc, m, l, sc, mask, lambda p: jnp.einsum(
+        "BKGTS,BSKH->BKGTH", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)), None
 
   g = n // kh
   init = (jnp.zeros((b, kh, g, t, h), jnp.float32), jnp.full((b, kh, g, t), NEG_INF, jnp.float32),
