@@ -124,12 +124,12 @@ class Attention(nn.Module):
 
 
 def _heads_major(x: jax.Array) -> jax.Array:
-  """[B, W, T, K, H] -> [B, W, K, T, H] (the backbone cache's layout)."""
+  """[B, W, T, K, H] -> [B, W, K, T, H] (the caches' layout; K: kv heads or lattice heads)."""
   return x.transpose(0, 1, 3, 2, 4)
 
 
 # the column (sequence) axis of each kind of cache entry (`init_cache`)
-CACHE_SEQ_AXIS = {"attn": 3, "lattice": 2, "valid": 2}
+CACHE_SEQ_AXIS = {"attn": 3, "lattice": 3, "valid": 2}
 
 
 def cache_seq_axis(path) -> int:
@@ -169,8 +169,9 @@ class Lattice(nn.Module):
                valid_cache: jax.Array | None = None):
     """src: a [B, W, T, N, H] (source attn_out) or x [B, W, T, D] (source hidden);
     coords: one [B, W, T] coordinate per rotary section; valid: [B, W, T].
-    Returns ([B, W, T, D], new lattice cache {k, v: [B, W, S, C, E]} or None); cache modes as
-    in `Attention`. The cache holds keys after RoPE, read as [B, W*S, C, E]."""
+    Returns ([B, W, T, D], new lattice cache {k, v: [B, W, C, S, E]} or None); cache modes as
+    in `Attention`. The cache holds keys after RoPE, head-major per thread like the
+    backbone's (the decode kernels read [S, E] rows of one thread and head)."""
     cfg, lat = self.cfg, self.lat
     r, c, e = lat.width, lat.heads, lat.head_dim
     init = lambda fan_in: nn.initializers.normal(lat.init_std or fan_in**-0.5)
@@ -208,17 +209,17 @@ class Lattice(nn.Module):
                             implementation=lat.implementation,
                             batch_axes=batch_axes())  # [B, W, T, C, E]
       if cache is not None:
-        new_cache = {"k": _write(cache["k"], k, 0), "v": _write(cache["v"], v, 0)}
+        new_cache = {"k": _write(cache["k"], _heads_major(k), 0, axis=3),
+                     "v": _write(cache["v"], _heads_major(v), 0, axis=3)}
     else:
-      b, w = q.shape[:2]
-      s = cache["k"].shape[2]
-      flat = lambda x: x.reshape(b, w * s, c, e)
+      b = q.shape[0]
       p = lattice_decode_attention(
-          q[:, :, 0], flat(cache["k"]), flat(cache["v"]), valid_cache.reshape(b, w * s),
+          q[:, :, 0], cache["k"], cache["v"], valid_cache,
           jnp.broadcast_to(cur, (b,)).astype(jnp.int32), k[:, :, 0], v[:, :, 0], valid[:, :, 0],
           mask=lat.mask, implementation=lat.implementation,
           batch_axes=batch_axes())[:, :, None]  # [B, W, 1, C, E]
-      new_cache = {"k": _write(cache["k"], k, cur), "v": _write(cache["v"], v, cur)}
+      new_cache = {"k": _write(cache["k"], _heads_major(k), cur, axis=3),
+                   "v": _write(cache["v"], _heads_major(v), cur, axis=3)}
     p = jnp.einsum("BWTCE,CER->BWTR", p, wp.astype(dt))
     if lat.gate != "none":
       gates = r if lat.gate == "elementwise" else c
@@ -432,7 +433,7 @@ class Model:
 
   def init_cache(self, batch: int, num_threads: int, max_len: int) -> dict:
     """Empty decoding caches for [batch, num_threads] threads of up to max_len columns:
-    backbone k/v [B, W, K, S, H] per layer (head-major), lattice k/v [B, W, S, C, E] per
+    backbone k/v [B, W, K, S, H] per layer (head-major), lattice k/v [B, W, C, S, E] per
     lattice layer, and validity [B, W, S] (False until written). `cache_seq_axis` gives each
     entry's column axis."""
     return init_cache(self.config, self.lattice, batch, num_threads, max_len)
@@ -488,7 +489,7 @@ def init_cache(cfg: ModelConfig, lattice: LatticeConfig | None, batch: int, num_
     kv = (batch, num_threads, cfg.num_kv_heads, max_len, cfg.head_dim)
     layers[i] = {"attn": {"k": jnp.zeros(kv, dt), "v": jnp.zeros(kv, dt)}}
     if lattice is not None and i in lattice.layers:
-      lkv = shape + (lattice.heads, lattice.head_dim)
+      lkv = (batch, num_threads, lattice.heads, max_len, lattice.head_dim)
       layers[i]["lattice"] = {"k": jnp.zeros(lkv, dt), "v": jnp.zeros(lkv, dt)}
   return {"valid": jnp.zeros(shape, bool), "layers": layers}
 

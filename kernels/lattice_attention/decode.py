@@ -2,8 +2,9 @@
 plus the W entries written at this step.
 
   q:            [B, W, C, E]      this step's query of every thread
-  k_cache, v_cache: [B, W*S, C, E]  keys/values of earlier steps, row w * S + s (after RoPE)
-  cache_valid:  [B, W*S] bool     False for padding and for steps after a thread finished
+  k_cache, v_cache: [B, W, C, S, E]  keys/values of earlier steps (after RoPE), head-major
+                                  per thread: the model's lattice cache, read in place
+  cache_valid:  [B, W, S] bool    False for padding and for steps after a thread finished
   length:       [B] int32         columns filled so far; cache rows with s >= length are unread
   k_new, v_new: [B, W, C, E]      this step's entries (grid column = length)
   new_valid:    [B, W] bool       False for threads that have finished
@@ -16,9 +17,14 @@ Mask (grid columns: cache entries are earlier than this step, new entries are th
 `decode_reference` states this as the full reference with the new entries appended as column
 S; the other implementations are tested against it.
 
-`decode_pallas` splits the keys: a Triton kernel over (B, C, row blocks of W, key splits)
-reads, for `block_w` query rows, one range of `split_k` cache columns of every thread (rows
-w * S + s for s in the range, up to `length`) and writes its unnormalised partial softmax
+The cache is head-major ([.., C, S, E]) so that one thread's keys of one head are rows of
+an [S, E] matrix: a TPU kernel reads them as [BK, E] tiles (a head axis between S and E cannot
+be squeezed out of a Mosaic block), and XLA:TPU tiles the two minor dims (S, E) instead of
+(C, E), which padded C = 4 lattice heads to 8 or 16 sublanes.
+
+`decode_pallas` (GPUs) splits the keys: a Triton kernel over (B, C, row blocks of W, key
+splits) reads, for `block_w` query rows, one range of `split_k` cache columns of every thread
+(up to `length`) and writes its unnormalised partial softmax
 (acc, row max m, row sum l) in fp32; XLA merges the splits and the W new entries by
 log-sum-exp. A (B, C) grid alone is 4 to 16 programs on a 132-SM H100, and all W rows in one
 program spill the accumulator at W = 128.
@@ -40,19 +46,19 @@ from lace_jax.kernels.lattice_attention.pallas_gpu import check_block, check_lau
 from lace_jax.kernels.lattice_attention.reference import lattice_attention_reference
 
 
-def _cache_mask(cache_valid, length, w, s):
-  live = jnp.arange(s)[None, :] < length[:, None]  # [B, S]
-  return cache_valid & jnp.tile(live, (1, w))
+def _cache_mask(cache_valid, length):
+  """[B, W, S]: valid cache entries at columns < length."""
+  s = cache_valid.shape[-1]
+  return cache_valid & (jnp.arange(s)[None, None, :] < length[:, None, None])
 
 
 def decode_reference(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid, *,
                      mask="causal", scale=None):
-  b, w, c, e = q.shape
-  s = k_cache.shape[1] // w
-  k_full = jnp.concatenate([k_cache.reshape(b, w, s, c, e), k_new[:, :, None]], axis=2)
-  v_full = jnp.concatenate([v_cache.reshape(b, w, s, c, e), v_new[:, :, None]], axis=2)
-  valid = jnp.concatenate([_cache_mask(cache_valid, length, w, s).reshape(b, w, s),
-                           new_valid[:, :, None]], axis=2)
+  s = k_cache.shape[3]
+  seq_major = lambda x: x.transpose(0, 1, 3, 2, 4)  # [B, W, C, S, E] -> [B, W, S, C, E]
+  k_full = jnp.concatenate([seq_major(k_cache), k_new[:, :, None]], axis=2)
+  v_full = jnp.concatenate([seq_major(v_cache), v_new[:, :, None]], axis=2)
+  valid = jnp.concatenate([_cache_mask(cache_valid, length), new_valid[:, :, None]], axis=2)
   out = lattice_attention_reference(q[:, :, None], k_full, v_full, key_valid=valid, mask=mask,
                                     q_cols=jnp.array([s], jnp.int32),
                                     k_cols=jnp.arange(s + 1, dtype=jnp.int32), scale=scale)
@@ -61,29 +67,30 @@ def decode_reference(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new
 
 def decode_xla(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid, *,
                mask="causal", scale=None):
-  """Direct XLA form: scores [B, C, W, W*S] against the cache and [B, C, W, W] against the
+  """Direct XLA form: scores [B, C, W, W', S] against the cache and [B, C, W, W'] against the
   new entries, one softmax over both."""
   b, w, c, e = q.shape
-  s = k_cache.shape[1] // w
+  s = k_cache.shape[3]
   scale = e**-0.5 if scale is None else scale
-  # query and new entries sit at grid column `length`, cache row w * S + s at column s
-  q_thr, q_col = jnp.arange(w)[:, None], length[:, None, None, None]  # [W, 1], [B, 1, 1, 1]
-  k_thr, k_col = jnp.repeat(jnp.arange(w), s), jnp.tile(jnp.arange(s), w)  # [W*S]
-  cache_ok = (may_attend(mask, q_thr, q_col, k_thr, k_col)
-              & _cache_mask(cache_valid, length, w, s)[:, None, None, :])  # [B, 1, 1 or W, W*S]
-  new_ok = (may_attend(mask, q_thr, q_col, jnp.arange(w), q_col)
-            & new_valid[:, None, None, :])  # [B, 1, 1 or W, W]
-  sc = jnp.einsum("BWCE,BKCE->BCWK", q, k_cache, preferred_element_type=jnp.float32) * scale
+  # query and new entries sit at grid column `length`, cache entry (w', s) at column s
+  q_col = length[:, None, None, None, None]  # [B, 1, 1, 1, 1]
+  cache_ok = (may_attend(mask, jnp.arange(w)[:, None, None], q_col, jnp.arange(w)[:, None],
+                         jnp.arange(s))
+              & _cache_mask(cache_valid, length)[:, None, None])  # [B, 1, W or 1, W', S]
+  new_ok = (may_attend(mask, jnp.arange(w)[:, None], q_col[..., 0], jnp.arange(w),
+                       q_col[..., 0])
+            & new_valid[:, None, None, :])  # [B, 1, 1 or W, W']
+  sc = jnp.einsum("BWCE,BVCSE->BCWVS", q, k_cache, preferred_element_type=jnp.float32) * scale
   sn = jnp.einsum("BWCE,BVCE->BCWV", q, k_new, preferred_element_type=jnp.float32) * scale
   sc = jnp.where(cache_ok, sc, NEG_INF)
   sn = jnp.where(new_ok, sn, NEG_INF)
   # one softmax over cache + new keys, without concatenating the cache (no per-step copy)
-  m = jnp.maximum(jnp.max(sc, axis=-1, keepdims=True), jnp.max(sn, axis=-1, keepdims=True))
-  pc = jnp.exp(sc - m) * cache_ok
+  m = jnp.maximum(jnp.max(sc, axis=(-2, -1)), jnp.max(sn, axis=-1))[..., None]  # [B, C, W, 1]
+  pc = jnp.exp(sc - m[..., None]) * cache_ok
   pn = jnp.exp(sn - m) * new_ok
-  denom = jnp.sum(pc, axis=-1, keepdims=True) + jnp.sum(pn, axis=-1, keepdims=True)
+  denom = jnp.sum(pc, axis=(-2, -1))[..., None] + jnp.sum(pn, axis=-1, keepdims=True)
   denom = jnp.where(denom == 0, 1.0, denom)
-  out = (jnp.einsum("BCWK,BKCE->BWCE", pc, v_cache.astype(jnp.float32))
+  out = (jnp.einsum("BCWVS,BVCSE->BWCE", pc, v_cache.astype(jnp.float32))
          + jnp.einsum("BCWV,BVCE->BWCE", pn, v_new.astype(jnp.float32)))
   return (out / jnp.moveaxis(denom, 1, 2)).astype(q.dtype)  # denom [B, C, W, 1] -> [B, W, C, 1]
 
@@ -163,11 +170,11 @@ def _split_kernel(q_ref, kc_ref, vc_ref, cvalid_ref, len_ref, acc_ref, m_ref, l_
     wk, blk = i // nb, i % nb
     pos = lo + blk * bk + jnp.arange(bk, dtype=jnp.int32)
     ok = pos < hi
-    start = wk * s + lo + blk * bk  # cache row w * S + s
+    start = lo + blk * bk  # thread wk's cache columns [start, start + bk)
     kv_mask = ok[:, None] & dims_ok[None, :]
-    k = pltriton.load(kc_ref.at[pl.ds(start, bk), pl.ds(0, ep)], mask=kv_mask, other=0.0)
-    v = pltriton.load(vc_ref.at[pl.ds(start, bk), pl.ds(0, ep)], mask=kv_mask, other=0.0)
-    valid = pltriton.load(cvalid_ref.at[pl.ds(start, bk)], mask=ok, other=0) > 0
+    k = pltriton.load(kc_ref.at[wk, pl.ds(start, bk), pl.ds(0, ep)], mask=kv_mask, other=0.0)
+    v = pltriton.load(vc_ref.at[wk, pl.ds(start, bk), pl.ds(0, ep)], mask=kv_mask, other=0.0)
+    valid = pltriton.load(cvalid_ref.at[wk, pl.ds(start, bk)], mask=ok, other=0) > 0
     allowed = (may_attend(mode, rows[:, None], length, wk, pos[None, :])
                & (valid & ok)[None, :] & row_ok[:, None])
     sc = jnp.where(allowed, dot(q, k.T) * scale, NEG_INF)
@@ -187,7 +194,7 @@ def _split_kernel(q_ref, kc_ref, vc_ref, cvalid_ref, len_ref, acc_ref, m_ref, l_
 def _cache_partials(q, k_cache, v_cache, cache_valid, length, *, mode, scale, blocks, interpret):
   """The split kernel: acc [B, NS, W, C, E] f32, m and l [B, NS, W, C] f32 (NS splits)."""
   b, w, c, e = q.shape
-  s = k_cache.shape[1] // w
+  s = k_cache.shape[3]
   ep = max(16, _pow2(e))
   rows, splits = pl.cdiv(w, blocks.block_w), pl.cdiv(s, blocks.split_k)
   kernel = functools.partial(_split_kernel, mode=mode, scale=scale, w=w, s=s, e=e, ep=ep,
@@ -195,13 +202,13 @@ def _cache_partials(q, k_cache, v_cache, cache_valid, length, *, mode, scale, bl
                              precise=q.dtype == jnp.float32)
   grid = lambda f: (lambda bb, cc, rr, jj: f(bb, cc, jj))  # row blocks share a block: rows masked
   per_thread = pl.BlockSpec((None, w, None, e), grid(lambda bb, cc, jj: (bb, 0, cc, 0)))
-  cache = pl.BlockSpec((None, w * s, None, e), grid(lambda bb, cc, jj: (bb, 0, cc, 0)))
+  cache = pl.BlockSpec((None, w, None, s, e), grid(lambda bb, cc, jj: (bb, 0, cc, 0, 0)))
   stat = pl.BlockSpec((None, None, w, None), grid(lambda bb, cc, jj: (bb, jj, 0, cc)))
   f32 = jnp.float32
   return pl.pallas_call(
       kernel, grid=(b, c, rows, splits),
       in_specs=[per_thread, cache, cache,
-                pl.BlockSpec((None, w * s), grid(lambda bb, cc, jj: (bb, 0))),
+                pl.BlockSpec((None, w, s), grid(lambda bb, cc, jj: (bb, 0, 0))),
                 pl.BlockSpec((None,), grid(lambda bb, cc, jj: (bb,)))],
       out_specs=[pl.BlockSpec((None, None, w, None, e),
                               grid(lambda bb, cc, jj: (bb, jj, 0, cc, 0))), stat, stat],
@@ -260,7 +267,7 @@ def decode_pallas(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_va
   softmaxes of the cache; XLA merges them with the new entries (`_combine`). same_position
   reads no cache, so it runs no kernel. `block_sizes` defaults to `DecodeBlockSizes.for_shapes`."""
   b, w, c, e = q.shape
-  s = k_cache.shape[1] // w
+  s = k_cache.shape[3]
   mode = validate_mode(mask)
   if block_sizes is None:
     block_sizes = DecodeBlockSizes.for_shapes(b, w, s, c, e, num_sms=_num_sms())

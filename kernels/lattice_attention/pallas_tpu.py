@@ -43,6 +43,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from lace_jax.kernels.lattice_attention import decode as _decode
 from lace_jax.kernels.lattice_attention.mask import Mode, may_attend, validate_mode
 
 NEG_INF = -1e30
@@ -161,7 +162,8 @@ def _walk(mode: Mode, w: int, j, me, first, n):
   n1 = jnp.maximum(n, 1)
   thread = _div(jj, n1)
   if mode == Mode.OTHER_THREADS:
-    thread = thread + (thread >= me).astype(thread.dtype)
+    # (with no visible thread, W = 1, stay on block 0: nothing runs, no DMA is wasted)
+    thread = jnp.minimum(thread + (thread >= me).astype(thread.dtype), w - 1)
   return thread, first + _rem(jj, n1), j < count
 
 
@@ -239,6 +241,13 @@ class _Geometry:
     return jnp.broadcast_to(allowed, shape)
 
 
+def _zero_invalid(x, kvalid_col):
+  """Rows of a key / value tile [BK, E] zeroed where the key is invalid (kvalid_col [BK, 1]):
+  a masked score gives probability 0, but 0 * NaN is NaN in a matmul, so garbage in padding or
+  a finished thread's columns would leak without this."""
+  return jnp.where(kvalid_col > 0, x, jnp.zeros((), x.dtype))
+
+
 def _dot(a, b, dims, precise):
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32,
                              precision=jax.lax.Precision.HIGHEST if precise else None)
@@ -262,8 +271,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, kvalid_ref, o_ref, lse_ref, m_scr, l_scr, a
 
   @pl.when(real)
   def _step():
-    allowed = geo.mask(wq, cq, wk, ck, kvalid_ref[...])  # [BQ, BK]
-    sc = _dot(q_ref[...], k_ref[...], NT, precise) * scale
+    kvalid = kvalid_ref[...]  # [1, BK]
+    allowed = geo.mask(wq, cq, wk, ck, kvalid)  # [BQ, BK]
+    col = jnp.transpose(kvalid)  # [BK, 1]
+    sc = _dot(q_ref[...], _zero_invalid(k_ref[...], col), NT, precise) * scale
     sc = jnp.where(allowed, sc, NEG_INF)
     m_prev, l_prev = m_scr[...], l_scr[...]  # [BQ, 128], every lane the same
     m_next = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
@@ -271,7 +282,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, kvalid_ref, o_ref, lse_ref, m_scr, l_scr, a
     p = jnp.exp(sc - m_next[:, :1]) * allowed.astype(jnp.float32)
     l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
     m_scr[...] = m_next
-    v = v_ref[...]
+    v = _zero_invalid(v_ref[...], col)
     acc_scr[...] = acc_scr[...] * alpha[:, :1] + _dot(p.astype(v.dtype), v, NN, precise)
 
   @pl.when(j == pl.num_programs(3) - 1)
@@ -333,8 +344,10 @@ def _dq_kernel(q_ref, k_ref, v_ref, kvalid_ref, do_ref, lse_ref, delta_ref, dq_r
 
   @pl.when(real)
   def _step():
-    allowed = geo.mask(wq, cq, wk, ck, kvalid_ref[...])  # [BQ, BK]
-    k, v = k_ref[...], v_ref[...]
+    kvalid = kvalid_ref[...]
+    allowed = geo.mask(wq, cq, wk, ck, kvalid)  # [BQ, BK]
+    col = jnp.transpose(kvalid)
+    k, v = _zero_invalid(k_ref[...], col), _zero_invalid(v_ref[...], col)
     sc = _dot(q_ref[...], k, NT, precise) * scale
     lse = jnp.expand_dims(lse_ref[0], -1)  # [BQ, 1]
     delta = jnp.expand_dims(delta_ref[0], -1)
@@ -363,12 +376,13 @@ def _dkv_kernel(k_ref, v_ref, kvalid_ref, q_ref, do_ref, lse_ref, delta_ref, dk_
   @pl.when(real)
   def _step():
     # transposed: [BK, BQ], so the queries' lse and delta ([1, BQ] rows) broadcast on lanes
-    allowed = geo.mask(wq, cq, wk, ck, jnp.transpose(kvalid_ref[...]), transposed=True)
+    col = jnp.transpose(kvalid_ref[...])  # [BK, 1]
+    allowed = geo.mask(wq, cq, wk, ck, col, transposed=True)
     q, do = q_ref[...], do_ref[...]
-    sc = _dot(k_ref[...], q, NT, precise) * scale
+    sc = _dot(_zero_invalid(k_ref[...], col), q, NT, precise) * scale
     p = jnp.exp(jnp.where(allowed, sc, NEG_INF) - lse_ref[...]) * allowed.astype(jnp.float32)
     dv_scr[...] += _dot(p.astype(do.dtype), do, NN, precise)
-    dp = _dot(v_ref[...], do, NT, precise)
+    dp = _dot(_zero_invalid(v_ref[...], col), do, NT, precise)
     ds = p * (dp - delta_ref[...]) * scale
     dk_scr[...] += _dot(ds.astype(q.dtype), q, NN, precise)
 
@@ -502,3 +516,128 @@ def lattice_attention_pallas_tpu(q, k, v, *, key_valid, mask="causal", q_cols=No
                        f"S={s}")
   scale = e**-0.5 if scale is None else float(scale)
   return _attn(q, k, v, key_valid, validate_mode(mask), scale, blocks, interpret)
+
+
+# ---------------------------------------------------------------- decode
+
+
+def decode_supports(s: int) -> bool:
+  """Whether the decode kernel takes a lattice cache of S columns (a multiple of 128)."""
+  return s > 0 and s % LANES == 0
+
+
+def decode_block(s: int, largest: int = 512) -> int:
+  """Cache columns per step of the decode kernel: the largest multiple of 128 up to `largest`
+  dividing S."""
+  return max(b for b in range(LANES, largest + 1, LANES) if s % b == 0)
+
+
+def _decode_kernel(len_ref, q_ref, k_ref, v_ref, valid_ref, acc_ref, m_ref, l_ref, m_scr, l_scr,
+                   acc_scr, *, mode: Mode, scale: float, w: int, bk: int, precise: bool):
+  """One (batch row, head): the W query rows [W, E] against thread wk's cache block kb
+  ([BK, E], columns kb*BK ..), walking (wk, kb) over the filled blocks only."""
+  bb, wk, kb = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+  length = len_ref[bb]
+
+  @pl.when((wk == 0) & (kb == 0))
+  def _init():
+    m_scr[...] = jnp.full(m_scr.shape, NEG_INF, jnp.float32)
+    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+  @pl.when(kb * bk < length)
+  def _step():
+    shape = (w, bk)
+    col = kb * bk + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+    row = jax.lax.broadcasted_iota(jnp.int32, shape, 0)  # the query's thread
+    # every cache entry is at an earlier column than the query (`length`)
+    valid = valid_ref[...]  # [1, BK]
+    allowed = may_attend(mode, row, length, wk, col) & (col < length) & (valid > 0)
+    # columns past `length` (stale entries of an earlier request) are zeroed like invalid ones
+    live = jnp.transpose(valid) * (kb * bk + jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+                                   < length).astype(jnp.int32)  # [BK, 1]
+    sc = _dot(q_ref[...], _zero_invalid(k_ref[...], live), NT, precise) * scale  # [W, BK]
+    sc = jnp.where(allowed, sc, NEG_INF)
+    m_prev, l_prev = m_scr[...], l_scr[...]
+    m_next = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
+    alpha = jnp.exp(m_prev - m_next)
+    p = jnp.exp(sc - m_next[:, :1]) * allowed.astype(jnp.float32)
+    l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+    m_scr[...] = m_next
+    v = _zero_invalid(v_ref[...], live)
+    acc_scr[...] = acc_scr[...] * alpha[:, :1] + _dot(p.astype(v.dtype), v, NN, precise)
+
+  @pl.when((wk == pl.num_programs(2) - 1) & (kb == pl.num_programs(3) - 1))
+  def _finish():
+    acc_ref[...] = acc_scr[...]
+    m_ref[...] = m_scr[...]
+    l_ref[...] = l_scr[...]
+
+
+def decode_partials(q, k_cache, v_cache, cache_valid, length, *, mode: Mode, scale: float,
+                    block_k: int | None = None, interpret: bool = False):
+  """The cache's unnormalised softmax for one decode step, in `decode._combine`'s format:
+  acc [B, 1, W, C, E] f32, m and l [B, 1, W, C] f32.
+
+  q [B, W, C, E]; k_cache, v_cache [B, W, C, S, E] read in place (the model's head-major
+  layout: each step reads one [BK, E] tile of one thread and head); cache_valid [B, W, S];
+  length [B] int32 (columns filled; blocks past it are neither read nor computed: the index
+  map repeats the last filled block, so no DMA is issued)."""
+  b, w, c, e = q.shape
+  s = k_cache.shape[3]
+  bk = decode_block(s) if block_k is None else block_k
+  check_tile("block_k", bk)
+  if s % bk:
+    raise ValueError(f"block_k={bk} must divide the cache's S={s}")
+  last = lambda ln: jnp.maximum(pl.cdiv(ln, bk) - 1, 0)  # the last filled block
+  q_map = lambda bb, cc, wk, kb, ln: (bb, cc, 0, 0)
+  kv_map = lambda bb, cc, wk, kb, ln: (bb, wk, cc, jnp.minimum(kb, last(ln[bb])), 0)
+  valid_map = lambda bb, cc, wk, kb, ln: (bb, wk, 0, jnp.minimum(kb, last(ln[bb])))
+  f32 = jnp.float32
+  kernel = functools.partial(_decode_kernel, mode=mode, scale=scale, w=w, bk=bk,
+                             precise=q.dtype == f32)
+  acc, m, l = pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(b, c, w, s // bk),
+          in_specs=[pl.BlockSpec((None, None, w, e), q_map),
+                    pl.BlockSpec((None, None, None, bk, e), kv_map),
+                    pl.BlockSpec((None, None, None, bk, e), kv_map),
+                    pl.BlockSpec((None, None, 1, bk), valid_map)],
+          out_specs=[pl.BlockSpec((None, None, w, e), q_map),
+                     pl.BlockSpec((None, None, w, LANES), q_map),
+                     pl.BlockSpec((None, None, w, LANES), q_map)],
+          scratch_shapes=[pltpu.VMEM((w, LANES), f32), pltpu.VMEM((w, LANES), f32),
+                          pltpu.VMEM((w, e), f32)]),
+      out_shape=[jax.ShapeDtypeStruct((b, c, w, e), f32),
+                 jax.ShapeDtypeStruct((b, c, w, LANES), f32),
+                 jax.ShapeDtypeStruct((b, c, w, LANES), f32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")),
+      interpret=_interpret(interpret), name=f"lattice_tpu_decode_{mode.name.lower()}")(
+          length.astype(jnp.int32), q.transpose(0, 2, 1, 3), k_cache, v_cache,
+          cache_valid.reshape(b, w, 1, s).astype(jnp.int32))
+  stat = lambda x: x[..., 0].transpose(0, 2, 1)[:, None]  # [B, C, W, 128] -> [B, 1, W, C]
+  return acc.transpose(0, 2, 1, 3)[:, None], stat(m), stat(l)
+
+
+def decode_pallas_tpu(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid, *,
+                      mask="causal", scale=None, block_k: int | None = None,
+                      interpret: bool = False):
+  """One decoding step (shapes in `decode.py`): the Mosaic kernel's softmax over the cache
+  (`decode_partials`) merged with this step's W new entries by log-sum-exp in XLA
+  (`decode._combine`). same_position reads no cache, so it runs no kernel. Needs S a multiple
+  of 128 (`decode_supports`)."""
+  b, w, c, e = q.shape
+  s = k_cache.shape[3]
+  mode = validate_mode(mask)
+  if not decode_supports(s):
+    raise ValueError(f"lattice cache {k_cache.shape}: the Pallas TPU decode kernel needs S a "
+                     f"multiple of {LANES}; use implementation='xla_chunked'")
+  scale = e**-0.5 if scale is None else float(scale)
+  length = length.astype(jnp.int32)
+  partials = None
+  if mode != Mode.SAME_POSITION:
+    partials = decode_partials(q, k_cache, v_cache, cache_valid, length, mode=mode, scale=scale,
+                               block_k=block_k, interpret=interpret)
+  return _decode._combine(q, length, k_new, v_new, new_valid, partials, mode=mode, scale=scale)
