@@ -45,7 +45,7 @@ def measure(gpu: str, e: int, w: int, *, b: int, t: int, s: int, c: int) -> list
   q, valid = sd(b, w, t, c, e), sd(b, w, t, dt=jnp.bool_)
   f = lambda q, k, v, m: lattice_attention_pallas(q, k, v, key_valid=m)
   grad = jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2))
-  dec_args = (sd(b, w, c, e), sd(b, w, c, s, e), sd(b, w, c, s, e), sd(b, w, s, dt=jnp.bool_),
+  dec_args = (sd(b, w, c, e), sd(b, w, c, e, s), sd(b, w, c, e, s), sd(b, w, s, dt=jnp.bool_),
               sd(b, dt=jnp.int32), sd(b, w, c, e), sd(b, w, c, e), sd(b, w, dt=jnp.bool_))
   cases = [("forward", f, (q, q, q, valid), b * w * t * c * e * 2),
            ("gradient", grad, (q, q, q, valid), b * w * t * c * e * 2),

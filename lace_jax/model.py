@@ -124,12 +124,17 @@ class Attention(nn.Module):
 
 
 def _heads_major(x: jax.Array) -> jax.Array:
-  """[B, W, T, K, H] -> [B, W, K, T, H] (the caches' layout; K: kv heads or lattice heads)."""
+  """[B, W, T, K, H] -> [B, W, K, T, H] (the backbone cache's layout)."""
   return x.transpose(0, 1, 3, 2, 4)
 
 
+def _columns(x: jax.Array) -> jax.Array:
+  """[B, W, T, C, E] -> [B, W, C, E, T] (the lattice cache's layout)."""
+  return x.transpose(0, 1, 3, 4, 2)
+
+
 # the column (sequence) axis of each kind of cache entry (`init_cache`)
-CACHE_SEQ_AXIS = {"attn": 3, "lattice": 3, "valid": 2}
+CACHE_SEQ_AXIS = {"attn": 3, "lattice": 4, "valid": 2}
 
 
 def cache_seq_axis(path) -> int:
@@ -169,9 +174,9 @@ class Lattice(nn.Module):
                valid_cache: jax.Array | None = None):
     """src: a [B, W, T, N, H] (source attn_out) or x [B, W, T, D] (source hidden);
     coords: one [B, W, T] coordinate per rotary section; valid: [B, W, T].
-    Returns ([B, W, T, D], new lattice cache {k, v: [B, W, C, S, E]} or None); cache modes as
-    in `Attention`. The cache holds keys after RoPE, head-major per thread like the
-    backbone's (the decode kernels read [S, E] rows of one thread and head)."""
+    Returns ([B, W, T, D], new lattice cache {k, v: [B, W, C, E, S]} or None); cache modes as
+    in `Attention`. The cache holds keys after RoPE, one [E, S] matrix per thread and head
+    (`kernels/lattice_attention/decode.py` says why)."""
     cfg, lat = self.cfg, self.lat
     r, c, e = lat.width, lat.heads, lat.head_dim
     init = lambda fan_in: nn.initializers.normal(lat.init_std or fan_in**-0.5)
@@ -209,8 +214,8 @@ class Lattice(nn.Module):
                             implementation=lat.implementation,
                             batch_axes=batch_axes())  # [B, W, T, C, E]
       if cache is not None:
-        new_cache = {"k": _write(cache["k"], _heads_major(k), 0, axis=3),
-                     "v": _write(cache["v"], _heads_major(v), 0, axis=3)}
+        new_cache = {"k": _write(cache["k"], _columns(k), 0, axis=4),
+                     "v": _write(cache["v"], _columns(v), 0, axis=4)}
     else:
       b = q.shape[0]
       p = lattice_decode_attention(
@@ -218,8 +223,8 @@ class Lattice(nn.Module):
           jnp.broadcast_to(cur, (b,)).astype(jnp.int32), k[:, :, 0], v[:, :, 0], valid[:, :, 0],
           mask=lat.mask, implementation=lat.implementation,
           batch_axes=batch_axes())[:, :, None]  # [B, W, 1, C, E]
-      new_cache = {"k": _write(cache["k"], _heads_major(k), cur, axis=3),
-                   "v": _write(cache["v"], _heads_major(v), cur, axis=3)}
+      new_cache = {"k": _write(cache["k"], _columns(k), cur, axis=4),
+                   "v": _write(cache["v"], _columns(v), cur, axis=4)}
     p = jnp.einsum("BWTCE,CER->BWTR", p, wp.astype(dt))
     if lat.gate != "none":
       gates = r if lat.gate == "elementwise" else c
@@ -433,7 +438,7 @@ class Model:
 
   def init_cache(self, batch: int, num_threads: int, max_len: int) -> dict:
     """Empty decoding caches for [batch, num_threads] threads of up to max_len columns:
-    backbone k/v [B, W, K, S, H] per layer (head-major), lattice k/v [B, W, C, S, E] per
+    backbone k/v [B, W, K, S, H] per layer (head-major), lattice k/v [B, W, C, E, S] per
     lattice layer, and validity [B, W, S] (False until written). `cache_seq_axis` gives each
     entry's column axis."""
     return init_cache(self.config, self.lattice, batch, num_threads, max_len)
@@ -489,7 +494,7 @@ def init_cache(cfg: ModelConfig, lattice: LatticeConfig | None, batch: int, num_
     kv = (batch, num_threads, cfg.num_kv_heads, max_len, cfg.head_dim)
     layers[i] = {"attn": {"k": jnp.zeros(kv, dt), "v": jnp.zeros(kv, dt)}}
     if lattice is not None and i in lattice.layers:
-      lkv = (batch, num_threads, lattice.heads, max_len, lattice.head_dim)
+      lkv = (batch, num_threads, lattice.heads, lattice.head_dim, max_len)
       layers[i]["lattice"] = {"k": jnp.zeros(lkv, dt), "v": jnp.zeros(lkv, dt)}
   return {"valid": jnp.zeros(shape, bool), "layers": layers}
 

@@ -180,7 +180,7 @@ def check_divisible(shapes: Any, shardings: Any, what: str = "parameter") -> Non
 CACHE_AXES = {
     "valid": ("batch", "thread", "seq"),
     "attn": ("batch", "thread", "kv_heads", "seq", "head_dim"),  # head-major (model.py)
-    "lattice": ("batch", "thread", "lattice_heads", "seq", "lattice_head_dim"),  # head-major
+    "lattice": ("batch", "thread", "lattice_heads", "lattice_head_dim", "seq"),  # model.py
 }
 
 

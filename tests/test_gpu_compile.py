@@ -69,7 +69,7 @@ def test_lattice_kernels_compile_for_gpu(gpu, e, w):
   assert fwd.memory_analysis().temp_size_in_bytes <= 3.1 * q_bytes, name
   assert bwd.memory_analysis().temp_size_in_bytes <= 4.2 * q_bytes, name
   s = 4096  # decode: a long cache, several key splits
-  args = (sd(b, w, c, e), sd(b, w, c, s, e), sd(b, w, c, s, e), sd(b, w, s, dt=jnp.bool_),
+  args = (sd(b, w, c, e), sd(b, w, c, e, s), sd(b, w, c, e, s), sd(b, w, s, dt=jnp.bool_),
           sd(b, dt=jnp.int32), sd(b, w, c, e), sd(b, w, c, e), sd(b, w, dt=jnp.bool_))
   for mask in ("causal", "other_threads"):
     dec = _compile(lambda *a: decode_lib.decode_pallas(*a, mask=mask), *args)

@@ -237,8 +237,8 @@ def test_pallas_that_does_not_compile_falls_back_to_xla_chunked(monkeypatch):
   # decoding falls back to the direct XLA form the same way
   b, w_, s, c, e = 2, 3, 7, 2, 16
   ks = jax.random.split(jax.random.key(9), 5)
-  args = (jax.random.normal(ks[0], (b, w_, c, e)), jax.random.normal(ks[1], (b, w_, c, s, e)),
-          jax.random.normal(ks[2], (b, w_, c, s, e)), jnp.ones((b, w_, s), bool),
+  args = (jax.random.normal(ks[0], (b, w_, c, e)), jax.random.normal(ks[1], (b, w_, c, e, s)),
+          jax.random.normal(ks[2], (b, w_, c, e, s)), jnp.ones((b, w_, s), bool),
           jnp.array([5, 7], jnp.int32), jax.random.normal(ks[3], (b, w_, c, e)),
           jax.random.normal(ks[4], (b, w_, c, e)), jnp.ones((b, w_), bool))
   with pytest.warns(RuntimeWarning, match="decode attention"):
@@ -330,7 +330,7 @@ def test_decode_equals_reference(impl, mode, w):
   b, s, c, e = 2, 37, 2, 16
   ks = jax.random.split(jax.random.key(w), 7)
   q = jax.random.normal(ks[0], (b, w, c, e))
-  kc, vc = (jax.random.normal(x, (b, w, c, s, e)) for x in ks[1:3])
+  kc, vc = (jax.random.normal(x, (b, w, c, e, s)) for x in ks[1:3])
   kn, vn = (jax.random.normal(x, (b, w, c, e)) for x in ks[3:5])
   cache_valid = jax.random.bernoulli(ks[5], 0.8, (b, w, s))
   new_valid = jnp.ones((b, w), bool).at[0, 0].set(False)  # thread 0 of batch 0 finished
@@ -341,7 +341,7 @@ def test_decode_equals_reference(impl, mode, w):
                                   interpret=True))(*args)
   assert rel_err(got, ref) <= 1e-5
   # columns at or beyond `length` are never read
-  garbage = kc.at[1].set(jnp.where((jnp.arange(s) >= 20)[:, None], 1e4, kc[1]))
+  garbage = kc.at[1].set(jnp.where(jnp.arange(s) >= 20, 1e4, kc[1]))
   again = jax.jit(functools.partial(lattice_decode_attention, mask=mode, implementation=impl,
                                     interpret=True))(q, garbage, *args[2:])
   np.testing.assert_allclose(np.asarray(again), np.asarray(got), atol=1e-6)
@@ -352,7 +352,7 @@ def _decode_inputs(b, w, s, c, e, length, seed, dtype=jnp.float32):
   new entries all invalid (with length 0 there, nothing is readable)."""
   ks = jax.random.split(jax.random.key(seed), 7)
   q = jax.random.normal(ks[0], (b, w, c, e)).astype(dtype)
-  kc, vc = (jax.random.normal(x, (b, w, c, s, e)).astype(dtype) for x in ks[1:3])
+  kc, vc = (jax.random.normal(x, (b, w, c, e, s)).astype(dtype) for x in ks[1:3])
   kn, vn = (jax.random.normal(x, (b, w, c, e)).astype(dtype) for x in ks[3:5])
   cache_valid = jax.random.bernoulli(ks[5], 0.7, (b, w, s))
   new_valid = jax.random.bernoulli(ks[6], 0.7, (b, w)).at[0].set(False)
@@ -385,7 +385,7 @@ def test_decode_split_key_equals_reference(blocks, mode, dtype):
   # columns >= length are never read, whatever they hold
   q, kc, vc, cache_valid, length, kn, vn, new_valid = args
   dead = jnp.broadcast_to(jnp.arange(s)[None, None, :] >= length[:, None, None], (b, w, s))
-  garbage = lambda x: jnp.where(dead[:, :, None, :, None], jnp.asarray(1e4, x.dtype), x)
+  garbage = lambda x: jnp.where(dead[:, :, None, None, :], jnp.asarray(1e4, x.dtype), x)
   again = run(q, garbage(kc), garbage(vc), cache_valid | dead, length, kn, vn, new_valid)
   np.testing.assert_array_equal(np.asarray(again, np.float32), np.asarray(got, np.float32))
 
@@ -414,8 +414,8 @@ def test_decode_reference_is_the_last_row_of_the_full_reference():
   q, k, v, valid, _ = _inputs(w, t, seed=3, b=b, c=c, e=e)
   full = lattice_attention_reference(q, k, v, key_valid=valid)
   for step in range(1, t):
-    kc = k[:, :, :step].transpose(0, 1, 3, 2, 4)  # [B, W, C, S, E]
-    vc = v[:, :, :step].transpose(0, 1, 3, 2, 4)
+    kc = k[:, :, :step].transpose(0, 1, 3, 4, 2)  # [B, W, C, E, S]
+    vc = v[:, :, :step].transpose(0, 1, 3, 4, 2)
     out = decode_lib.decode_reference(q[:, :, step], kc, vc, valid[:, :, :step],
                                       jnp.array([step]), k[:, :, step], v[:, :, step],
                                       valid[:, :, step])
@@ -558,7 +558,7 @@ def test_pallas_kernels_lower_for_cuda():
   assert _triton_calls(bwd) == 3  # forward, dq, dk/dv
   s = 500
   dec = jax.jit(decode_lib.decode_pallas).trace(
-      sd(b, w, c, e), sd(b, w, c, s, e), sd(b, w, c, s, e), sd(b, w, s, dt=jnp.bool_),
+      sd(b, w, c, e), sd(b, w, c, e, s), sd(b, w, c, e, s), sd(b, w, s, dt=jnp.bool_),
       sd(b, dt=jnp.int32), sd(b, w, c, e), sd(b, w, c, e), sd(b, w, dt=jnp.bool_)
   ).lower(lowering_platforms=("cuda",))
   assert _triton_calls(dec) >= 1
@@ -693,7 +693,7 @@ def test_decode_block_sizes_are_validated(field, value):
     decode_lib.DecodeBlockSizes(**{"block_k": 32, field: value})
   with pytest.raises(ValueError, match="block_sizes="):
     q = jnp.ones((1, 2, 1, 16))
-    cache = jnp.ones((1, 2, 1, 8, 16))
+    cache = jnp.ones((1, 2, 1, 16, 8))
     decode_lib.decode_pallas(q, cache, cache, jnp.ones((1, 2, 8), bool), jnp.array([4]), q, q,
                              jnp.ones((1, 2), bool), block_sizes=PallasBlockSizes(),
                              interpret=True)

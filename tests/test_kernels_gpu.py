@@ -78,7 +78,7 @@ def test_decode_equals_reference_on_gpu(mode, w, e):
   b, s, c = 3, 300, 4
   ks = jax.random.split(jax.random.key(w + e), 7)
   q = jax.random.normal(ks[0], (b, w, c, e))
-  kc, vc = (jax.random.normal(x, (b, w, c, s, e)) for x in ks[1:3])
+  kc, vc = (jax.random.normal(x, (b, w, c, e, s)) for x in ks[1:3])
   kn, vn = (jax.random.normal(x, (b, w, c, e)) for x in ks[3:5])
   cache_valid = jax.random.bernoulli(ks[5], 0.8, (b, w, s))
   new_valid = jnp.ones((b, w), bool).at[0, 0].set(False)

@@ -142,17 +142,17 @@ def test_block_walks_visit_exactly_the_blocks_the_mask_reaches(mode, w, t, s, bq
 
 
 def _decode_inputs(b, w, s, c, e, length, seed, dtype=jnp.float32):
-  """Decode inputs with the lattice cache head-major [B, W, C, S, E]; NaN in every invalid
+  """Decode inputs with the lattice cache [B, W, C, E, S]; NaN in every invalid
   cache entry and in every column at or past `length` (stale or never written)."""
   ks = jax.random.split(jax.random.key(seed), 7)
   q = jax.random.normal(ks[0], (b, w, c, e)).astype(dtype)
-  kc, vc = (jax.random.normal(x, (b, w, c, s, e)) for x in ks[1:3])
+  kc, vc = (jax.random.normal(x, (b, w, c, e, s)) for x in ks[1:3])
   kn, vn = (jax.random.normal(x, (b, w, c, e)).astype(dtype) for x in ks[3:5])
   cache_valid = jax.random.bernoulli(ks[5], 0.7, (b, w, s))
   new_valid = jax.random.bernoulli(ks[6], 0.7, (b, w)).at[0].set(False)
   length = jnp.asarray(length, jnp.int32)
   live = cache_valid & (jnp.arange(s)[None, None] < length[:, None, None])
-  poison = lambda x: jnp.where(live[:, :, None, :, None], x, jnp.nan).astype(dtype)
+  poison = lambda x: jnp.where(live[:, :, None, None, :], x, jnp.nan).astype(dtype)
   return q, poison(kc), poison(vc), cache_valid, length, kn, vn, new_valid
 
 
@@ -183,7 +183,7 @@ def test_tpu_decode_block_walk_stops_at_the_filled_columns():
   hold (here finite garbage, 1e4, as a reused slot holds an earlier request's entries)."""
   b, w, s, c, e = 2, 2, 384, 1, 64
   args = list(_decode_inputs(b, w, s, c, e, [130, 5], seed=3))
-  dead = jnp.arange(s)[None, None, None, :, None] >= args[4][:, None, None, None, None]
+  dead = jnp.arange(s)[None, None, None, None, :] >= args[4][:, None, None, None, None]
   fill = lambda x: jnp.where(dead, 1e4, jnp.nan_to_num(x, nan=1e4))
   run = functools.partial(pallas_tpu.decode_pallas_tpu, block_k=128, interpret=True)
   got = run(*args)

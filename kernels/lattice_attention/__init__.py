@@ -103,7 +103,7 @@ def _unsupported(kind: str, shapes: tuple) -> str | None:
     if not pallas_tpu.supports(t, s):
       return f"T={t} and S={s} are not multiples of {pallas_tpu.LANES}"
   else:
-    s = shapes[1][0][3]
+    s = shapes[1][0][4]
     if not pallas_tpu.decode_supports(s):
       return f"the cache's S={s} is not a multiple of {pallas_tpu.LANES}"
   return None

@@ -2,8 +2,9 @@
 plus the W entries written at this step.
 
   q:            [B, W, C, E]      this step's query of every thread
-  k_cache, v_cache: [B, W, C, S, E]  keys/values of earlier steps (after RoPE), head-major
-                                  per thread: the model's lattice cache, read in place
+  k_cache, v_cache: [B, W, C, E, S]  keys/values of earlier steps (after RoPE), one [E, S]
+                                  matrix per thread and head: the model's lattice cache, read
+                                  in place
   cache_valid:  [B, W, S] bool    False for padding and for steps after a thread finished
   length:       [B] int32         columns filled so far; cache rows with s >= length are unread
   k_new, v_new: [B, W, C, E]      this step's entries (grid column = length)
@@ -17,10 +18,13 @@ Mask (grid columns: cache entries are earlier than this step, new entries are th
 `decode_reference` states this as the full reference with the new entries appended as column
 S; the other implementations are tested against it.
 
-The cache is head-major ([.., C, S, E]) so that one thread's keys of one head are rows of
-an [S, E] matrix: a TPU kernel reads them as [BK, E] tiles (a head axis between S and E cannot
-be squeezed out of a Mosaic block), and XLA:TPU tiles the two minor dims (S, E) instead of
-(C, E), which padded C = 4 lattice heads to 8 or 16 sublanes.
+The cache keeps one thread's keys of one head as the columns of an [E, S] matrix: a TPU
+kernel reads them as [E, BK] tiles (a head axis between S and E cannot be squeezed out of a
+Mosaic block), and XLA:TPU tiles the two minor dims (E, S) densely: E = 64 or 80 lattice dims
+on sublanes, columns on the 128 lanes. With [.., S, E] the lanes held E = 64 / 80 of 128 and
+XLA:TPU's default layout for such arrays puts S minor anyway, so a kernel reading [S, E] rows
+got a transposed copy of the cache every step; with [.., C, E] minor, C = 4 heads were padded
+to 8 or 16 sublanes.
 
 `decode_pallas` (GPUs) splits the keys: a Triton kernel over (B, C, row blocks of W, key
 splits) reads, for `block_w` query rows, one range of `split_k` cache columns of every thread
@@ -54,8 +58,8 @@ def _cache_mask(cache_valid, length):
 
 def decode_reference(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid, *,
                      mask="causal", scale=None):
-  s = k_cache.shape[3]
-  seq_major = lambda x: x.transpose(0, 1, 3, 2, 4)  # [B, W, C, S, E] -> [B, W, S, C, E]
+  s = k_cache.shape[4]
+  seq_major = lambda x: x.transpose(0, 1, 4, 2, 3)  # [B, W, C, E, S] -> [B, W, S, C, E]
   k_full = jnp.concatenate([seq_major(k_cache), k_new[:, :, None]], axis=2)
   v_full = jnp.concatenate([seq_major(v_cache), v_new[:, :, None]], axis=2)
   valid = jnp.concatenate([_cache_mask(cache_valid, length), new_valid[:, :, None]], axis=2)
@@ -70,7 +74,7 @@ def decode_xla(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid
   """Direct XLA form: scores [B, C, W, W', S] against the cache and [B, C, W, W'] against the
   new entries, one softmax over both."""
   b, w, c, e = q.shape
-  s = k_cache.shape[3]
+  s = k_cache.shape[4]
   scale = e**-0.5 if scale is None else scale
   # query and new entries sit at grid column `length`, cache entry (w', s) at column s
   q_col = length[:, None, None, None, None]  # [B, 1, 1, 1, 1]
@@ -80,7 +84,7 @@ def decode_xla(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid
   new_ok = (may_attend(mask, jnp.arange(w)[:, None], q_col[..., 0], jnp.arange(w),
                        q_col[..., 0])
             & new_valid[:, None, None, :])  # [B, 1, 1 or W, W']
-  sc = jnp.einsum("BWCE,BVCSE->BCWVS", q, k_cache, preferred_element_type=jnp.float32) * scale
+  sc = jnp.einsum("BWCE,BVCES->BCWVS", q, k_cache, preferred_element_type=jnp.float32) * scale
   sn = jnp.einsum("BWCE,BVCE->BCWV", q, k_new, preferred_element_type=jnp.float32) * scale
   sc = jnp.where(cache_ok, sc, NEG_INF)
   sn = jnp.where(new_ok, sn, NEG_INF)
@@ -90,7 +94,7 @@ def decode_xla(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_valid
   pn = jnp.exp(sn - m) * new_ok
   denom = jnp.sum(pc, axis=(-2, -1))[..., None] + jnp.sum(pn, axis=-1, keepdims=True)
   denom = jnp.where(denom == 0, 1.0, denom)
-  out = (jnp.einsum("BCWVS,BVCSE->BWCE", pc, v_cache.astype(jnp.float32))
+  out = (jnp.einsum("BCWVS,BVCES->BWCE", pc, v_cache.astype(jnp.float32))
          + jnp.einsum("BCWV,BVCE->BWCE", pn, v_new.astype(jnp.float32)))
   return (out / jnp.moveaxis(denom, 1, 2)).astype(q.dtype)  # denom [B, C, W, 1] -> [B, W, C, 1]
 
@@ -171,17 +175,17 @@ def _split_kernel(q_ref, kc_ref, vc_ref, cvalid_ref, len_ref, acc_ref, m_ref, l_
     pos = lo + blk * bk + jnp.arange(bk, dtype=jnp.int32)
     ok = pos < hi
     start = lo + blk * bk  # thread wk's cache columns [start, start + bk)
-    kv_mask = ok[:, None] & dims_ok[None, :]
-    k = pltriton.load(kc_ref.at[wk, pl.ds(start, bk), pl.ds(0, ep)], mask=kv_mask, other=0.0)
-    v = pltriton.load(vc_ref.at[wk, pl.ds(start, bk), pl.ds(0, ep)], mask=kv_mask, other=0.0)
+    kv_mask = dims_ok[:, None] & ok[None, :]
+    k = pltriton.load(kc_ref.at[wk, pl.ds(0, ep), pl.ds(start, bk)], mask=kv_mask, other=0.0)
+    v = pltriton.load(vc_ref.at[wk, pl.ds(0, ep), pl.ds(start, bk)], mask=kv_mask, other=0.0)
     valid = pltriton.load(cvalid_ref.at[wk, pl.ds(start, bk)], mask=ok, other=0) > 0
     allowed = (may_attend(mode, rows[:, None], length, wk, pos[None, :])
                & (valid & ok)[None, :] & row_ok[:, None])
-    sc = jnp.where(allowed, dot(q, k.T) * scale, NEG_INF)
+    sc = jnp.where(allowed, dot(q, k) * scale, NEG_INF)  # k, v: [Ep, bk]
     m_new = jnp.maximum(m, jnp.max(sc, axis=1))
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(sc - m_new[:, None]) * allowed.astype(jnp.float32)
-    return acc * alpha[:, None] + dot(p.astype(v.dtype), v), m_new, alpha * l + jnp.sum(p, 1)
+    return acc * alpha[:, None] + dot(p.astype(v.dtype), v.T), m_new, alpha * l + jnp.sum(p, 1)
 
   carry = (jnp.zeros((bw, ep), jnp.float32), jnp.full((bw,), NEG_INF, jnp.float32),
            jnp.zeros((bw,), jnp.float32))
@@ -194,7 +198,7 @@ def _split_kernel(q_ref, kc_ref, vc_ref, cvalid_ref, len_ref, acc_ref, m_ref, l_
 def _cache_partials(q, k_cache, v_cache, cache_valid, length, *, mode, scale, blocks, interpret):
   """The split kernel: acc [B, NS, W, C, E] f32, m and l [B, NS, W, C] f32 (NS splits)."""
   b, w, c, e = q.shape
-  s = k_cache.shape[3]
+  s = k_cache.shape[4]
   ep = max(16, _pow2(e))
   rows, splits = pl.cdiv(w, blocks.block_w), pl.cdiv(s, blocks.split_k)
   kernel = functools.partial(_split_kernel, mode=mode, scale=scale, w=w, s=s, e=e, ep=ep,
@@ -202,7 +206,7 @@ def _cache_partials(q, k_cache, v_cache, cache_valid, length, *, mode, scale, bl
                              precise=q.dtype == jnp.float32)
   grid = lambda f: (lambda bb, cc, rr, jj: f(bb, cc, jj))  # row blocks share a block: rows masked
   per_thread = pl.BlockSpec((None, w, None, e), grid(lambda bb, cc, jj: (bb, 0, cc, 0)))
-  cache = pl.BlockSpec((None, w, None, s, e), grid(lambda bb, cc, jj: (bb, 0, cc, 0, 0)))
+  cache = pl.BlockSpec((None, w, None, e, s), grid(lambda bb, cc, jj: (bb, 0, cc, 0, 0)))
   stat = pl.BlockSpec((None, None, w, None), grid(lambda bb, cc, jj: (bb, jj, 0, cc)))
   f32 = jnp.float32
   return pl.pallas_call(
@@ -267,7 +271,7 @@ def decode_pallas(q, k_cache, v_cache, cache_valid, length, k_new, v_new, new_va
   softmaxes of the cache; XLA merges them with the new entries (`_combine`). same_position
   reads no cache, so it runs no kernel. `block_sizes` defaults to `DecodeBlockSizes.for_shapes`."""
   b, w, c, e = q.shape
-  s = k_cache.shape[3]
+  s = k_cache.shape[4]
   mode = validate_mode(mask)
   if block_sizes is None:
     block_sizes = DecodeBlockSizes.for_shapes(b, w, s, c, e, num_sms=_num_sms())

@@ -249,8 +249,12 @@ def _zero_invalid(x, kvalid_col):
 
 
 def _dot(a, b, dims, precise):
+  """f32 accumulation; exact f32 products for f32 inputs, the MXU's bf16 pass for bf16 inputs
+  (named explicitly: a process-wide `jax_default_matmul_precision` of "highest" would ask
+  Mosaic for f32 contraction of bf16 operands, which it refuses)."""
+  precision = jax.lax.Precision.HIGHEST if precise else jax.lax.Precision.DEFAULT
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32,
-                             precision=jax.lax.Precision.HIGHEST if precise else None)
+                             precision=(precision, precision))
 
 
 # ---------------------------------------------------------------- forward
@@ -294,6 +298,19 @@ def _fwd_kernel(q_ref, k_ref, v_ref, kvalid_ref, o_ref, lse_ref, m_scr, l_scr, a
     lse_ref[...] = jnp.where(empty, 0.0, m_scr[...] + jnp.log(safe))
 
 
+def _cost(geo: _Geometry, b: int, c: int, e: int, itemsize: int, matmuls: int,
+          streamed: int, own: int, own_rows: int) -> pl.CostEstimate:
+  """XLA's estimate of a kernel (its roofline time in the plan mode; without one a custom call
+  counts as free): `matmuls` [BQ, BK, E] products per visited block pair, `streamed` [BK or BQ,
+  E] tiles read per pair, `own` tiles of `own_rows` rows read or written once per block."""
+  pairs = geo.visited_pairs() * b * c
+  tile = max(geo.bq, geo.bk) * e * itemsize
+  return pl.CostEstimate(
+      flops=int(2 * matmuls * pairs * geo.bq * geo.bk * e),
+      transcendentals=int(pairs * geo.bq * geo.bk),
+      bytes_accessed=int(pairs * streamed * tile + own * b * c * own_rows * e * itemsize))
+
+
 def _compiler_params(parallel: int = 3):
   return pltpu.CompilerParams(dimension_semantics=("parallel",) * parallel + ("arbitrary",))
 
@@ -324,6 +341,7 @@ def _call_fwd(qf, kf, vf, kvalid, *, geo: _Geometry, scale, interpret):
       scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                       pltpu.VMEM((bq, e), jnp.float32)],
       compiler_params=_compiler_params(), interpret=_interpret(interpret),
+      cost_estimate=_cost(geo, b, c, e, qf.dtype.itemsize, 2, 2, 2, nq),
       name=f"lattice_tpu_fwd_{geo.mode.name.lower()}")(qf, kf, vf, kvalid)
   return out, lse[..., 0]  # lse kept as [B, C, W*T]
 
@@ -419,6 +437,7 @@ def _call_bwd(qf, kf, vf, kvalid, do, lse, delta, *, mode, w, t, s, scale, block
       out_shape=jax.ShapeDtypeStruct(qf.shape, qf.dtype),
       scratch_shapes=[pltpu.VMEM((bq, e), jnp.float32)],
       compiler_params=_compiler_params(), interpret=_interpret(interpret),
+      cost_estimate=_cost(geo, b, c, e, qf.dtype.itemsize, 3, 2, 3, nq),
       name=f"lattice_tpu_dq_{mode.name.lower()}")(qf, kf, vf, kvalid, do, lse, delta)
 
   gkv = _Geometry(mode, w, t, s, blocks.dkv.block_q, blocks.dkv.block_k)
@@ -441,6 +460,7 @@ def _call_bwd(qf, kf, vf, kvalid, do, lse, delta, *, mode, w, t, s, scale, block
       out_shape=[jax.ShapeDtypeStruct(kf.shape, kf.dtype)] * 2,
       scratch_shapes=[pltpu.VMEM((bk, e), jnp.float32), pltpu.VMEM((bk, e), jnp.float32)],
       compiler_params=_compiler_params(), interpret=_interpret(interpret),
+      cost_estimate=_cost(gkv, b, c, e, qf.dtype.itemsize, 4, 2, 4, nk),
       name=f"lattice_tpu_dkv_{mode.name.lower()}")(kf, vf, kvalid, qf, do, lse, delta)
   return dq, dk, dv
 
@@ -535,7 +555,7 @@ def decode_block(s: int, largest: int = 512) -> int:
 def _decode_kernel(len_ref, q_ref, k_ref, v_ref, valid_ref, acc_ref, m_ref, l_ref, m_scr, l_scr,
                    acc_scr, *, mode: Mode, scale: float, w: int, bk: int, precise: bool):
   """One (batch row, head): the W query rows [W, E] against thread wk's cache block kb
-  ([BK, E], columns kb*BK ..), walking (wk, kb) over the filled blocks only."""
+  ([E, BK]: columns kb*BK .. on lanes), walking (wk, kb) over the filled blocks only."""
   bb, wk, kb = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   length = len_ref[bb]
 
@@ -554,9 +574,9 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, valid_ref, acc_ref, m_ref, l_re
     valid = valid_ref[...]  # [1, BK]
     allowed = may_attend(mode, row, length, wk, col) & (col < length) & (valid > 0)
     # columns past `length` (stale entries of an earlier request) are zeroed like invalid ones
-    live = jnp.transpose(valid) * (kb * bk + jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
-                                   < length).astype(jnp.int32)  # [BK, 1]
-    sc = _dot(q_ref[...], _zero_invalid(k_ref[...], live), NT, precise) * scale  # [W, BK]
+    live = valid * (kb * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+                    < length).astype(jnp.int32)  # [1, BK]
+    sc = _dot(q_ref[...], _zero_invalid(k_ref[...], live), NN, precise) * scale  # [W, BK]
     sc = jnp.where(allowed, sc, NEG_INF)
     m_prev, l_prev = m_scr[...], l_scr[...]
     m_next = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
@@ -564,8 +584,8 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, valid_ref, acc_ref, m_ref, l_re
     p = jnp.exp(sc - m_next[:, :1]) * allowed.astype(jnp.float32)
     l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
     m_scr[...] = m_next
-    v = _zero_invalid(v_ref[...], live)
-    acc_scr[...] = acc_scr[...] * alpha[:, :1] + _dot(p.astype(v.dtype), v, NN, precise)
+    v = _zero_invalid(v_ref[...], live)  # [E, BK]
+    acc_scr[...] = acc_scr[...] * alpha[:, :1] + _dot(p.astype(v.dtype), v, NT, precise)
 
   @pl.when((wk == pl.num_programs(2) - 1) & (kb == pl.num_programs(3) - 1))
   def _finish():
@@ -579,19 +599,19 @@ def decode_partials(q, k_cache, v_cache, cache_valid, length, *, mode: Mode, sca
   """The cache's unnormalised softmax for one decode step, in `decode._combine`'s format:
   acc [B, 1, W, C, E] f32, m and l [B, 1, W, C] f32.
 
-  q [B, W, C, E]; k_cache, v_cache [B, W, C, S, E] read in place (the model's head-major
-  layout: each step reads one [BK, E] tile of one thread and head); cache_valid [B, W, S];
+  q [B, W, C, E]; k_cache, v_cache [B, W, C, E, S] read in place (the model's layout: each
+  step reads one [E, BK] tile of one thread and head); cache_valid [B, W, S];
   length [B] int32 (columns filled; blocks past it are neither read nor computed: the index
   map repeats the last filled block, so no DMA is issued)."""
   b, w, c, e = q.shape
-  s = k_cache.shape[3]
+  s = k_cache.shape[4]
   bk = decode_block(s) if block_k is None else block_k
   check_tile("block_k", bk)
   if s % bk:
     raise ValueError(f"block_k={bk} must divide the cache's S={s}")
   last = lambda ln: jnp.maximum(pl.cdiv(ln, bk) - 1, 0)  # the last filled block
   q_map = lambda bb, cc, wk, kb, ln: (bb, cc, 0, 0)
-  kv_map = lambda bb, cc, wk, kb, ln: (bb, wk, cc, jnp.minimum(kb, last(ln[bb])), 0)
+  kv_map = lambda bb, cc, wk, kb, ln: (bb, wk, cc, 0, jnp.minimum(kb, last(ln[bb])))
   valid_map = lambda bb, cc, wk, kb, ln: (bb, wk, 0, jnp.minimum(kb, last(ln[bb])))
   f32 = jnp.float32
   kernel = functools.partial(_decode_kernel, mode=mode, scale=scale, w=w, bk=bk,
@@ -601,8 +621,8 @@ def decode_partials(q, k_cache, v_cache, cache_valid, length, *, mode: Mode, sca
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(b, c, w, s // bk),
           in_specs=[pl.BlockSpec((None, None, w, e), q_map),
-                    pl.BlockSpec((None, None, None, bk, e), kv_map),
-                    pl.BlockSpec((None, None, None, bk, e), kv_map),
+                    pl.BlockSpec((None, None, None, e, bk), kv_map),
+                    pl.BlockSpec((None, None, None, e, bk), kv_map),
                     pl.BlockSpec((None, None, 1, bk), valid_map)],
           out_specs=[pl.BlockSpec((None, None, w, e), q_map),
                      pl.BlockSpec((None, None, w, LANES), q_map),
@@ -614,7 +634,10 @@ def decode_partials(q, k_cache, v_cache, cache_valid, length, *, mode: Mode, sca
                  jax.ShapeDtypeStruct((b, c, w, LANES), f32)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")),
-      interpret=_interpret(interpret), name=f"lattice_tpu_decode_{mode.name.lower()}")(
+      interpret=_interpret(interpret), name=f"lattice_tpu_decode_{mode.name.lower()}",
+      cost_estimate=pl.CostEstimate(  # every column read (the bound; the kernel stops at length)
+          flops=4 * b * c * w * w * s * e, transcendentals=b * c * w * w * s,
+          bytes_accessed=2 * b * c * w * s * e * k_cache.dtype.itemsize))(
           length.astype(jnp.int32), q.transpose(0, 2, 1, 3), k_cache, v_cache,
           cache_valid.reshape(b, w, 1, s).astype(jnp.int32))
   stat = lambda x: x[..., 0].transpose(0, 2, 1)[:, None]  # [B, C, W, 128] -> [B, 1, W, C]
@@ -629,7 +652,7 @@ def decode_pallas_tpu(q, k_cache, v_cache, cache_valid, length, k_new, v_new, ne
   (`decode._combine`). same_position reads no cache, so it runs no kernel. Needs S a multiple
   of 128 (`decode_supports`)."""
   b, w, c, e = q.shape
-  s = k_cache.shape[3]
+  s = k_cache.shape[4]
   mode = validate_mode(mask)
   if not decode_supports(s):
     raise ValueError(f"lattice cache {k_cache.shape}: the Pallas TPU decode kernel needs S a "
