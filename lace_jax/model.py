@@ -500,6 +500,8 @@ def init_cache(cfg: ModelConfig, lattice: LatticeConfig | None, batch: int, num_
 
 
 def _init_variables(cfg: ModelConfig, lattice: LatticeConfig | None, seed: int):
+  if lattice is not None:  # the parameters do not depend on the kernel; a one-token grid is no
+    lattice = dataclasses.replace(lattice, implementation="reference")  # kernel's shape
   module = Transformer(cfg, lattice)
   tokens = jnp.zeros((1, 1, 1), jnp.int32)
   extra = {a: tokens for a in (lattice.rope_axes if lattice else ()) if a not in ("token", "thread")}
