@@ -7,8 +7,12 @@
                 lengths, after the valid tokens of each row are gathered to its front
                 (`_cudnn`). For training and prefill (causal, q_offset 0, T = S); one query
                 column goes to xla_chunked
-  "pallas_tpu"  Pallas flash attention from jax.experimental.pallas.ops.tpu (TPU; padding as
-                segment ids; kv heads repeated to the query heads)
+  "splash_tpu"  jax's splash attention (Pallas, TPU): GQA as its MQA kernel per kv head over
+                that head's G query heads (no repeated k, v), a static causal block mask (the
+                blocks above the diagonal are skipped, not masked), padding as segment ids;
+                T = S multiples of 128. For training and prefill
+  "pallas_tpu"  jax's Pallas TPU flash attention (padding as segment ids; kv heads repeated to
+                the query heads): kept for comparison
   "xla_chunked" online softmax over key blocks (a lax.scan): memory linear in S, and only one
                 block of a bf16 cache is ever widened to f32; for decoding (T = 1)
   "flash"       the lattice attention kernels with one thread (`kernels.lattice_attention`,
@@ -16,8 +20,11 @@
                 no [T, S] tensor in memory; Pallas (Triton) on GPU, blockwise XLA elsewhere.
                 For training and prefill (q_offset 0); one query column goes to xla_chunked
   None          auto, for the platform compiled for (`kernels.backend()`): xla_chunked for one
-                query column (decoding); flash on GPU; pallas_tpu on TPU when T is a multiple
-                of 128; xla otherwise
+                query column (decoding); flash on GPU; splash_tpu on TPU when T is a multiple
+                of 128; xla otherwise. splash_tpu against pallas_tpu at the recipes' shapes
+                (one layer's gradient, 8 rows x 4,096 columns, compile-only v5p): XLA's
+                temporaries 0.88 vs 1.49 GB (Qwen3-1.7B's 16 / 8 heads), 1.53 vs 2.97 GB (4B's
+                32 / 8), docs/benchmarks.md
 
 Decoding reads the cache through `decode_attention` (one query column against a head-major
 [B, K, S, H] cache, only the blocks up to the filled columns; the model's cache is laid out so).
@@ -38,7 +45,8 @@ from lace_jax import kernels
 from lace_jax.kernels import lattice_attention as lattice_lib  # the flash path's kernels
 from lace_jax.kernels.attention.reference import NEG_INF, attention_reference
 
-IMPLEMENTATIONS = ("reference", "xla", "cudnn", "pallas_tpu", "xla_chunked", "flash")
+IMPLEMENTATIONS = ("reference", "xla", "cudnn", "pallas_tpu", "splash_tpu", "xla_chunked",
+                   "flash")
 DECODE_BLOCK = 512
 
 
@@ -50,7 +58,7 @@ def default_implementation(dtype, seq_len: int, backend: str | None = None) -> s
   if backend in ("gpu", "cuda", "rocm"):
     return "flash"
   if backend == "tpu" and seq_len % 128 == 0:
-    return "pallas_tpu"
+    return "splash_tpu"
   return "xla"
 
 
@@ -93,6 +101,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: jax.Array,
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
     # rows with no readable key: XLA gives the mean of all values, the reference zeros
     return jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0).astype(q.dtype)
+  if impl == "splash_tpu":
+    return _splash_tpu(q, k, v, key_valid, causal, scale, batch_axes)
   return _pallas_tpu(q, k, v, key_valid, causal, scale, batch_axes)
 
 
@@ -232,6 +242,42 @@ def _gather_rows_bwd(res, g):
 
 
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def _splash_block(n: int, largest: int = 512) -> int:
+  return max(b for b in range(128, largest + 1, 128) if n % b == 0)
+
+
+def _splash_tpu(q, k, v, key_valid, causal, scale, batch_axes, interpret=False):
+  """Splash attention for T = S, multiples of 128 (training, prefill). interpret: the kernel in
+  the Pallas interpreter (CPU tests)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  b, t, n, h = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  if t != s or t % 128:
+    raise ValueError(f"q {q.shape}, k {k.shape}: splash_tpu takes T = S, a multiple of 128")
+  g = n // kh
+  bq = _splash_block(t)
+  blocks = sk.BlockSizes(block_q=bq, block_kv=bq, block_kv_compute=bq, block_q_dkv=bq,
+                         block_kv_dkv=bq, block_kv_dkv_compute=bq, block_q_dq=bq, block_kv_dq=bq)
+  one = sm.CausalMask((t, s)) if causal else sm.FullMask((t, s))
+  kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([one] * g), block_sizes=blocks,
+                                            interpret=interpret)
+
+  def run(q, k, v, key_valid):  # one device's rows
+    rows = q.shape[0]
+    seg = key_valid.astype(jnp.int32)
+    qg = (q * jnp.asarray(scale, q.dtype)).reshape(rows, t, kh, g, h).transpose(0, 2, 3, 1, 4)
+    heads = lambda x: x.transpose(0, 2, 1, 3)  # [rows, K, S, H]
+    per_kv_head = jax.vmap(
+        lambda q, k, v, sg: kernel(q, k, v, segment_ids=sk.SegmentIds(q=sg, kv=sg)),
+        in_axes=(0, 0, 0, None))
+    out = jax.vmap(per_kv_head)(qg, heads(k), heads(v), seg)  # [rows, K, G, T, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(rows, t, n, h)
+
+  # Mosaic calls need a shard_map
+  return kernels.batch_parallel(run, q, k, v, key_valid, batch_axes=batch_axes)
 
 
 def _pallas_tpu(q, k, v, key_valid, causal, scale, batch_axes):
