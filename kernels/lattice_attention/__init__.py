@@ -103,16 +103,18 @@ def _unsupported(kind: str, shapes: tuple) -> str | None:
     if not pallas_tpu.supports(t, s):
       return f"T={t} and S={s} are not multiples of {pallas_tpu.LANES}"
   else:
-    s = shapes[1][0][4]
-    if not pallas_tpu.decode_supports(s):
-      return f"the cache's S={s} is not a multiple of {pallas_tpu.LANES}"
+    e, s = shapes[1][0][3:5]
+    if not pallas_tpu.decode_supports(s, e):
+      return (f"the cache's S={s} is not a multiple of {pallas_tpu.LANES} or its E={e} not a "
+              "multiple of 16")
   return None
 
 
 def _fallback(kind: str, mask: str, scale: float | None, arrays, what: str,
               tpu: bool = False) -> bool:
-  """True (after one warning per shape) if the Pallas kernel of `kind` does not take these
-  arrays' shapes (TPU kernels: `tpu`, on any target) or does not compile here."""
+  """True (after one warning per shape) if the TPU kernel of `kind` does not take these
+  arrays' shapes (`tpu`: checked on any target, on the whole batch), or else if the Pallas
+  kernel does not compile here (on one device's examples)."""
   shapes = tuple((tuple(a.shape), jnp.dtype(a.dtype)) for a in arrays)
   if tpu:
     first_time = _unsupported.cache_info().currsize
@@ -121,8 +123,7 @@ def _fallback(kind: str, mask: str, scale: float | None, arrays, what: str,
       warnings.warn(f"lattice {what}: the Pallas TPU kernel does not take shapes "
                     f"{[s for s, _ in shapes]} ({error}); using implementation='xla_chunked' "
                     "for this shape", RuntimeWarning, stacklevel=3)
-    if error is not None:
-      return True
+    return error is not None
   if not _compiles_here():
     return False
   first_time = _pallas_failure.cache_info().currsize
@@ -161,11 +162,12 @@ def lattice_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, key_valid: ja
     if tpu:
       return lattice_attention_chunked(q, k, v, **kw)
     return lattice_attention_pallas(q, k, v, interpret=interpret, **kw)
+  if tpu and _fallback("train", mask, scale, (q, k, v, key_valid), "attention", tpu=True):
+    return lattice_attention_chunked(q, k, v, **kw)  # a shape the TPU kernels do not take
   kernel = pallas_tpu.lattice_attention_pallas_tpu if tpu else lattice_attention_pallas
 
   def run(q, k, v, key_valid):  # on one device's examples
-    if ((tpu or not interpret)
-        and _fallback("train", mask, scale, (q, k, v, key_valid), "attention", tpu)):
+    if not interpret and _fallback("train", mask, scale, (q, k, v, key_valid), "attention"):
       return lattice_attention_chunked(q, k, v, key_valid=key_valid, mask=mask, scale=scale)
     return kernel(q, k, v, key_valid=key_valid, mask=mask, scale=scale, interpret=interpret)
 
@@ -189,10 +191,12 @@ def lattice_decode_attention(q, k_cache, v_cache, cache_valid, length, k_new, v_
     return _decode.decode_reference(*args, mask=mask, scale=scale)
   if impl == "xla_chunked":
     return _decode.decode_xla(*args, mask=mask, scale=scale)
+  if tpu and _fallback("decode", mask, scale, args, "decode attention", tpu=True):
+    return _decode.decode_xla(*args, mask=mask, scale=scale)  # a shape the kernel does not take
   kernel = pallas_tpu.decode_pallas_tpu if tpu else _decode.decode_pallas
 
   def run(*a):  # on one device's examples
-    if (tpu or not interpret) and _fallback("decode", mask, scale, a, "decode attention", tpu):
+    if not interpret and _fallback("decode", mask, scale, a, "decode attention"):
       return _decode.decode_xla(*a, mask=mask, scale=scale)
     return kernel(*a, mask=mask, scale=scale, interpret=interpret)
 

@@ -540,9 +540,11 @@ def lattice_attention_pallas_tpu(q, k, v, *, key_valid, mask="causal", q_cols=No
 # ---------------------------------------------------------------- decode
 
 
-def decode_supports(s: int) -> bool:
-  """Whether the decode kernel takes a lattice cache of S columns (a multiple of 128)."""
-  return s > 0 and s % LANES == 0
+def decode_supports(s: int, e: int) -> bool:
+  """Whether the decode kernel takes a lattice cache of S columns (a multiple of 128) and head
+  dim E (a multiple of 16: E is the tiles' sublane axis, 16 rows for bf16; smaller heads, as
+  in the tiny presets, need a sublane broadcast Mosaic does not implement)."""
+  return s > 0 and s % LANES == 0 and e > 0 and e % 16 == 0
 
 
 def decode_block(s: int, largest: int = 512) -> int:
@@ -653,9 +655,9 @@ def decode_pallas_tpu(q, k_cache, v_cache, cache_valid, length, k_new, v_new, ne
   b, w, c, e = q.shape
   s = k_cache.shape[4]
   mode = validate_mode(mask)
-  if not decode_supports(s):
+  if not decode_supports(s, e):
     raise ValueError(f"lattice cache {k_cache.shape}: the Pallas TPU decode kernel needs S a "
-                     f"multiple of {LANES}; use implementation='xla_chunked'")
+                     f"multiple of {LANES} and E of 16; use implementation='xla_chunked'")
   scale = e**-0.5 if scale is None else float(scale)
   length = length.astype(jnp.int32)
   partials = None
