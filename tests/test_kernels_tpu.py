@@ -226,3 +226,13 @@ def test_dispatch_on_tpu_picks_the_tpu_kernels_and_falls_back_for_other_shapes()
     got = lattice_attention(odd, odd, odd, key_valid=odd_valid, implementation="pallas")
   ref = lattice_attention_reference(odd, odd, odd, key_valid=odd_valid)
   assert rel_err(got, ref) <= 1e-5
+
+
+def test_decode_dispatch_on_tpu_falls_back_for_small_heads():
+  """A lattice head dim off 16 (the tiny presets' E = 4) goes to the XLA decode with one warning
+  naming the shape, on the whole batch, and equals the reference."""
+  args = _decode_inputs(2, 2, 256, 1, 4, [100, 256], seed=4)
+  clean = [jnp.nan_to_num(x) if x.dtype == jnp.float32 else x for x in args]
+  with kernels.target_platform("tpu"), pytest.warns(RuntimeWarning, match=r"E=4"):
+    got = lattice_decode_attention(*clean, implementation="pallas")
+  assert rel_err(got, decode_lib.decode_reference(*clean)) <= 1e-5
