@@ -259,6 +259,21 @@ def _dot(a, b, dims, precise):
 # ---------------------------------------------------------------- forward
 
 
+def _online_softmax_step(m_scr, l_scr, acc_scr, sc, allowed, v, v_dims, precise):
+  """One key block of an online softmax, in VMEM scratch: scores sc [R, BK] f32 (any value
+  where not `allowed`), running max m and sum l [R, 128] (every lane the same), accumulator
+  acc [R, E] += p @ v (v_dims: NN for v [BK, E], NT for v [E, BK])."""
+  sc = jnp.where(allowed, sc, NEG_INF)
+  m_prev, l_prev = m_scr[...], l_scr[...]
+  m_next = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
+  alpha = jnp.exp(m_prev - m_next)
+  p = jnp.exp(sc - m_next[:, :1]) * allowed.astype(jnp.float32)
+  l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+  m_scr[...] = m_next
+  acc_scr[...] = acc_scr[...] * alpha[:, :1] + _dot(p.astype(v.dtype), v, v_dims, precise)
+
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, kvalid_ref, o_ref, lse_ref, m_scr, l_scr, acc_scr, *,
                 geo: _Geometry, scale: float, precise: bool):
   i, j = pl.program_id(2), pl.program_id(3)
@@ -278,15 +293,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, kvalid_ref, o_ref, lse_ref, m_scr, l_scr, a
     allowed = geo.mask(wq, cq, wk, ck, kvalid)  # [BQ, BK]
     col = jnp.transpose(kvalid)  # [BK, 1]
     sc = _dot(q_ref[...], _zero_invalid(k_ref[...], col), NT, precise) * scale
-    sc = jnp.where(allowed, sc, NEG_INF)
-    m_prev, l_prev = m_scr[...], l_scr[...]  # [BQ, 128], every lane the same
-    m_next = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
-    alpha = jnp.exp(m_prev - m_next)
-    p = jnp.exp(sc - m_next[:, :1]) * allowed.astype(jnp.float32)
-    l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    m_scr[...] = m_next
-    v = _zero_invalid(v_ref[...], col)
-    acc_scr[...] = acc_scr[...] * alpha[:, :1] + _dot(p.astype(v.dtype), v, NN, precise)
+    _online_softmax_step(m_scr, l_scr, acc_scr, sc, allowed,
+                         _zero_invalid(v_ref[...], col), NN, precise)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -578,15 +586,8 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, valid_ref, acc_ref, m_ref, l_re
     live = valid * (kb * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
                     < length).astype(jnp.int32)  # [1, BK]
     sc = _dot(q_ref[...], _zero_invalid(k_ref[...], live), NN, precise) * scale  # [W, BK]
-    sc = jnp.where(allowed, sc, NEG_INF)
-    m_prev, l_prev = m_scr[...], l_scr[...]
-    m_next = jnp.maximum(m_prev, jnp.max(sc, axis=1, keepdims=True))
-    alpha = jnp.exp(m_prev - m_next)
-    p = jnp.exp(sc - m_next[:, :1]) * allowed.astype(jnp.float32)
-    l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    m_scr[...] = m_next
-    v = _zero_invalid(v_ref[...], live)  # [E, BK]
-    acc_scr[...] = acc_scr[...] * alpha[:, :1] + _dot(p.astype(v.dtype), v, NT, precise)
+    _online_softmax_step(m_scr, l_scr, acc_scr, sc, allowed,
+                         _zero_invalid(v_ref[...], live), NT, precise)  # v [E, BK]
 
   @pl.when((wk == pl.num_programs(2) - 1) & (kb == pl.num_programs(3) - 1))
   def _finish():
