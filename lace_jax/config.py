@@ -14,6 +14,8 @@ import math
 import os
 from typing import Any, Literal
 
+from lace_jax.errors import ConfigError
+
 _DTYPES = ("float32", "bfloat16", "float16")
 # vocabulary rows per slice of the chunked losses (`lace_jax.losses`): 19 slices of Qwen3's
 # 151,936; here so that the config sections (`lace_jax.experiment`) need no jax
@@ -54,23 +56,23 @@ class ModelConfig:
     for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                   "mlp_dim"):
       if int(getattr(self, field)) <= 0:
-        raise ValueError(f"ModelConfig.{field} must be positive, got {getattr(self, field)!r}")
+        raise ConfigError(f"ModelConfig.{field} must be positive, got {getattr(self, field)!r}")
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(
+      raise ConfigError(
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
-      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+      raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
     for field in ("dtype", "param_dtype"):
       if getattr(self, field) not in _DTYPES:
-        raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r}; expected one of {_DTYPES}")
+        raise ConfigError(f"ModelConfig.{field}={getattr(self, field)!r}; expected one of {_DTYPES}")
     if self.remat not in _REMAT:
-      raise ValueError(f"ModelConfig.remat={self.remat!r}; expected one of {_REMAT}")
+      raise ConfigError(f"ModelConfig.remat={self.remat!r}; expected one of {_REMAT}")
     # a NaN or non-positive theta or eps gives NaN activations: every token then decodes alike
     for field in ("rms_eps", "rope_theta"):
       _check_number(f"ModelConfig.{field}", getattr(self, field), positive=True)
     _check_number("ModelConfig.init_std", self.init_std, positive=False)
     if int(self.max_position_embeddings) <= 0:
-      raise ValueError(f"ModelConfig.max_position_embeddings must be positive, got "
+      raise ConfigError(f"ModelConfig.max_position_embeddings must be positive, got "
                        f"{self.max_position_embeddings!r}")
 
   def replace(self, **kwargs) -> ModelConfig:
@@ -80,7 +82,7 @@ class ModelConfig:
   def preset(cls, name: str, **overrides) -> ModelConfig:
     """A named preset: `tiny` (tests and demos) or a published Qwen3 shape."""
     if name not in PRESETS:
-      raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+      raise ConfigError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
 
   @classmethod
@@ -96,26 +98,26 @@ class ModelConfig:
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
     if model_type != "qwen3" or (archs and "Qwen3ForCausalLM" not in archs):
-      raise ValueError(
+      raise ConfigError(
           f"{source}: unsupported architecture (model_type={model_type!r}, architectures={archs});"
           " expected model_type 'qwen3' / Qwen3ForCausalLM")
     if hf.get("attention_bias", False):
-      raise ValueError(f"{source}: attention_bias=true is not part of Qwen3; not supported")
+      raise ConfigError(f"{source}: attention_bias=true is not part of Qwen3; not supported")
     theta = hf.get("rope_theta")
     rope_params = hf.get("rope_parameters")
     if theta is None and isinstance(rope_params, dict):
       if rope_params.get("rope_type", "default") != "default":
-        raise ValueError(f"{source}: rope_parameters.rope_type={rope_params.get('rope_type')!r};"
+        raise ConfigError(f"{source}: rope_parameters.rope_type={rope_params.get('rope_type')!r};"
                          " only 'default' RoPE is supported")
       theta = rope_params.get("rope_theta")
     if hf.get("rope_scaling"):
-      raise ValueError(f"{source}: rope_scaling={hf['rope_scaling']!r} is not supported")
+      raise ConfigError(f"{source}: rope_scaling={hf['rope_scaling']!r} is not supported")
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                            "intermediate_size") if k not in hf]
     if missing:
-      raise ValueError(f"{source}: missing required fields {missing}")
+      raise ConfigError(f"{source}: missing required fields {missing}")
     if theta is None:
-      raise ValueError(f"{source}: neither rope_theta nor rope_parameters.rope_theta is set")
+      raise ConfigError(f"{source}: neither rope_theta nor rope_parameters.rope_theta is set")
     # numbers are checked here to name the config.json field and file (NaN and Infinity are
     # valid in Python's JSON)
     theta_key = "rope_theta" if "rope_theta" in hf else "rope_parameters.rope_theta"
@@ -186,7 +188,7 @@ def _check_number(name: str, value: Any, *, positive: bool) -> float:
   except (TypeError, ValueError):
     x = math.nan
   if isinstance(value, bool) or not math.isfinite(x) or x < 0 or (positive and x == 0):
-    raise ValueError(f"{name}={value!r}; expected a finite number {bound}")
+    raise ConfigError(f"{name}={value!r}; expected a finite number {bound}")
   return x
 
 
@@ -201,7 +203,7 @@ def read_hf_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
     with open(path) as f:
       return json.load(f)
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from e
+    raise ConfigError(f"{path} is not valid JSON: {e}") from e
 
 
 # Published shapes from the Hugging Face config.json of each Qwen3 release:
@@ -262,19 +264,19 @@ class LatticeConfig:
     object.__setattr__(self, "rope_fractions", tuple(float(x) for x in self.rope_fractions))
     object.__setattr__(self, "rope_thetas", tuple(float(x) for x in self.rope_thetas))
     if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
-      raise ValueError(f"LatticeConfig.layers={self.layers} must be distinct non-negative ints")
+      raise ConfigError(f"LatticeConfig.layers={self.layers} must be distinct non-negative ints")
     if self.width <= 0 or self.heads <= 0 or self.width % self.heads:
-      raise ValueError(f"LatticeConfig.width={self.width} must be a positive multiple of "
+      raise ConfigError(f"LatticeConfig.width={self.width} must be a positive multiple of "
                        f"heads={self.heads}")
     for field, allowed in (("gate", _GATES), ("source", _SOURCES), ("mask", _MASKS)):
       if getattr(self, field) not in allowed:
-        raise ValueError(f"LatticeConfig.{field}={getattr(self, field)!r}; expected one of "
+        raise ConfigError(f"LatticeConfig.{field}={getattr(self, field)!r}; expected one of "
                          f"{allowed}")
     if not (len(self.rope_axes) == len(self.rope_fractions) == len(self.rope_thetas)):
-      raise ValueError(f"rope_axes={self.rope_axes}, rope_fractions={self.rope_fractions} and "
+      raise ConfigError(f"rope_axes={self.rope_axes}, rope_fractions={self.rope_fractions} and "
                        f"rope_thetas={self.rope_thetas} must have the same length")
     if len(set(self.rope_axes)) != len(self.rope_axes):
-      raise ValueError(f"rope_axes={self.rope_axes} must be distinct")
+      raise ConfigError(f"rope_axes={self.rope_axes} must be distinct")
     for i, (fraction, theta) in enumerate(zip(self.rope_fractions, self.rope_thetas)):
       _check_number(f"LatticeConfig.rope_fractions[{i}]", fraction, positive=False)
       _check_number(f"LatticeConfig.rope_thetas[{i}] (0 = the backbone's)", theta, positive=False)
@@ -292,7 +294,7 @@ class LatticeConfig:
     rest = [2 * max(1, round(f * e / 2)) if f > 0 else 0 for f in self.rope_fractions[1:]]
     first = e - sum(rest)
     if first < 2 or first % 2:
-      raise ValueError(
+      raise ConfigError(
           f"lattice head dim E={e} (width {self.width} / heads {self.heads}) cannot hold rotary "
           f"sections {self.rope_axes} with fractions {self.rope_fractions}: every section needs "
           "an even number >= 2 of dims; raise lattice.width or lower lattice.heads")
@@ -304,7 +306,7 @@ class LatticeConfig:
   def validate_for(self, model: ModelConfig) -> None:
     bad = [i for i in self.layers if i >= model.num_layers]
     if bad:
-      raise ValueError(f"lattice layers {bad} out of range for a {model.num_layers}-layer model")
+      raise ConfigError(f"lattice layers {bad} out of range for a {model.num_layers}-layer model")
 
   @classmethod
   def default(cls, model: ModelConfig, **overrides) -> LatticeConfig:
@@ -330,9 +332,9 @@ class LatticeConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
-      raise ValueError(f"{source}: unknown lattice fields {unknown}; expected a subset of "
+      raise ConfigError(f"{source}: unknown lattice fields {unknown}; expected a subset of "
                        f"{sorted(names)}")
     try:
       return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
     except (TypeError, ValueError) as e:
-      raise ValueError(f"{source}: {e}") from e
+      raise ConfigError(f"{source}: {e}") from e

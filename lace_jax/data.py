@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from lace_jax.errors import ConfigError
 from lace_jax.tokenizer import Tokenizer, instruction_template, thread_prompts
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,9 @@ def load_examples(path: str, tokenizer: Tokenizer, *, num_threads: int, max_len:
   """Reads, validates and tokenises a JSONL file. Bad records are counted per reason and
   skipped (`bad_records="skip"`) or raise at the first one (`"fail"`); never silently."""
   if bad_records not in ("skip", "fail"):
-    raise ValueError(f"data.bad_records={bad_records!r}; expected 'skip' or 'fail'")
+    raise ConfigError(f"data.bad_records={bad_records!r}; expected 'skip' or 'fail'")
   if fmt not in ("threads", "text"):
-    raise ValueError(f"data.format={fmt!r}; expected 'threads' or 'text'")
+    raise ConfigError(f"data.format={fmt!r}; expected 'threads' or 'text'")
   if os.path.isdir(path):
     record = '{"text": ...} object' if fmt == "text" else "multi-thread record"
     raise IsADirectoryError(f"data.path={path} is a directory; expected a JSONL file (one "
@@ -129,7 +130,7 @@ def load_examples(path: str, tokenizer: Tokenizer, *, num_threads: int, max_len:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"data file {path} does not exist")
   if fmt == "text" and num_threads != 1:
-    raise ValueError(f"data.format='text' is single-thread: num_threads must be 1, got "
+    raise ConfigError(f"data.format='text' is single-thread: num_threads must be 1, got "
                      f"{num_threads}")
   template = instruction_template(instruction)
   report = DataReport(path)
@@ -177,7 +178,7 @@ def load_examples(path: str, tokenizer: Tokenizer, *, num_threads: int, max_len:
                               tuple(map(tuple, completions))))
       report.kept += 1
   if not examples:
-    raise ValueError(f"no usable records in {path}: {report.summary()}")
+    raise ConfigError(f"no usable records in {path}: {report.summary()}")
   if report.bad:
     log.warning("%s", report.summary())
   return examples, report
@@ -204,7 +205,7 @@ def layout(ex: Example, perm: Sequence[int], max_len: int, pad_id: int,
   if loss_on == "generated":
     target_valid &= np.concatenate([generated[:, 1:], np.zeros((w, 1), bool)], axis=1)
   elif loss_on != "all":
-    raise ValueError(f"data.loss_on={loss_on!r}; expected 'generated' or 'all'")
+    raise ConfigError(f"data.loss_on={loss_on!r}; expected 'generated' or 'all'")
   return {"tokens": tokens, "valid": valid, "targets": targets, "loss_mask": target_valid}
 
 

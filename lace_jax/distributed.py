@@ -39,6 +39,8 @@ import jax
 import ml_collections
 from jax._src.distributed import global_state  # the runtime's client: no public handle
 
+from lace_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MAX_HEARTBEAT_TIMEOUT_S = 300
@@ -58,7 +60,7 @@ def heartbeat_timeout(cfg: ml_collections.ConfigDict) -> float:
   number = isinstance(value, (int, float)) and not isinstance(value, bool)
   if not number or not 0 < value <= MAX_HEARTBEAT_TIMEOUT_S:
     shown = f"{value:g}" if number else repr(value)
-    raise ValueError(f"distributed.heartbeat_timeout_s={shown}; expected a number of seconds > 0 "
+    raise ConfigError(f"distributed.heartbeat_timeout_s={shown}; expected a number of seconds > 0 "
                      f"and <= {MAX_HEARTBEAT_TIMEOUT_S}")
   return float(value)
 
@@ -71,7 +73,7 @@ def maybe_initialize(cfg: ml_collections.ConfigDict | None) -> None:
     jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
   mode = cfg.initialize
   if mode not in ("auto", "yes", "no"):
-    raise ValueError(f"distributed.initialize={mode!r}; expected auto, yes or no")
+    raise ConfigError(f"distributed.initialize={mode!r}; expected auto, yes or no")
   address = cfg.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
   if mode == "no" or (mode == "auto" and not address and not _multihost_tpu()):
     return

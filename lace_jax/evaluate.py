@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from lace_jax import grading, sharding
 from lace_jax.diagnostics import lattice_diagnostics
+from lace_jax.errors import ConfigError
 from lace_jax.hf_io import load_pretrained
 from lace_jax.model import Model, Params, without_lattice
 from lace_jax.rl import grpo
@@ -78,7 +79,7 @@ def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[
     rules = tuple(sharding.DEFAULT_RULES if rules is None else rules)
     share = sharding.process_share(mesh, rules)
     if batch_size % share.ways:
-      raise ValueError(f"eval.batch_size={batch_size} does not divide over the "
+      raise ConfigError(f"eval.batch_size={batch_size} does not divide over the "
                        f"{share.ways} data-parallel ways of mesh {dict(mesh.shape)}; make it "
                        f"a multiple of {share.ways}")
   prompt_of = lambda p: tokenizer.encode_batch(thread_prompts(p.problem, w, thinking=thinking,
@@ -177,7 +178,7 @@ def dataset(name_or_path: str) -> tuple[str, list[grading.Problem]]:
   if os.path.isfile(name_or_path):
     label = os.path.basename(name_or_path).removesuffix(".jsonl")
     return label, grading.read_problems(name_or_path, name=label)
-  raise ValueError(f"eval.datasets entry {name_or_path!r}: neither a bundled benchmark "
+  raise ConfigError(f"eval.datasets entry {name_or_path!r}: neither a bundled benchmark "
                    f"({', '.join(sorted(grading.BENCHMARKS))}) nor an existing JSONL file")
 
 
@@ -203,7 +204,7 @@ def run(cfg, workdir: str | None) -> dict:
     elif name == "lattice_off":
       variants[name] = model.replace(lattice=None), without_lattice(params)
     else:
-      raise ValueError(f"eval.variants entry {name!r}; expected 'model' or 'lattice_off'")
+      raise ConfigError(f"eval.variants entry {name!r}; expected 'model' or 'lattice_off'")
   for path in e.checkpoints:
     m, p = load_pretrained(path, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype)
     variants[os.path.basename(os.path.normpath(path))] = m, on_mesh(m, p)

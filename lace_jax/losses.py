@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from lace_jax.config import DEFAULT_LOGITS_CHUNK
+from lace_jax.errors import ConfigError
 from lace_jax.sharding import constrain
 
 
@@ -66,7 +67,7 @@ def token_logprobs(hidden: jax.Array, unembed: jax.Array, targets: jax.Array, *,
   if over == "vocab":
     return _vocab_chunked(hidden, unembed, targets, min(chunk, unembed.shape[0]))
   if over != "tokens":
-    raise ValueError(f"over={over!r}: expected one of {OVER} (train.logits_chunk_over)")
+    raise ConfigError(f"over={over!r}: expected one of {OVER} (train.logits_chunk_over)")
   return _chunked(hidden, unembed, targets, min(chunk, hidden.shape[-2]))
 
 

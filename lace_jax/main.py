@@ -12,8 +12,11 @@ local, ...) compiles the experiment's functions for that target instead of runni
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import json
 import os
+import re
 import sys
 
 import jax
@@ -22,7 +25,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lace_jax import distributed, modes, runtime, sweep
-from lace_jax.errors import RunError
+from lace_jax.errors import ConfigError, RunError
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "toy", "quickstart.py")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -38,6 +41,88 @@ _PRINT = flags.DEFINE_bool("sweep_print", False, "Print one command per sweep po
 _INDEX = flags.DEFINE_integer("sweep_index", None, "Run only this sweep point.")
 _TABLE = flags.DEFINE_bool("sweep_table", False, "Write the sweep's table from what has run; "
                            "run nothing.")
+
+
+def _config_keys(cfg) -> list[str]:
+  """Every dotted key of a ConfigDict (sections and leaves)."""
+  out = []
+  for k, v in cfg.items():
+    out.append(k)
+    if hasattr(v, "items") and hasattr(v, "get_type"):
+      out += [f"{k}.{sub}" for sub in _config_keys(v)]
+  return out
+
+
+def _unknown_key(cfg, key: str) -> str | None:
+  """The first component of dotted `key` that `cfg` lacks, as a dotted prefix; None if every
+  component exists."""
+  node, parts = cfg, key.split(".")
+  for i, part in enumerate(parts):
+    if not hasattr(node, "get_type") or part not in node:
+      return ".".join(parts[:i + 1])
+    node = node[part]
+  return None
+
+
+def _flag_error(argv: list[str], e: BaseException) -> str:
+  """One line for a command line that does not parse: an unknown config key with the closest
+  known keys, or the flag, its value and what is expected."""
+  if isinstance(e, FileNotFoundError):
+    return str(e)
+  try:  # the experiment file without the overrides (the flag holds nothing after a failure)
+    path, *arg = _config_argument(argv).split(":", 1)
+    spec = importlib.util.spec_from_file_location("lace_jax_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config(*arg)
+  except Exception:  # noqa: BLE001 (the file does not load: the message alone)
+    cfg = None
+  if hasattr(cfg, "get_type"):
+    for arg in argv[1:]:
+      m = re.match(r"^--config\.([^=\s]+)", arg)
+      if not m:
+        continue
+      bad = _unknown_key(cfg, m.group(1))
+      if bad is None:
+        continue
+      keys = _config_keys(cfg)
+      depth = bad.count(".")
+      peers = [k for k in keys if k.count(".") == depth]  # keys at the same depth first
+      close = difflib.get_close_matches(bad, peers, n=3, cutoff=0.5) or \
+          difflib.get_close_matches(bad, keys, n=3, cutoff=0.5)
+      where = bad.rsplit(".", 1)[0] if "." in bad else None
+      known = sorted(k.rsplit(".", 1)[-1] for k in peers
+                     if (k.rsplit(".", 1)[0] if "." in k else None) == where)
+      hint = (f"closest: {', '.join(close)}" if close else
+              f"known keys{' of ' + where if where else ''}: {', '.join(known)}")
+      return f"{arg}: no config key {bad!r} in {_config_argument(argv)}; {hint}"
+  msg = str(e).strip().split("\n")[0]
+  return msg if isinstance(e, flags.Error) else f"{type(e).__name__}: {msg}"
+
+
+def _no_such_file(argv: list[str]) -> None:
+  """FileNotFoundError naming --config's file if it does not exist."""
+  path = _config_argument(argv).split(":", 1)[0]
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config={_config_argument(argv)}: no such experiment file "
+                            f"({os.path.abspath(path)})")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with any error (an unknown flag or config key, a value of the wrong
+  type) as one `error:` line and exit code 2."""
+  try:
+    rest = flags.FLAGS(argv)
+    _no_such_file(argv)  # a missing file fails only when the config is first read
+    return rest
+  except Exception as e:  # noqa: BLE001 (every parse failure is the user's input)
+    if not isinstance(e, FileNotFoundError):
+      try:
+        _no_such_file(argv)
+      except FileNotFoundError as missing:
+        e = missing
+    print(f"error: {_flag_error(argv, e)}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def _config_argument(argv: list[str]) -> str:
@@ -131,8 +216,12 @@ def main(argv: list[str]) -> None:
     from lace_jax import plan  # noqa: PLC0415
     print(f"lace_jax: plan of mode {cfg.mode} for {cfg.plan.target}, workdir {workdir}",
           flush=True)
-    plan.run(cfg, workdir, name=os.path.basename(config_flags.get_config_filename(
-        flags.FLAGS["config"])).split(":")[0])
+    try:
+      plan.run(cfg, workdir, name=os.path.basename(config_flags.get_config_filename(
+          flags.FLAGS["config"])).split(":")[0])
+    except ConfigError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(2)
     return
   if "distributed" in cfg:
     try:
@@ -146,14 +235,15 @@ def main(argv: list[str]) -> None:
     result = run(cfg, workdir)
   except Exception as e:
     distributed.report_lost_peer()  # a lost process, if one is, is the error to report
-    if not isinstance(e, RunError):
+    if not isinstance(e, (RunError, ConfigError)):
       raise
     print(f"\nerror: {e}", file=sys.stderr, flush=True)  # its message says it all: no traceback
-    sys.exit(1)  # a normal exit (flushes, atexit): a failed checkpoint operation leaves nothing
-    # running behind it (lace_jax.training.checkpointer drains orbax's reads and writes)
+    # a normal exit (flushes, atexit): a failed checkpoint operation leaves nothing running
+    # behind it (lace_jax.training.checkpointer drains orbax's reads and writes)
+    sys.exit(2 if isinstance(e, ConfigError) else 1)
   _write_result(workdir, result)
   distributed.finished()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import ml_collections
 
+from lace_jax.errors import ConfigError
+
 
 def run_overhead(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   from lace_jax import overhead
@@ -68,5 +70,5 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict, str | None], dict]] = {
 
 def get_mode(name: str) -> Callable[[ml_collections.ConfigDict, str | None], dict]:
   if name not in MODES:
-    raise ValueError(f"unknown mode {name!r}; available: {sorted(MODES)}")
+    raise ConfigError(f"unknown mode {name!r}; available: {sorted(MODES)}")
   return MODES[name]

@@ -46,6 +46,7 @@ import numpy as np
 from jax.experimental import topologies
 
 from lace_jax import engine, kernels, sampling, sharding
+from lace_jax.errors import ConfigError
 from lace_jax.model import Model
 from lace_jax.rl import stage as grpo_stage
 from lace_jax.training import lm
@@ -169,7 +170,7 @@ def resolve_target(spec: str) -> Target:
   if kind == "tpu":
     chip_name = rest.split(":")[0].replace("litepod", "e")
     if chip_name not in TPU_CHIPS or ":" not in rest:
-      raise ValueError(f"plan target {spec!r}: expected tpu:<chip>:<topology> with chip in "
+      raise ConfigError(f"plan target {spec!r}: expected tpu:<chip>:<topology> with chip in "
                        f"{sorted(TPU_CHIPS)}, e.g. tpu:v5p:2x2x2")
     try:
       topo = topologies.get_topology_desc(topology_name=rest, platform="tpu")
@@ -183,7 +184,7 @@ def resolve_target(spec: str) -> Target:
   if kind == "cuda":
     m = re.fullmatch(r"([a-z0-9]+?)(?:x(\d+))?", rest)
     if not m or m.group(1) not in GPU_CHIPS:
-      raise ValueError(f"plan target {spec!r}: expected cuda:<gpu>[x<n>] with gpu in "
+      raise ConfigError(f"plan target {spec!r}: expected cuda:<gpu>[x<n>] with gpu in "
                        f"{sorted(GPU_CHIPS)}, e.g. cuda:h100x8")
     gpu, n = m.group(1), int(m.group(2) or 1)
     try:
@@ -197,7 +198,7 @@ def resolve_target(spec: str) -> Target:
     g = GPU_CHIPS[gpu]
     chip = Chip(g["description"], "gpu", g["memory"], g["peak_flops"], g["bandwidth"])
     return Target(spec, chip, list(topo.devices))
-  raise ValueError(f"plan target {spec!r}: expected local, tpu:<chip>:<topology> or "
+  raise ConfigError(f"plan target {spec!r}: expected local, tpu:<chip>:<topology> or "
                    "cuda:<gpu>[x<n>]")
 
 
@@ -334,7 +335,7 @@ def check_batch_split(rows: int, field: str, mesh, rules) -> None:
   mesh's batch axes (by `rules`)."""
   n = sharding.batch_ways(mesh, rules)
   if rows % n:
-    raise ValueError(
+    raise ConfigError(
         f"{field} gives {rows} rows per call, which do not split over the {n} devices of the "
         f"batch axes (mesh {sharding.describe(mesh)}): use a multiple of {n}, or move devices "
         "off the batch axes (e.g. --config.sharding.mesh.fsdp=8 --config.sharding.mesh.tensor=2)")
@@ -383,7 +384,7 @@ def stage_calls(cfg: ml_collections.ConfigDict, mesh) -> list[Call]:
     return _sampler_calls(model, mesh, rules, params, batch=e.batch_size,
                           num_threads=e.num_threads, prompt_len=cfg.plan.prompt_len,
                           max_new_tokens=e.max_new_tokens, calls=1, prefix="")
-  raise ValueError(f"plan mode: mode {cfg.mode!r} runs no jitted model function to plan; "
+  raise ConfigError(f"plan mode: mode {cfg.mode!r} runs no jitted model function to plan; "
                    "plannable modes: pretrain, sft, grpo, eval")
 
 
@@ -575,7 +576,7 @@ def targets_of(cfg: ml_collections.ConfigDict) -> list[str]:
   spec = cfg.plan.target
   names = list(cfg.plan.targets) if spec == "default" else [s for s in spec.split(",") if s]
   if not names:
-    raise ValueError("plan.target=default but the experiment names no plan.targets")
+    raise ConfigError("plan.target=default but the experiment names no plan.targets")
   return names
 
 

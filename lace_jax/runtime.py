@@ -22,6 +22,8 @@ import os
 import re
 from collections.abc import Sequence
 
+from lace_jax.errors import ConfigError
+
 LIBTPU_ENV = "LIBTPU_INIT_ARGS"
 
 # the memory-lean XLA:TPU configuration every experiment starts from (base_config)
@@ -36,7 +38,7 @@ _FLAG = re.compile(r"^--([A-Za-z0-9_]+)(=.*)?$")
 def _name(flag: str, source: str) -> str:
   m = _FLAG.match(flag)
   if not m:
-    raise ValueError(f"{source}: {flag!r} is not a flag of the form --name or --name=value")
+    raise ConfigError(f"{source}: {flag!r} is not a flag of the form --name or --name=value")
   return m.group(1)
 
 

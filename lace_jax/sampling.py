@@ -24,6 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lace_jax import ops, sharding
+from lace_jax.errors import ConfigError
 from lace_jax.model import Model, Params
 
 
@@ -311,7 +312,7 @@ def _knobs(b: int, max_new_tokens: int, temperature, top_p, top_k,
              top_k=np.asarray(top_k))
   if ((raw["temperature"] < 0) | np.isnan(raw["temperature"])).any() or (
       ~((raw["top_p"] > 0) & (raw["top_p"] <= 1))).any() or (raw["top_k"] < 0).any():
-    raise ValueError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], "
+    raise ConfigError(f"temperature={temperature} must be >= 0, top_p={top_p} in (0, 1], "
                      f"top_k={top_k} >= 0")
   return knobs
 
@@ -322,12 +323,12 @@ def _chunking(rows: int, batch_chunk: int, mesh, rules) -> tuple[int, tuple]:
   divide over the mesh's data-parallel ways."""
   chunk = rows if batch_chunk == 0 else min(batch_chunk, rows)
   if rows % chunk:
-    raise ValueError(f"{rows} prompts do not split into chunks of batch_chunk={batch_chunk}")
+    raise ConfigError(f"{rows} prompts do not split into chunks of batch_chunk={batch_chunk}")
   if mesh is None:
     return rows // chunk, ()
   ways = sharding.batch_ways(mesh, rules)
   if chunk % ways:
-    raise ValueError(f"sampler batch {chunk} is not divisible by the data-parallel ways: "
+    raise ConfigError(f"sampler batch {chunk} is not divisible by the data-parallel ways: "
                      f"{ways} over the batch axes {sharding.batch_axes(rules)} of mesh "
                      f"{dict(mesh.shape)}")
   return rows // chunk, rules
@@ -449,9 +450,9 @@ def sample(model: Model, params: Params, prompts, *, num_threads: int, max_new_t
     `should_cancel()`; True raises `Cancelled`.
   """
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
   if batch_chunk < 0 or decode_chunk < 0:
-    raise ValueError(f"batch_chunk={batch_chunk} and decode_chunk={decode_chunk} must be >= 0 "
+    raise ConfigError(f"batch_chunk={batch_chunk} and decode_chunk={decode_chunk} must be >= 0 "
                      "(0 = the whole batch / every column in one call)")
   tokens, valid = left_pad(prompts, num_threads, pad_id, width=prompt_width)
   b = tokens.shape[0]

@@ -25,6 +25,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from lace_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or None: replicated). Parameters name their axes (`Model.
@@ -60,14 +62,14 @@ def rules_with_overrides(overrides: Sequence[Sequence[Any]] = ()) -> tuple[tuple
   table = dict(DEFAULT_RULES)
   for item in overrides:
     if len(item) != 2:
-      raise ValueError(f"sharding rule {item!r}: expected (logical_axis, mesh_axis_or_None)")
+      raise ConfigError(f"sharding rule {item!r}: expected (logical_axis, mesh_axis_or_None)")
     name, target = item
     if name not in table:
-      raise ValueError(f"sharding rule for unknown logical axis {name!r}; known: {sorted(table)}")
+      raise ConfigError(f"sharding rule for unknown logical axis {name!r}; known: {sorted(table)}")
     targets = target if isinstance(target, (tuple, list)) else (target,)
     bad = [t for t in targets if t is not None and t not in MESH_AXES]
     if bad:
-      raise ValueError(f"sharding rule {name!r} -> {target!r}: mesh axes must be in {MESH_AXES}")
+      raise ConfigError(f"sharding rule {name!r} -> {target!r}: mesh axes must be in {MESH_AXES}")
     table[name] = tuple(target) if isinstance(target, list) else target
   return tuple(table.items())
 
@@ -103,7 +105,7 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   if mesh.empty:
     return x
   if len(axes) != x.ndim:
-    raise ValueError(f"constrain: {len(axes)} logical axes {tuple(axes)} for an array of shape "
+    raise ConfigError(f"constrain: {len(axes)} logical axes {tuple(axes)} for an array of shape "
                      f"{x.shape}")
   rules = nn.get_logical_axis_rules() or DEFAULT_RULES
   spec = nn.logical_to_mesh_axes(tuple(axes), rules)
@@ -121,18 +123,18 @@ def mesh_shape(spec: Mapping[str, int], num_devices: int | None = None) -> dict[
   num_devices = jax.device_count() if num_devices is None else num_devices
   unknown = [a for a in spec if a not in MESH_AXES]
   if unknown:
-    raise ValueError(f"mesh axes {unknown} unknown; expected {MESH_AXES}")
+    raise ConfigError(f"mesh axes {unknown} unknown; expected {MESH_AXES}")
   shape = {a: int(spec.get(a, 1)) for a in MESH_AXES}
   free = [a for a, n in shape.items() if n == -1]
   if len(free) > 1:
-    raise ValueError(f"mesh {dict(spec)}: at most one axis may be -1")
+    raise ConfigError(f"mesh {dict(spec)}: at most one axis may be -1")
   fixed = math.prod(n for n in shape.values() if n != -1)
   if free:
     if num_devices % fixed:
-      raise ValueError(f"mesh {dict(spec)}: {num_devices} devices are not divisible by {fixed}")
+      raise ConfigError(f"mesh {dict(spec)}: {num_devices} devices are not divisible by {fixed}")
     shape[free[0]] = num_devices // fixed
   if math.prod(shape.values()) != num_devices:
-    raise ValueError(f"mesh {shape} has {math.prod(shape.values())} devices but "
+    raise ConfigError(f"mesh {shape} has {math.prod(shape.values())} devices but "
                      f"{num_devices} are available")
   return shape
 

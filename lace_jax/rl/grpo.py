@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lace_jax import grading, losses
+from lace_jax.errors import ConfigError
 from lace_jax.model import Model, Params
 
 # Advantage estimators and loss aggregations are small registered functions, chosen by name
@@ -45,7 +46,7 @@ register_loss_aggregation = _registrar(LOSS_AGGREGATIONS)
 
 def _lookup(table: dict, name: str, key: str):
   if name not in table:
-    raise ValueError(f"{key} {name!r}; expected one of {tuple(table)}")
+    raise ConfigError(f"{key} {name!r}; expected one of {tuple(table)}")
   return table[name]
 
 
@@ -159,7 +160,7 @@ def lattice_rewards(texts: list[list[str]], golds: list[str], mean_hidden: np.nd
   [[best]] answer (0 on a format failure) + lambda_div * diversity_i, shape [R]; per_thread:
   r_iw = correctness of thread w's own answer + lambda_div * diversity_i, shape [R, W]."""
   if mode not in REWARD_MODES:
-    raise ValueError(f"grpo.reward_mode={mode!r}; expected one of {REWARD_MODES}")
+    raise ConfigError(f"grpo.reward_mode={mode!r}; expected one of {REWARD_MODES}")
   parsed = [grading.parse_lattice(t) for t in texts]
   system = grader.grade_many([(p.answer if p.format_ok else None, g)
                               for p, g in zip(parsed, golds)])

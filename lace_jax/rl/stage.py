@@ -37,6 +37,7 @@ from jax.experimental import multihost_utils
 
 from lace_jax import engine, grading, sharding
 from lace_jax.diagnostics import lattice_diagnostics
+from lace_jax.errors import ConfigError
 from lace_jax.model import Model, init_params
 from lace_jax.rl import grpo
 from lace_jax.sampling import SampleOutput, full_grid
@@ -241,7 +242,7 @@ def _logprob_micro(cfg: ml_collections.ConfigDict) -> int:
   rows = g.questions_per_step * g.rollouts_per_question
   per = g.logprob_batch or rows // cfg.train.grad_accum
   if per <= 0 or rows % per:
-    raise ValueError(f"grpo.logprob_batch={g.logprob_batch}: {rows} rollouts per step do not "
+    raise ConfigError(f"grpo.logprob_batch={g.logprob_batch}: {rows} rollouts per step do not "
                      f"split into passes of {per}")
   return rows // per
 
@@ -292,7 +293,7 @@ def make_stage(setup: Setup) -> GRPOStage:
   rules = sharding.rules_with_overrides(cfg.sharding.rules)
   share = sharding.process_share(setup.mesh, rules)
   if g.questions_per_step % share.blocks:
-    raise ValueError(f"grpo.questions_per_step={g.questions_per_step} does not split into "
+    raise ConfigError(f"grpo.questions_per_step={g.questions_per_step} does not split into "
                      f"{share.blocks} equal blocks, one per process (each process generates "
                      "and grades whole question groups); make it a multiple of "
                      f"{share.blocks}")
@@ -307,7 +308,7 @@ def make_stage(setup: Setup) -> GRPOStage:
                                              instruction=template)) for q in questions]
   longest = max(len(x) for p in prompts for x in p)
   if longest > d.prompt_len:
-    raise ValueError(f"a prompt of {d.path} has {longest} tokens, more than data.prompt_len="
+    raise ConfigError(f"a prompt of {d.path} has {longest} tokens, more than data.prompt_len="
                      f"{d.prompt_len}; raise it")
   ref = None
   if g.kl_beta:  # the frozen reference: the weights the run started from (also on a resume),

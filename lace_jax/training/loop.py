@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import signal
 import threading
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import yaml
@@ -35,13 +37,14 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from lace_jax import sharding
+from lace_jax.errors import ConfigError, NonFiniteError
 from lace_jax.hf_io import save_pretrained
 from lace_jax.model import Model, Params
 from lace_jax.tokenizer import Tokenizer
 from lace_jax.training.checkpointer import Checkpointer, StateCheckpointError
 from lace_jax.training.metrics import MetricsLogger
 from lace_jax.training.setup import Setup, load_checkpoint, make_setup
-from lace_jax.training.trainer import LossFn, Trainer, check_batch
+from lace_jax.training.trainer import LossFn, Trainer, check_batch, check_optim
 
 
 class Stage(Protocol):
@@ -102,10 +105,10 @@ def check_counts(cfg: ml_collections.ConfigDict, counts: dict[str, str]) -> None
   for key, meaning in counts.items():
     section, name = key.split(".")
     if section not in cfg or name not in cfg[section]:
-      raise ValueError(f"config has no {key} ({meaning}); expected an int >= 1")
+      raise ConfigError(f"config has no {key} ({meaning}); expected an int >= 1")
     value = cfg[section][name]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{key}={value!r}; expected an int >= 1 ({meaning})")
+      raise ConfigError(f"{key}={value!r}; expected an int >= 1 ({meaning})")
 
 
 def _resume_or_init(cfg: ml_collections.ConfigDict, workdir: str, model: Model,
@@ -117,7 +120,7 @@ def _resume_or_init(cfg: ml_collections.ConfigDict, workdir: str, model: Model,
   tr = cfg.train
   start = ckpt.latest_step()
   if start is not None and start > tr.steps:
-    raise ValueError(f"{ckpt.directory} holds step {start}, past train.steps={tr.steps}: this "
+    raise ConfigError(f"{ckpt.directory} holds step {start}, past train.steps={tr.steps}: this "
                      f"workdir's run already trained further than the config asks. Set "
                      f"train.steps >= {start} to continue it, or use a new --workdir")
   if start is None:
@@ -227,12 +230,22 @@ class _StepLoop:
     """Fetches a dispatched step's metrics (blocking until it is done), checks, logs them."""
     step, device_metrics, host, batch_time, dispatched = pending
     m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    # the loss is of the weights before the step's update, param_norm of those after it: a
+    # step whose update made them NaN or infinite is caught here, before any save or export
+    bad = None
     if not np.isfinite(m["loss"]):
+      bad = f"loss is {m['loss']} at step {step}"
+    elif not np.isfinite(m.get("param_norm", 0.0)):
+      bad = (f"the weights are not finite after the update of step {step} (param_norm "
+             f"{m['param_norm']}; loss {m['loss']:.4g}, grad_norm {m.get('grad_norm', math.nan):.4g}, "
+             f"lr {m.get('lr', math.nan):.4g})")
+    if bad is not None:
       self.ckpt.wait()  # the last good checkpoint may still be being written: finish it first
-      raise FloatingPointError(
-          f"loss is {m['loss']} at step {step}: stopping. The last good checkpoint is step "
-          f"{self.ckpt.latest_step()} in {self.ckpt.directory}; lower optim.lr or check the "
-          "data.")
+      last = self.ckpt.latest_step()
+      where = (f"The last good checkpoint is step {last} in {self.ckpt.directory}"
+               if last is not None else f"No checkpoint was saved yet in {self.ckpt.directory}")
+      raise NonFiniteError(f"{bad}: stopping before they are saved. {where}; lower optim.lr "
+                           "or check the data.")
     now = time.perf_counter()
     dt, self.last_time = now - self.last_time, now
     m["step_time"] = dt
@@ -270,9 +283,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None,
   than this config asks) raises ValueError, since no step-train.steps model is left to export.
   """
   if not workdir:
-    raise ValueError(f"mode {cfg.mode!r} needs --workdir (checkpoints, logs and the export go "
+    raise ConfigError(f"mode {cfg.mode!r} needs --workdir (checkpoints, logs and the export go "
                      "there)")
   check_counts(cfg, TRAIN_COUNTS)
+  check_optim(cfg.optim)
   t0 = time.perf_counter()
   tr = cfg.train
   setup = make_setup(cfg)
@@ -381,10 +395,26 @@ def explain_config_change(workdir: str, cfg: ml_collections.ConfigDict) -> str:
           "start a run with the new ones")
 
 
+@jax.jit
+def _all_finite(params: Params) -> Params:
+  return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params)
+
+
+def _finite_leaves(params: Params) -> dict[str, bool]:
+  """{parameter path: all its values finite}, computed where the parameters live."""
+  flags = jax.device_get(_all_finite(params))
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): bool(v)
+          for p, v in jax.tree_util.tree_flatten_with_path(flags)[0]}
+
+
 def export(model: Model, params: Params, tokenizer: Tokenizer, workdir: str) -> str:
   """Writes WORKDIR/export (an HF directory + tokenizer.json); all processes must call it
   (the parameters are gathered across hosts), process 0 writes."""
   export_dir = os.path.join(workdir, "export")
+  bad = [k for k, ok in _finite_leaves(params).items() if not ok]
+  if bad:
+    raise NonFiniteError(f"not exporting to {export_dir}: {len(bad)} parameters are not finite "
+                         f"({', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''})")
   if jax.process_count() > 1:
     params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() == 0:

@@ -17,6 +17,7 @@ import ml_collections
 
 from lace_jax import sharding
 from lace_jax.config import LatticeConfig, ModelConfig
+from lace_jax.errors import ConfigError
 from lace_jax.hf_io import load_pretrained
 from lace_jax.model import Model, Params
 from lace_jax.tokenizer import Tokenizer
@@ -51,7 +52,7 @@ def model_configs(cfg: ml_collections.ConfigDict) -> tuple[ModelConfig, LatticeC
   num_layers = m.get("num_layers")
   if m.checkpoint:
     if num_layers is not None:
-      raise ValueError(f"model.num_layers={num_layers} cuts a preset; a checkpoint "
+      raise ConfigError(f"model.num_layers={num_layers} cuts a preset; a checkpoint "
                        f"({m.checkpoint}) is loaded whole: unset one of them")
     model = ModelConfig.from_hf(m.checkpoint, dtype=m.dtype, param_dtype=m.param_dtype,
                                 remat=m.remat, attention=m.attention)
@@ -68,7 +69,7 @@ def resolve_tokenizer(cfg: ml_collections.ConfigDict) -> tuple[Tokenizer, str]:
   if not path and cfg.model.checkpoint:
     path = os.path.join(cfg.model.checkpoint, "tokenizer.json")
   if not path:
-    raise ValueError("no tokenizer: set model.tokenizer to a tokenizer.json, or "
+    raise ConfigError("no tokenizer: set model.tokenizer to a tokenizer.json, or "
                      "model.checkpoint to a directory that holds one")
   return Tokenizer.from_file(path), path
 
@@ -97,7 +98,7 @@ def make_setup(cfg: ml_collections.ConfigDict) -> Setup:
   model_cfg, lattice = model_configs(cfg)
   tokenizer, tok_path = resolve_tokenizer(cfg)
   if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ValueError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model's "
+    raise ConfigError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but the model's "
                      f"vocab_size is {model_cfg.vocab_size}")
   return Setup(cfg, Model(model_cfg, lattice), tokenizer,
                sharding.make_mesh(dict(cfg.sharding.mesh)))

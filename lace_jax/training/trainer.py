@@ -15,6 +15,7 @@ accumulation and sharding change nothing but the summation order. The loop that 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from jax.sharding import Mesh
 
 from lace_jax import sharding
 from lace_jax.config import LatticeConfig, ModelConfig
+from lace_jax.errors import ConfigError
 from lace_jax.model import Model, Params, abstract_params, init_params, is_lattice_param
 
 TRAINABLE = ("all", "lattice")
@@ -34,9 +36,43 @@ TRAINABLE = ("all", "lattice")
 def trainable_labels(params: Params, trainable: str) -> Params:
   """"train" / "frozen" per parameter."""
   if trainable not in TRAINABLE:
-    raise ValueError(f"train.trainable={trainable!r}; expected one of {TRAINABLE}")
+    raise ConfigError(f"train.trainable={trainable!r}; expected one of {TRAINABLE}")
   return jax.tree_util.tree_map_with_path(
       lambda p, _: "train" if trainable == "all" or is_lattice_param(p) else "frozen", params)
+
+
+# The optimizer's numbers: (key, lower bound, bound included, upper bound or None, what it is).
+OPTIM_NUMBERS = (
+    ("lr", 0.0, False, None, "the peak learning rate"),
+    ("warmup_steps", 0, True, None, "linear warmup steps (an int)"),
+    ("min_lr_ratio", 0.0, True, 1.0, "the cosine decay's end, as a fraction of lr"),
+    ("weight_decay", 0.0, True, None, "AdamW's decoupled weight decay"),
+    ("clip_norm", 0.0, True, None, "the global gradient-norm clip (0 = no clipping)"),
+    ("b1", 0.0, True, 1.0, "Adam's first-moment decay, below 1"),
+    ("b2", 0.0, True, 1.0, "Adam's second-moment decay, below 1"),
+    ("eps", 0.0, False, None, "Adam's epsilon"),
+    ("lattice_lr_multiplier", 0.0, False, None, "the lattice's learning-rate factor"),
+)
+
+
+def check_optim(optim: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first `optim.*` number that is not finite or is out of its
+  range (`OPTIM_NUMBERS`); run before anything is loaded or compiled, so a bad value costs no
+  compile and never reaches the weights."""
+  for key, low, closed, high, meaning in OPTIM_NUMBERS:
+    if key not in optim:
+      continue
+    v = optim[key]
+    integral = key == "warmup_steps"
+    kind = isinstance(v, int) if integral else isinstance(v, (int, float))
+    ok = (kind and not isinstance(v, bool) and math.isfinite(v)
+          and (v >= low if closed else v > low)
+          and (high is None or v < high or (key == "min_lr_ratio" and v <= high)))
+    if not ok:
+      lo = f"{'>=' if closed else '>'} {low:g}"
+      hi = "" if high is None else f" and {'<=' if key == 'min_lr_ratio' else '<'} {high:g}"
+      raise ConfigError(f"optim.{key}={v!r}; expected a finite "
+                        f"{'int' if integral else 'number'} {lo}{hi} ({meaning})")
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, labels: Params,
@@ -51,13 +87,13 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, labels: P
       decay_steps=max(total_steps, warmup + 1), end_value=optim.lr * optim.min_lr_ratio)
   schedule = lambda count: base(count + 1)  # the first update already moves: lr = peak / warmup
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+  check_optim(optim)
+  clip = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
   tx = optax.chain(
-      optax.clip_by_global_norm(optim.clip_norm),
+      *clip,
       optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                   weight_decay=optim.weight_decay, mask=decay_mask))
   multiplier = optim.get("lattice_lr_multiplier", 1.0)
-  if not isinstance(multiplier, (int, float)) or not multiplier > 0:
-    raise ValueError(f"optim.lattice_lr_multiplier={multiplier!r}; expected a number > 0")
   if multiplier != 1.0:
     lattice_mask = lambda params: jax.tree_util.tree_map_with_path(
         lambda p, _: is_lattice_param(p), params)
@@ -201,10 +237,10 @@ def check_batch(batch_size: int, accum: int, mesh: Mesh, *, name: str = "train.b
   axes = sharding.batch_axes(rules)
   data_ways = sharding.batch_ways(mesh, rules)
   if batch_size % accum:
-    raise ValueError(f"{name}={batch_size} is not divisible by train.grad_accum={accum}")
+    raise ConfigError(f"{name}={batch_size} is not divisible by train.grad_accum={accum}")
   if (batch_size // accum) % data_ways:
-    raise ValueError(f"microbatch {batch_size // accum} ({name} / grad_accum) is not "
+    raise ConfigError(f"microbatch {batch_size // accum} ({name} / grad_accum) is not "
                      f"divisible by the {data_ways} ways of the batch axes {axes}")
   if batch_size % jax.process_count():
-    raise ValueError(f"{name}={batch_size} is not divisible by the "
+    raise ConfigError(f"{name}={batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
