@@ -12,6 +12,7 @@ local, ...) compiles the experiment's functions for that target instead of runni
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import json
@@ -25,6 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lace_jax import distributed, modes, runtime, sweep
+from lace_jax import workdir as workdir_lock
 from lace_jax.errors import ConfigError, RunError
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "toy", "quickstart.py")
@@ -169,6 +171,11 @@ def run_sweep(workdir: str | None) -> None:
     sys.exit(1)
 
 
+def _log0(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
 def _write_result(workdir: str | None, result) -> None:
   """WORKDIR/result.json: what the mode returned (numbers, strings, nested dicts and lists)."""
   if not workdir or jax.process_index() != 0 or not isinstance(result, dict):
@@ -217,11 +224,12 @@ def main(argv: list[str]) -> None:
     print(f"lace_jax: plan of mode {cfg.mode} for {cfg.plan.target}, workdir {workdir}",
           flush=True)
     try:
-      plan.run(cfg, workdir, name=os.path.basename(config_flags.get_config_filename(
-          flags.FLAGS["config"])).split(":")[0])
-    except ConfigError as e:
+      with workdir_lock.lock(workdir) if workdir else contextlib.nullcontext():
+        plan.run(cfg, workdir, name=os.path.basename(config_flags.get_config_filename(
+            flags.FLAGS["config"])).split(":")[0])
+    except (ConfigError, RunError) as e:
       print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(2)
+      sys.exit(2 if isinstance(e, ConfigError) else 1)
     return
   if "distributed" in cfg:
     try:
@@ -232,7 +240,10 @@ def main(argv: list[str]) -> None:
   print(f"lace_jax: mode {cfg.mode}, workdir {workdir}", flush=True)
   logging.info("config:\n%s", cfg)
   try:
-    result = run(cfg, workdir)
+    # one run per workdir, on every process (lace_jax.workdir)
+    with (workdir_lock.lock(workdir, jax.process_index(), log=_log0) if workdir
+          else contextlib.nullcontext()):
+      result = run(cfg, workdir)
   except Exception as e:
     distributed.report_lost_peer()  # a lost process, if one is, is the error to report
     if not isinstance(e, (RunError, ConfigError)):

@@ -35,6 +35,7 @@ metrics and status, is written as DIR/sweep.md, sweep.csv, sweep.json, and plott
 from __future__ import annotations
 
 import csv
+import ctypes
 import dataclasses
 import hashlib
 import importlib.util
@@ -44,12 +45,15 @@ import math
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from lace_jax import workdir as workdir_lock
 
 Override = dict[str, Any]
 
@@ -227,9 +231,37 @@ def _run_point(point: Point, config_flag: str, base: Sequence[str], log) -> subp
   out.write(f"\n$ {shlex.join(command(point, config_flag, base))}\n")
   out.flush()
   log(f"  [{point.index}] start {os.path.basename(point.workdir)}")
-  proc = subprocess.Popen(command(point, config_flag, base), stdout=out, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(command(point, config_flag, base), stdout=out, stderr=subprocess.STDOUT,
+                          preexec_fn=_die_with_parent(os.getpid()))
   proc._lace_log = out  # closed when the point ends
   return proc
+
+
+def _die_with_parent(parent: int):
+  """A `preexec_fn` that has the kernel send the point SIGTERM when the runner dies, however it
+  dies (SIGKILL included; Linux's PR_SET_PDEATHSIG): the point checkpoints at its next step
+  and exits, so no point outlives its runner to be started again beside itself. Elsewhere, a
+  no-op (the runner's own exit handler still stops its points on every other exit)."""
+  try:
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+  except (OSError, AttributeError):
+    return None
+
+  def preexec():
+    prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the runner died before the call: no signal would come
+      os._exit(143)
+
+  return preexec
+
+
+def running_elsewhere(point: Point) -> str | None:
+  """The holder of the point's workdir lock if a live process (or one on another host) holds
+  it: the point is running, started by another runner or left by a killed one."""
+  holder = workdir_lock.read_holder(workdir_lock.lock_path(point.workdir))
+  if holder and workdir_lock.alive(holder) is not False:
+    return workdir_lock.describe(holder)
+  return None
 
 
 def _finish_point(point: Point, proc: subprocess.Popen, log) -> None:
@@ -267,11 +299,16 @@ def run(points: Sequence[Point], config_flag: str, base_overrides: Sequence[str]
   running: list[tuple[Point, subprocess.Popen]] = []
   queue = list(todo)
   t0 = time.time()
-  finished = 0
+  finished, total = 0, len(todo)
   try:
     while queue or running:
       while queue and len(running) < jobs:
         p = queue.pop(0)
+        holder = running_elsewhere(p)
+        if holder is not None:  # never a second process on one point
+          log(f"  [{p.index}] is running already ({holder}): not started again")
+          total -= 1
+          continue
         running.append((p, _run_point(p, config_flag, base_overrides, log)))
       time.sleep(0.2)
       for p, proc in list(running):
@@ -280,7 +317,7 @@ def run(points: Sequence[Point], config_flag: str, base_overrides: Sequence[str]
           running.remove((p, proc))
           finished += 1
           rate = (time.time() - t0) / finished
-          log(f"sweep: {finished}/{len(todo)} run, ETA {rate * (len(todo) - finished):.0f}s")
+          log(f"sweep: {finished}/{total} run, ETA {rate * (total - finished):.0f}s")
   except BaseException:  # interrupted: stop the children; their points resume on a rerun
     for _, proc in running:
       proc.terminate()

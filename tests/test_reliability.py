@@ -1,18 +1,23 @@
 """Nothing lost, nothing poisoned (issue 28): non-finite weights are never saved or exported,
 bad optimizer numbers and config keys are one `error:` line (exit 2) before any work."""
 
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lace_jax import modes
+from lace_jax import modes, sweep, workdir
 from lace_jax.errors import ConfigError, NonFiniteError
 from lace_jax.training import loop
+from lace_jax.training.metrics import read_metrics
+from lace_jax.workdir import WorkdirBusy
 from tests.test_experiments import ROOT, _load
 
 SFT = "--config=experiments/sft_1p7b.py:runlocal"
@@ -100,3 +105,157 @@ def test_export_refuses_non_finite_parameters(tmp_path):
                                            r"\(layers/w\)"):
     loop.export(None, params, None, str(tmp_path))
   assert not os.path.exists(tmp_path / "export")
+
+
+# ----- one run per workdir ------------------------------------------------------------------------
+
+def test_a_second_lock_on_a_workdir_is_refused_naming_the_holder(tmp_path):
+  with workdir.lock(str(tmp_path)) as path:
+    holder = json.load(open(path))
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    with pytest.raises(WorkdirBusy, match=rf"in use by another run \(host "
+                                          rf"{re.escape(socket.gethostname())}, PID {os.getpid()}, "
+                                          r"started .*\): one run per workdir"):
+      workdir.acquire(str(tmp_path), log=lambda m: None)
+  assert not os.path.exists(path)  # released on exit
+  workdir.release(workdir.acquire(str(tmp_path)))  # and free again
+
+
+def _dead_pid() -> int:
+  p = subprocess.Popen([sys.executable, "-c", "pass"])
+  p.wait()
+  return p.pid
+
+
+@pytest.mark.parametrize("stale", ["dead_pid", "reused_pid", "unreadable"])
+def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, stale):
+  path = workdir.lock_path(str(tmp_path))
+  record = {"host": socket.gethostname(), "pid": _dead_pid(), "started": "earlier",
+            "command": "python -m lace_jax.main (killed)"}
+  if stale == "reused_pid":  # a live PID that is now another process
+    record.update(pid=os.getpid(), pid_start="1")
+  with open(path, "w") as f:
+    f.write("{half a reco" if stale == "unreadable" else json.dumps(record))
+  said = []
+  with workdir.lock(str(tmp_path), log=said.append):
+    assert json.load(open(path))["pid"] == os.getpid()
+  assert len(said) == 1 and said[0].startswith("taking over the lock of a run that ended "
+                                               "without releasing it"), said
+
+
+def test_a_lock_of_another_host_is_refused_with_the_file_to_delete(tmp_path):
+  path = workdir.lock_path(str(tmp_path), process_index=3)
+  assert path.endswith(".lock.3")
+  with open(path, "w") as f:
+    json.dump({"host": "another-host", "pid": 1, "started": "x", "command": "y"}, f)
+  with pytest.raises(WorkdirBusy, match=rf"host another-host, PID 1.*delete {re.escape(path)}"):
+    workdir.acquire(str(tmp_path), process_index=3)
+
+
+def test_two_runs_in_one_workdir_the_second_is_refused_at_once(tmp_path):
+  """The same SFT command twice at once: on main before issue 28 both exited 0 and wrote one
+  metrics.jsonl (57 lines for 30 steps)."""
+  args = (SFT, "--config.train.steps=12", "--config.train.save_every=6")
+  first = subprocess.Popen([sys.executable, "-m", "lace_jax.main", *args,
+                            f"--workdir={tmp_path}"], env=_env(), cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  lock = workdir.lock_path(str(tmp_path))
+  deadline = time.time() + 120
+  while not os.path.exists(lock) and first.poll() is None and time.time() < deadline:
+    time.sleep(0.1)
+  assert os.path.exists(lock), first.communicate()[1][-3000:]
+  t0 = time.time()
+  second = _cli(*args, workdir=tmp_path)
+  took = time.time() - t0
+  out, err = first.communicate(timeout=600)
+  assert first.returncode == 0, err[-3000:]
+  assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+  errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and f"PID {first.pid}" in errors[0], second.stderr[-3000:]
+  # refused before jax starts a backend: the process's own start-up is all it costs
+  assert took < 30, took
+  assert [m["step"] for m in read_metrics(str(tmp_path))] == list(range(1, 13))
+  assert not os.path.exists(lock)
+
+
+# ----- sweeps: no point outlives its runner, none is started twice -------------------------------
+
+SWEEP = '''
+import importlib.util, os
+from lace_jax import sweep
+
+_spec = importlib.util.spec_from_file_location("sft", os.path.join({root!r}, "experiments",
+                                                                    "sft_1p7b.py"))
+_mod = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_mod)
+
+
+def get_config(arg=None):
+  cfg = _mod.get_config("runlocal")
+  cfg.train.steps = 2000  # far longer than the test waits
+  return cfg
+
+
+def sweep_seeds():
+  return sweep.values("seed", [0, 1])
+'''
+
+
+def _sweep_runner(tmp_path, *extra):
+  path = tmp_path / "sweep_sft.py"
+  path.write_text(SWEEP.replace("{root!r}", repr(ROOT)))
+  env = dict(_env(), PYTHONPATH=ROOT)
+  return subprocess.Popen([sys.executable, "-m", "lace_jax.main", f"--config={path}",
+                           f"--workdir={tmp_path / 'sw'}", "--sweep=seeds", *extra],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True), path
+
+
+def _gone(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  # a zombie (exited, not yet reaped by init) is gone too
+  with open(f"/proc/{pid}/stat") as f:
+    return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_killed_sweep_runner_leaves_no_point_running(tmp_path):
+  """On main before issue 28 the point kept training as an orphan after its runner's SIGKILL."""
+  runner, _ = _sweep_runner(tmp_path)
+  deadline = time.time() + 180
+  holder = None
+  while time.time() < deadline and runner.poll() is None:
+    locks = [p for p in (tmp_path / "sw").glob("*/.lock")] if (tmp_path / "sw").exists() else []
+    holder = workdir.read_holder(str(locks[0])) if locks else None
+    if holder:
+      break
+    time.sleep(0.2)
+  assert holder and holder["pid"] != runner.pid, runner.communicate()[0][-3000:]
+  runner.kill()
+  runner.wait()
+  deadline = time.time() + 120
+  while time.time() < deadline and not _gone(holder["pid"]):
+    time.sleep(0.5)
+  assert _gone(holder["pid"]), f"point process {holder['pid']} outlived its runner"
+
+
+def test_a_sweep_rerun_never_starts_a_point_that_is_running(tmp_path):
+  wd = tmp_path / "sw"
+  path = tmp_path / "sweep_sft.py"
+  path.write_text(SWEEP.replace("{root!r}", repr(ROOT)))
+  points = sweep.points_of(str(path), ["seeds"], str(wd))
+  busy = points[0]
+  os.makedirs(busy.workdir)
+  with workdir.lock(busy.workdir):  # this process stands for a point left running
+    # the other point fails at once (a config error): only the busy one could run long
+    r = subprocess.run([sys.executable, "-m", "lace_jax.main", f"--config={path}",
+                        f"--workdir={wd}", "--sweep=seeds", "--config.train.steps=0"],
+                       cwd=ROOT, env=dict(_env(), PYTHONPATH=ROOT), capture_output=True,
+                       text=True, timeout=300)
+  assert f"[{busy.index}] is running already (host {socket.gethostname()}, PID {os.getpid()}" \
+      in r.stdout, r.stdout[-3000:]
+  assert busy.state["status"] == "pending"  # never started: no state, no log
+  assert not os.path.exists(os.path.join(busy.workdir, sweep.LOG))
+  assert points[1].state["status"] == "failed"
