@@ -29,11 +29,13 @@ A coordinator that stops answering without closing its connections is reported a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import threading
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -257,3 +259,22 @@ def report_lost_peer() -> None:
   until the watchdog confirms it (and ends the process) or every peer proves alive (returns)."""
   if _watchdog is not None:
     _watchdog.confirm()
+
+
+_broadcasts = 0  # how many `from_process_0` calls this process has made: each its own key
+
+
+def from_process_0(value: Any, timeout_s: float = 600.0) -> Any:
+  """Process 0's `value` (JSON-serialisable) on every process, through the coordination
+  service's key-value store (no device collective: usable before any array exists). Every
+  process must make the same calls in the same order."""
+  global _broadcasts
+  _broadcasts += 1
+  if jax.process_count() == 1:
+    return value
+  key = f"lace_jax/from_process_0/{_broadcasts}"
+  client = global_state.client
+  if jax.process_index() == 0:
+    client.key_value_set(key, json.dumps(value))
+    return value
+  return json.loads(client.blocking_key_value_get(key, int(timeout_s * 1000)))

@@ -4,6 +4,7 @@ bad optimizer numbers and config keys are one `error:` line (exit 2) before any 
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from lace_jax import modes, sweep, workdir
 from lace_jax.errors import ConfigError, NonFiniteError
-from lace_jax.training import loop
+from lace_jax.training import checkpointer, loop
 from lace_jax.training.metrics import read_metrics
 from lace_jax.workdir import WorkdirBusy
 from tests.test_experiments import ROOT, _load
@@ -259,3 +260,87 @@ def test_a_sweep_rerun_never_starts_a_point_that_is_running(tmp_path):
   assert busy.state["status"] == "pending"  # never started: no state, no log
   assert not os.path.exists(os.path.join(busy.workdir, sweep.LOG))
   assert points[1].state["status"] == "failed"
+
+
+# ----- damaged checkpoints: detected, reported in one message, the newest intact step used -------
+
+def _largest_file(step_dir):
+  files = [os.path.join(r, n) for r, _, ns in os.walk(step_dir / "state") for n in ns]
+  return max(files, key=os.path.getsize)
+
+
+def _flip(path):
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.seek(size // 2 - min(2048, size // 2))
+    block = f.read(4096)
+    f.seek(-len(block), 1)
+    f.write(bytes(b ^ 0xFF for b in block))
+
+
+def _truncate(path):
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """An SFT run of 12 steps saving every 3 (steps 6, 9, 12 kept), sealed on close."""
+  wd = tmp_path_factory.mktemp("ckpt")
+  modes.get_mode("sft")(_sft_config(steps=12, save_every=3), str(wd))
+  return wd
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "metadata_deleted", "unsealed"])
+def test_a_damaged_checkpoint_is_detected_and_the_previous_intact_step_resumed(
+    finished_run, tmp_path, capsys, damage):
+  """On main before issue 28: flipped bytes restored silently (NaN weights two steps later);
+  a truncated file or a deleted _METADATA stopped the run blaming the model config."""
+  wd = tmp_path / "run"
+  shutil.copytree(finished_run, wd)
+  last = wd / "checkpoints" / "12"
+  manifest = json.load(open(last / checkpointer.MANIFEST))["files"]
+  assert manifest and all(len(v["sha256"]) == 64 for v in manifest.values())
+  target = _largest_file(last)
+  rel = os.path.relpath(target, last)
+  if damage == "flipped":
+    _flip(target)
+  elif damage == "truncated":
+    _truncate(target)
+  else:
+    rel = "state/_METADATA"
+    os.remove(last / rel)
+    if damage == "unsealed":  # as if killed before sealing it: only the restore can tell
+      os.remove(last / checkpointer.MANIFEST)
+  expected = {"flipped": f"{rel} does not match its SHA-256 (corrupted bytes)",
+              "truncated": f"{rel} has {os.path.getsize(target)} bytes, "
+                           f"{manifest[rel]['size']} were saved",
+              "metadata_deleted": f"{rel} is missing",
+              "unsealed": "cannot restore checkpoint step 12"}[damage]
+  capsys.readouterr()
+  summary = modes.get_mode("sft")(_sft_config(steps=12, save_every=3), str(wd))  # the same run
+  out = capsys.readouterr().out
+  said = [line for line in out.splitlines() if "is damaged" in line]
+  assert len(said) == 1 and said[0].startswith(f"checkpoint step 12 in {wd / 'checkpoints'} is "
+                                               "damaged: ") and expected in said[0], out
+  assert "trying step 9, the newest older one" in said[0]
+  assert "resumed from step 9" in out, out
+  assert summary["start_step"] == 9 and np.isfinite(summary["final_loss"])
+  moved = os.listdir(wd / "corrupt_checkpoints")
+  assert len(moved) == 1 and moved[0].startswith("12-")
+  # the steps redone from the intact step 9 are the original run's, bit for bit
+  first = {m["step"]: m["loss"] for m in read_metrics(str(finished_run))}
+  again = {m["step"]: m["loss"] for m in read_metrics(str(wd))}
+  assert sorted(again) == list(range(1, 13)) and again == first
+  assert sorted(int(s) for s in os.listdir(wd / "checkpoints") if s.isdigit())[-1] == 12
+
+
+def test_a_checkpoint_whose_files_all_fail_is_one_error_listing_each_step(finished_run, tmp_path):
+  wd = tmp_path / "run"
+  shutil.copytree(finished_run, wd)
+  for step in (6, 9, 12):
+    _flip(_largest_file(wd / "checkpoints" / str(step)))
+  with pytest.raises(checkpointer.StateCheckpointError,
+                     match=r"^no intact checkpoint in \S+: step 12: .*; step 9: .*; step 6: "
+                           r".*corrupt_checkpoints; rerun to start from step 0"):
+    modes.get_mode("sft")(_sft_config(steps=12, save_every=3), str(wd))

@@ -4,6 +4,14 @@ The train state and the grain iterator are saved together as one step, so a resu
 exactly the batches the interrupted one would have. Restoring takes abstract arrays carrying
 the *current* mesh's shardings, so a run may resume on a different mesh or device count.
 
+Every finished step is sealed with a manifest of its files' sizes and SHA-256 digests
+(`MANIFEST`, written by process 0 on a background thread once the step is committed, so the
+loop never waits for it; the last step's on close). `verify(step)` checks a step against it:
+a flipped byte, a truncated or a deleted file is named before any array is read, and the loop
+(`lace_jax.training.loop`) then resumes from the newest intact step, moving the bad one aside
+(`quarantine`). A step without a manifest (its run was killed before sealing it) is restored
+unverified, and a failed restore of it is treated the same way.
+
 A failed save or restore raises one `StateCheckpointError` stating the first cause (a full disk
 as "no space left on device" with the checkpoint path; a restore whose arrays do not fit the
 current model with the parameters that differ) instead of orbax's cascade: the ERROR logs of
@@ -16,10 +24,16 @@ changed: no exception hooks, no global orbax registry or asyncio policy.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import functools
+import hashlib
+import json
 import logging
 import os
+import shutil
+import threading
+import time
 from typing import Any
 
 import grain
@@ -174,6 +188,71 @@ def _state_handler() -> ocp.StandardCheckpointHandler | None:
     return None
 
 
+MANIFEST = "lace_checksums.json"  # in each step's directory: {relative path: size, sha256}
+_CHUNK = 1 << 23
+
+
+def _digest(path: str) -> tuple[int, str]:
+  h, size = hashlib.sha256(), 0
+  with open(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      h.update(chunk)
+      size += len(chunk)
+  return size, h.hexdigest()
+
+
+def _files(step_dir: str) -> list[str]:
+  out = []
+  for root, _, names in os.walk(step_dir):
+    out += [os.path.relpath(os.path.join(root, n), step_dir) for n in names if n != MANIFEST]
+  return sorted(out)
+
+
+def checksums(step_dir: str) -> dict[str, dict]:
+  """{file path relative to the step: {"size", "sha256"}} of every file of a step (hashed in
+  parallel: hashlib releases the GIL)."""
+  files = _files(step_dir)
+  with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    digests = list(pool.map(lambda p: _digest(os.path.join(step_dir, p)), files))
+  return {p: {"size": n, "sha256": d} for p, (n, d) in zip(files, digests)}
+
+
+def write_manifest(step_dir: str) -> None:
+  entries = checksums(step_dir)
+  tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"algorithm": "sha256", "sealed": time.time(), "files": entries}, f, indent=1)
+  os.replace(tmp, os.path.join(step_dir, MANIFEST))  # never a half-written manifest
+
+
+def verify_step(step_dir: str, limit: int = 3) -> list[str] | None:
+  """What is wrong with a step's files against its manifest ([] if nothing), or None if it
+  has no manifest (it cannot be checked)."""
+  path = os.path.join(step_dir, MANIFEST)
+  try:
+    with open(path) as f:
+      files = json.load(f)["files"]
+  except FileNotFoundError:
+    return None
+  except (ValueError, KeyError, TypeError) as e:
+    return [f"its manifest {MANIFEST} is unreadable ({type(e).__name__})"]
+  problems = []
+  for rel, want in files.items():
+    p = os.path.join(step_dir, rel)
+    if not os.path.exists(p):
+      problems.append(f"{rel} is missing")
+      continue
+    size = os.path.getsize(p)
+    if size != want["size"]:
+      problems.append(f"{rel} has {size} bytes, {want['size']} were saved (truncated or "
+                      "overwritten)")
+    elif _digest(p)[1] != want["sha256"]:
+      problems.append(f"{rel} does not match its SHA-256 (corrupted bytes)")
+    if len(problems) >= limit:
+      break
+  return problems
+
+
 class _HeldOrbaxErrors(logging.Filter):
   """Holds back orbax's ERROR records (one traceback per background thread of a failed save):
   the failure reaches the caller as one StateCheckpointError; `release` logs what was held if
@@ -217,10 +296,64 @@ class Checkpointer:
     self._absl = logging.getLogger("absl")  # orbax logs through absl
     self._held = _HeldOrbaxErrors()
     self._absl.addFilter(self._held)
+    self._sealing: threading.Thread | None = None  # hashing the last finished step
+    self._sealed: set[int] = set()
     distributed.note_checkpoint(None, self.directory)  # named if a process is lost
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _seal(self, step: int) -> None:
+    """Writes the step's manifest on a background thread (process 0); the next save or close
+    waits for it."""
+    self._join_sealing()
+    if step in self._sealed or jax.process_index() != 0:
+      return
+    self._sealed.add(step)
+    step_dir = self.step_dir(step)
+
+    def seal():
+      try:
+        write_manifest(step_dir)
+      except FileNotFoundError:  # deleted meanwhile (keep_checkpoints): nothing to seal
+        pass
+      except OSError as e:  # the checkpoint is good; it only stays unverifiable
+        log.warning("could not write the checksums of %s: %s", step_dir, e)
+
+    self._sealing = threading.Thread(target=seal, name="lace_jax-seal", daemon=True)
+    self._sealing.start()
+
+  def _join_sealing(self) -> None:
+    if self._sealing is not None:
+      self._sealing.join()
+      self._sealing = None
+
+  def verify(self, step: int) -> list[str] | None:
+    """Problems of a step's files against its manifest ([] if intact; None if it has none).
+    Process 0 reads the files; every process gets its verdict."""
+    problems = verify_step(self.step_dir(step)) if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+      problems = distributed.from_process_0(problems)
+    return problems
+
+  def quarantine(self, step: int) -> str:
+    """Moves a bad step out of the manager's directory (to WORKDIR/corrupt_checkpoints/STEP),
+    so it is kept for inspection and the run can save that step again; returns where."""
+    dest = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints",
+                        f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      shutil.move(self.step_dir(step), dest)
+    if jax.process_count() > 1:
+      distributed.from_process_0(None)  # every process sees the move done
+    self._manager.reload()
+    return dest
 
   def _save_failed(self, step: int | None, e: BaseException) -> StateCheckpointError:
     where = os.path.join(self.directory, str(step)) if step is not None else self.directory
@@ -310,6 +443,8 @@ class Checkpointer:
       raise error
     if self._saving is not None:
       distributed.note_checkpoint(self._saving, self.directory)
+      if self._saving in self._manager.all_steps():
+        self._seal(self._saving)
 
   def close(self) -> None:
     """Waits for in-flight saves, then shuts the manager down (idempotent). A save failure not
@@ -322,6 +457,7 @@ class Checkpointer:
       self.wait()
     except StateCheckpointError as e:
       error = e
+    self._join_sealing()  # the last step's manifest is written before the run ends
     try:
       self._manager.close()
     except Exception as e:  # noqa: BLE001

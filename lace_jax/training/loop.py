@@ -123,14 +123,54 @@ def _resume_or_init(cfg: ml_collections.ConfigDict, workdir: str, model: Model,
     raise ConfigError(f"{ckpt.directory} holds step {start}, past train.steps={tr.steps}: this "
                      f"workdir's run already trained further than the config asks. Set "
                      f"train.steps >= {start} to continue it, or use a new --workdir")
-  if start is None:
-    return 0, trainer.init_state(cfg.seed, load_checkpoint(cfg, model.config, model.lattice))
+  bad = []  # (step, what is wrong) of each step given up on, newest first
+  for step in reversed(ckpt.all_steps()):
+    problems = ckpt.verify(step)
+    if problems:
+      bad.append((step, "; ".join(problems)))
+      _give_up(ckpt, step, bad[-1][1])
+      continue
+    try:
+      state = ckpt.restore(step, trainer.abstract_state(), iterator)
+    except StateCheckpointError as e:
+      # files that match their checksums, or a changed model config: the step is not damaged,
+      # the config (or the environment) is what changed
+      if problems == [] or _changed_config(workdir, cfg):
+        raise StateCheckpointError(f"{e}. {explain_config_change(workdir, cfg)}") from None
+      # no checksums (its run was killed before sealing it) and the same config: damaged
+      bad.append((step, str(e)))
+      _give_up(ckpt, step, str(e))
+      continue
+    unverified = " (unverified: it has no checksums, its run stopped before writing them)" \
+        if problems is None else ""
+    log0(f"resumed from step {step} ({ckpt.directory}){unverified}")
+    return step, state
+  if bad:
+    raise StateCheckpointError(
+        f"no intact checkpoint in {ckpt.directory}: "
+        + "; ".join(f"step {s}: {why}" for s, why in bad)
+        + ". The bad steps were moved to "
+        f"{os.path.join(os.path.dirname(ckpt.directory), 'corrupt_checkpoints')}; rerun to "
+        "start from step 0, or restore the checkpoints from a copy")
+  return 0, trainer.init_state(cfg.seed, load_checkpoint(cfg, model.config, model.lattice))
+
+
+def _changed_config(workdir: str, cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the model config differs from the one the run's checkpoints were written with."""
+  path = os.path.join(workdir, "config.yaml")
   try:
-    state = ckpt.restore(start, trainer.abstract_state(), iterator)
-  except StateCheckpointError as e:
-    raise StateCheckpointError(f"{e}. {explain_config_change(workdir, cfg)}") from None
-  log0(f"resumed from step {start} ({ckpt.directory})")
-  return start, state
+    return bool(config_changes(path, cfg)) if os.path.exists(path) else False
+  except Exception:  # noqa: BLE001 (unknown: not a reason to call a checkpoint corrupt)
+    return True
+
+
+def _give_up(ckpt: Checkpointer, step: int, why: str) -> None:
+  """Reports a bad step in one message and moves it aside; the loop tries the next older."""
+  where = ckpt.quarantine(step)
+  older = [s for s in ckpt.all_steps() if s < step]
+  then = f"trying step {older[-1]}, the newest older one" if older else "no older step is left"
+  log0(f"checkpoint step {step} in {ckpt.directory} is damaged: {why}. Moved it to {where}; "
+       f"{then}")
 
 
 def _compile(cfg: ml_collections.ConfigDict, trainer: Trainer, stage: Stage,
