@@ -674,6 +674,36 @@ class Engine:
     with self._mesh():
       self.state = _release(self.state, self._put(local))
 
+  def warmup_cases(self) -> list[tuple[int, int]]:
+    """(prompt width, prompts prefilled at once) of every prefill shape a request can need:
+    the power-of-two widths up to max_prompt_len by the admission sizes up to the slots."""
+    widths = [16 * 2**i for i in range(self.max_prompt_len.bit_length())
+              if 16 * 2**i <= self.max_prompt_len]
+    sizes = {}  # compiled rows -> the fewest prompts that give them
+    for u in range(1, min(self.local_slots, self.local_store_rows) + 1):
+      sizes.setdefault(self._rows(u), u)
+    return [(w, u) for w in widths for u in sorted(sizes.values())]
+
+  def warmup(self, progress: Callable[[int, int], None] | None = None) -> int:
+    """Compiles every program a request can run (each `warmup_cases` prefill, the admission,
+    the decode loop and the release) by generating throwaway one-token lattices, so that no
+    later request waits for a compile; then empties the slots, the prompt store and the stats.
+    progress(done, total) after each case. Returns the cases run."""
+    cases = self.warmup_cases()
+    for i, (width, count) in enumerate(cases):
+      self._store = {}  # none of the case's grids is stored: all `count` are prefilled at once
+      prompts = []
+      for j in range(count):  # distinct grids of exactly `width` tokens: all prefilled at once
+        p = np.zeros((width,), np.int32)
+        p[0] = j + 1
+        prompts.append(p.tolist())
+      self.generate([Request(p, max_new_tokens=1, temperature=0.0, seed=0) for p in prompts])
+      if progress is not None:
+        progress(i + 1, len(cases))
+    self._store = {}
+    self.stats = Stats()
+    return len(cases)
+
   def reset(self) -> None:
     """Empties every slot and the queue (the cache stays allocated)."""
     with self._lock:

@@ -4,6 +4,7 @@ scripted sampler (response contents, stop strings, max_tokens cuts, the lace fie
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import logging
@@ -18,6 +19,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import jax
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -77,7 +79,8 @@ def server(checkpoint, tmp_path_factory) -> Iterator[Server]:
   port = _free_port()
   cmd = [sys.executable, "-m", "lace_jax.serve", "--checkpoint", checkpoint, "--host", HOST,
          "--port", str(port), "--model-name", MODEL_NAME, "--max-threads", "4",
-         "--max-prompt-tokens", "64", "--max-new-tokens", "32", "--max-batch", "4"]
+         "--max-prompt-tokens", "64", "--max-new-tokens", "32", "--max-batch", "4",
+         "--no-precompile"]  # its tests count compiles; the warm-up has a test of its own
   stderr_path = str(logs / "stderr.log")
   with open(logs / "stdout.log", "w") as out, open(stderr_path, "w") as err:
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err)
@@ -696,3 +699,52 @@ def test_soak_distinct_sampling_parameters_and_a_huge_body(server):
   assert other and other[0].status_code == 200, other
   print(f"soak: 40 requests in {soak_s:.1f} s, {compiles} engine compiles, "
         f"RSS {rss_before:.0f} -> {rss_after:.0f} MB; 413 for 20 MB in {refused_s:.3f} s")
+
+
+# ----- warm-up: the first request to a just-started server waits for no compile (issue 28) -----
+
+def test_precompiled_server_serves_its_first_requests_without_compiling(checkpoint):
+  """--precompile (the CLI's default) compiles every program of each n before serving; on main
+  before issue 28 the first request of each new shape held the queue for its compile."""
+  model, params = lace_jax.load_pretrained(checkpoint)
+  app = serve.create_app(model, params, TOKENIZER, model_name=MODEL_NAME, max_threads=2,
+                         max_prompt_tokens=64, max_new_tokens=8, max_batch=2, precompile=True)
+  compiles = []
+
+  def listen(event: str, duration: float, **kw) -> None:
+    del duration, kw
+    if "backend_compile" in event or "jaxpr_trace" in event:
+      compiles.append(event)
+
+  with TestClient(app) as c:
+    first = c.get("/health")
+    deadline = time.monotonic() + 600
+    while (h := c.get("/health")).status_code != 200 and time.monotonic() < deadline:
+      body = h.json()
+      assert h.status_code == 503 and body["status"] == "warming", body
+      assert 0 <= body["compiled"] <= body["of"], body  # "of" is 0 until it is counted
+      time.sleep(0.2)
+    assert h.json() == {"status": "ok"}, h.text
+    assert first.status_code in (200, 503)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+      # every n, a short and a long prompt, one request and two at once: no compile
+      for n in (1, 2):
+        for text in ("2+2?", "a much longer question " * 2):
+          r = c.post("/v1/chat/completions", json=_chat(text, n=n, max_tokens=8,
+                                                        temperature=0.0))
+          assert r.status_code == 200, r.text
+          assert len(r.json()["choices"]) == n
+      with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda q: c.post("/v1/chat/completions", json=_chat(
+            q, n=2, max_tokens=4, seed=3, temperature=0.8)), ["1+1?", "3+3?"]))
+      assert [r.status_code for r in both] == [200, 200]
+    finally:
+      jax.monitoring.clear_event_listeners()
+  assert compiles == [], compiles
+
+
+def test_the_cli_precompiles_by_default():
+  args = ["--checkpoint", "x"]
+  assert serve.build_parser().parse_args(args).precompile is True
+  assert serve.build_parser().parse_args(args + ["--no-precompile"]).precompile is False

@@ -3,9 +3,11 @@
   python -m lace_jax.serve --checkpoint DIR [--lattice checkpoint|none] [--port 8000]
       [--host 127.0.0.1] [--max-threads 8] [--max-prompt-tokens 2048] [--max-new-tokens 1024]
       [--max-batch 8] [--max-engines 2] [--max-body-bytes 1048576] [--model-name NAME]
+      [--no-precompile]
 
 Endpoints (FastAPI + uvicorn):
-  GET  /health               {"status": "ok"}
+  GET  /health               {"status": "ok"}; 503 {"status": "warming", "compiled", "of"}
+                             while --precompile (the default) compiles every program
   GET  /v1/models            the OpenAI model list, one model (default id: the checkpoint
                              directory's basename)
   POST /v1/chat/completions  OpenAI chat completions. `n` is the number of threads W, generated
@@ -459,6 +461,9 @@ class Scheduler:
     self._thread: threading.Thread | None = None
     self.completed = 0
     self.cancelled = 0
+    self.warm_threads: tuple[int, ...] = ()  # thread counts n to compile for before serving
+    self.warm_progress = (0, 0)  # (cases compiled, of)
+    self.ready = threading.Event()  # set once the warm-up is done (at once without one)
 
   def start(self) -> None:
     with self._cond:
@@ -567,7 +572,34 @@ class Scheduler:
     with self._cond:
       self._pending = kept + self._pending
 
+  def _warm_up(self) -> None:
+    """Compiles every engine program of each n in `warm_threads` (`Engine.warmup`) before the
+    first request is served: requests that come meanwhile wait in the queue."""
+    try:
+      cases = {}
+      for n in self.warm_threads:
+        engine = self._engine(n)
+        cases[n] = len(engine.warmup_cases())
+      total, done = sum(cases.values()), 0
+      self.warm_progress = (0, total)
+      start = time.perf_counter()
+      for n in self.warm_threads:
+        engine = self._engine(n)  # an engine dropped for room (--max-engines) is made again
+        engine.warmup(lambda i, _, base=done: setattr(self, "warm_progress", (base + i, total)))
+        done += cases[n]
+        log.info("warm-up: compiled for n=%d threads (%d/%d cases, %.1f s)", n, done, total,
+                 time.perf_counter() - start)
+      log.info("ready: every program compiled for n in %s (%.1f s)", list(self.warm_threads),
+               time.perf_counter() - start)
+    except Exception:  # noqa: BLE001 (requests then compile as they come; the server serves)
+      log.exception("warm-up failed; requests will compile their programs as they come")
+    finally:
+      self.ready.set()
+
   def _loop(self) -> None:
+    if self.warm_threads:
+      self._warm_up()
+    self.ready.set()
     while True:
       with self._cond:
         while not (self._stopping or self._pending or self._running):
@@ -790,12 +822,18 @@ def _add_error_handlers(app: fastapi.FastAPI) -> None:
   app.add_exception_handler(Exception, _server_error)
 
 
-def _add_model_routes(app: fastapi.FastAPI, model_name: str, created_at: int) -> None:
-  """GET /health, /v1/models and /v1/models/{id}: the server's one model, `model_name`."""
+def _add_model_routes(app: fastapi.FastAPI, model_name: str, created_at: int,
+                      scheduler: Scheduler) -> None:
+  """GET /health, /v1/models and /v1/models/{id}: the server's one model, `model_name`.
+  /health is {"status": "ok"} once the warm-up compiled every program; before, 503 with
+  {"status": "warming", "compiled": k, "of": n} (requests are accepted and queued)."""
 
   @app.get("/health")
-  async def health() -> dict:
-    return {"status": "ok"}
+  async def health() -> Any:
+    if scheduler.ready.is_set():
+      return {"status": "ok"}
+    done, total = scheduler.warm_progress
+    return JSONResponse({"status": "warming", "compiled": done, "of": total}, status_code=503)
 
   def model_card() -> dict:
     return {"id": model_name, "object": "model", "created": created_at, "owned_by": "lace_jax"}
@@ -905,13 +943,16 @@ def _add_chat_route(app: fastapi.FastAPI, scheduler: Scheduler, tokenizer: Token
 def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name: str,
                max_threads: int = 8, max_prompt_tokens: int = 2048, max_new_tokens: int = 1024,
                max_batch: int = 8, max_engines: int = 2,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> fastapi.FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               precompile: bool = False) -> fastapi.FastAPI:
   """The FastAPI app serving `model` with `params` (module docstring: endpoints, scheduling,
   streaming). max_batch: slots (lattices generated at once) per thread count n; max_engines:
   thread counts served at once (each its own slots and KV cache).
 
   The generation thread starts with the app's lifespan (or on the first request) and stops at
-  shutdown; `app.state.scheduler` is the `Scheduler`. Raises ValueError for a limit below 1, a
+  shutdown; `app.state.scheduler` is the `Scheduler`. precompile: the thread first compiles
+  every program of every n in 1..max_threads (`Engine.warmup`; /health says "warming" until it
+  is done), so that no request waits for a compile (the CLI's default). Raises ValueError for a limit below 1, a
   prompt + completion budget beyond the model's max_position_embeddings, or a tokenizer that
   does not fit the model.
   """
@@ -921,13 +962,15 @@ def create_app(model: Model, params: Params, tokenizer: Tokenizer, *, model_name
                           max_body_bytes=max_body_bytes)
   scheduler = Scheduler(model, params, tokenizer, max_batch=max_batch, max_engines=max_engines,
                         max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens)
+  if precompile:
+    scheduler.warm_threads = tuple(range(1, max_threads + 1))
   created_at = int(time.time())
   app = fastapi.FastAPI(title="lace_jax", lifespan=_lifespan(scheduler))
   app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
   app.state.scheduler = scheduler
   app.state.limits = limits
   _add_error_handlers(app)
-  _add_model_routes(app, model_name, created_at)
+  _add_model_routes(app, model_name, created_at, scheduler)
   _add_chat_route(app, scheduler, tokenizer, limits)
   return app
 
@@ -971,6 +1014,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="thread counts n served at once (each its own slots and KV cache)")
   p.add_argument("--max-body-bytes", type=_positive, default=DEFAULT_MAX_BODY_BYTES,
                  help="largest request body; a larger one is refused with 413")
+  p.add_argument("--precompile", action=argparse.BooleanOptionalAction, default=True,
+                 help="compile every program (each n up to --max-threads, each prompt width "
+                 "and admission size) at start, so that no request waits for a compile; "
+                 "/health answers 503 'warming' until it is done")
   p.add_argument("--model-name", default=None,
                  help="model id to serve (default: the checkpoint directory's basename)")
   return p
@@ -999,7 +1046,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      max_prompt_tokens=args.max_prompt_tokens,
                      max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
                      max_engines=args.max_engines,
-                     max_body_bytes=args.max_body_bytes)
+                     max_body_bytes=args.max_body_bytes, precompile=args.precompile)
   except (ValueError, KeyError) as e:
     sys.exit(f"lace_jax.serve: {e}")
   log.info("serving %s as %r (lattice=%s) on http://%s:%d", ckpt, name,
