@@ -94,6 +94,8 @@ def plan_section(*targets: str, prompt_len: int = 512) -> ml_collections.ConfigD
       "prompt_len": prompt_len,  # eval: the prompt width planned for (prompts vary)
       "device_memory": 0.0,  # bytes per device to plan against (0 = the device's own), e.g.
       # 0.9 x the device's to keep 10% headroom
+      "functions": "",  # comma-separated function names to plan ("" = every one), e.g.
+      # rollout_prefill,rollout_decode: a quick look without the train step's long compile
   })
 
 

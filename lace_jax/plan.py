@@ -524,6 +524,13 @@ def plan_target(cfg: ml_collections.ConfigDict, spec: str, *, name: str = "", lo
       f"each), mesh {sharding.describe(mesh)}")
   with kernels.target_platform(target.chip.platform):
     calls = stage_calls(cfg, mesh)
+  wanted = [f for f in str(cfg.plan.get("functions", "") or "").split(",") if f]
+  unknown = [f for f in wanted if f not in [c.name for c in calls]]
+  if unknown:
+    raise ConfigError(f"plan.functions names {unknown}; the {cfg.mode} stage's functions are "
+                      f"{[c.name for c in calls]}")
+  if wanted:
+    calls = [c for c in calls if c.name in wanted]
   rows = []
   for i, call in enumerate(calls, 1):
     log(f"  [{i}/{len(calls)}] compiling {call.name} ...")

@@ -114,6 +114,22 @@ def test_plan_names_a_batch_that_does_not_split_over_the_mesh(tmp_path):
   assert "4 devices of the batch axes" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_plan_functions_picks_the_functions_to_compile(tmp_path):
+  r = _main("--config=experiments/grpo_1p7b.py:runlocal", "--config.plan.target=local",
+            "--config.plan.functions=rollout_decode,rollout_prefill", f"--workdir={tmp_path}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  (rep,) = json.load(open(tmp_path / "plan.json"))["plans"]
+  assert [f["function"] for f in rep["functions"]] == ["rollout_prefill", "rollout_decode"]
+  bad = _main("--config=experiments/grpo_1p7b.py:runlocal", "--config.plan.target=local",
+              "--config.plan.functions=decode", f"--workdir={tmp_path / 'bad'}")
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+  errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+  assert errors == ["error: plan for local: plan.functions names ['decode']; the grpo stage's "
+                    "functions are "
+                    "['rollout_prefill', 'rollout_admit', 'rollout_decode', 'train_step']"], \
+      bad.stderr[-2000:]
+
+
 def test_target_parsing_errors():
   with pytest.raises(ValueError, match="tpu:<chip>:<topology>"):
     plan.resolve_target("tpu:v9:2x2")
