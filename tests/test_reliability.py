@@ -16,7 +16,7 @@ import pytest
 
 from lace_jax import modes, sweep, workdir
 from lace_jax.errors import ConfigError, NonFiniteError
-from lace_jax.training import checkpointer, loop
+from lace_jax.training import checkpointer, lm, loop
 from lace_jax.training.metrics import read_metrics
 from lace_jax.workdir import WorkdirBusy
 from tests.test_experiments import ROOT, _load
@@ -85,17 +85,36 @@ def test_bad_optimizer_numbers_are_refused_before_any_work(tmp_path, key, value)
 
 # ----- non-finite weights are never saved or exported --------------------------------------------
 
-def test_an_update_to_non_finite_weights_is_never_saved_or_exported(tmp_path):
-  """lr = 1e30 is finite, so it passes the start checks; its first update sends the weights to
-  inf while the step's loss (of the weights before it) is finite. On main before issue 28 this
-  run exited 0 with every exported tensor NaN."""
+def _nan_gradient_loss(make_loss):
+  """The LM loss plus 0 * sqrt(0 * embed): the same finite value, a NaN gradient."""
+  def make(*args, **kw):
+    inner = make_loss(*args, **kw)
+
+    def loss(model, params, batch):
+      total, count, aux = inner(model, params, batch)
+      return total + 0.0 * jnp.sqrt(0.0 * jnp.sum(params["embed"])), count, aux
+    return loss
+  return make
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("nan_gradient", r"the weights are not finite after the update of step 1 \(loss [0-9.]+, "),
+    ("lr_1e30", r"the weights' norm overflows after the update of step 1 \(param_norm inf: the "
+                r"run diverged; loss [0-9.]+, ")])
+def test_an_update_to_non_finite_weights_is_never_saved_or_exported(tmp_path, monkeypatch, case,
+                                                                      expected):
+  """The step's loss (of the weights before its update) is finite, its update is not: a NaN
+  gradient, or lr = 1e30 (finite, so it passes the start checks) whose weights' norm overflows.
+  On main before issue 28 such a run exited 0 and exported the weights."""
   cfg = _sft_config(steps=1, save_every=1)
-  cfg.optim.lr = 1e30
+  if case == "nan_gradient":
+    monkeypatch.setattr(lm, "make_loss", _nan_gradient_loss(lm.make_loss))
+  else:
+    cfg.optim.lr = 1e30
   with pytest.raises(NonFiniteError) as err:
     modes.get_mode("sft")(cfg, str(tmp_path))
-  assert re.match(r"the weights are not finite after the update of step 1 \(param_norm "
-                  r"(inf|nan); loss [0-9.]+, .*\): stopping before they are saved\. No checkpoint "
-                  r"was saved yet in \S+; lower optim\.lr", str(err.value)), str(err.value)
+  assert re.match(expected + r".*\): stopping before they are saved\. No checkpoint was saved "
+                  r"yet in \S+; lower optim\.lr", str(err.value)), str(err.value)
   assert os.listdir(tmp_path / "checkpoints") == []
   assert not os.path.exists(tmp_path / "export")
 

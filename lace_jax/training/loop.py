@@ -273,12 +273,16 @@ class _StepLoop:
     # the loss is of the weights before the step's update, param_norm of those after it: a
     # step whose update made them NaN or infinite is caught here, before any save or export
     bad = None
+    numbers = (f"loss {m['loss']:.4g}, grad_norm {m.get('grad_norm', math.nan):.4g}, "
+               f"lr {m.get('lr', math.nan):.4g}")
     if not np.isfinite(m["loss"]):
       bad = f"loss is {m['loss']} at step {step}"
-    elif not np.isfinite(m.get("param_norm", 0.0)):
-      bad = (f"the weights are not finite after the update of step {step} (param_norm "
-             f"{m['param_norm']}; loss {m['loss']:.4g}, grad_norm {m.get('grad_norm', math.nan):.4g}, "
-             f"lr {m.get('lr', math.nan):.4g})")
+    elif m.get("params_finite", 1.0) != 1.0:
+      bad = f"the weights are not finite after the update of step {step} ({numbers})"
+    elif not np.isfinite(m.get("param_norm", 0.0)):  # finite, but beyond float32's range squared
+      bad = (f"the weights' norm overflows after the update of step {step} (param_norm "
+             f"{m['param_norm']}: the run diverged; {numbers})")
+    m.pop("params_finite", None)
     if bad is not None:
       self.ckpt.wait()  # the last good checkpoint may still be being written: finish it first
       last = self.ckpt.latest_step()

@@ -193,6 +193,10 @@ class Trainer:
       metrics = {"loss": l_sum / denom, "tokens": n_sum, "valid_tokens": jnp.sum(batch["valid"]),
                  "grad_norm": optax.tree.norm(trained), "lr": schedule(state["step"]),
                  "param_norm": optax.tree.norm(new_params),
+                 # 1.0 while every updated weight is finite: the loop saves nothing otherwise
+                 "params_finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in
+                                                     jax.tree.leaves(new_params)])
+                                          ).astype(jnp.float32),
                  **{k: v / denom for k, v in a_sum.items()}}
       return {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}, metrics
 
