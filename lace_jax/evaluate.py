@@ -7,7 +7,12 @@ For every problem, W threads are generated together and graded:
   pass@1, pass@W  unbiased pass@k from the W threads (Chen et al. 2021)
   format_rate   exactly one valid [[best]] thread (spec section 5)
   diversity     mean over thread pairs of (1 - cosine) of mean final hidden states
-  tokens_per_query, seconds_per_query
+  pass@k, maj@k  for every k = 1..W (results.json: "pass@<k>", "maj@<k>"): the unbiased pass@k,
+                and the exact expectation of a majority vote over k of the W threads
+  tokens_per_query     all generated tokens of a problem's W threads (the total budget)
+  critical_path_tokens its longest thread: a lockstep lattice's latency in decode steps
+  tokens_per_correct   all generated tokens over the problems LACE got right
+  seconds_per_query    wall time of a batch over its problems
   lattice/cross_thread, lattice/entropy, lattice/gate (and per lattice layer: .../layer_<i>)
                 the thread-level diagnostics (`lace_jax.diagnostics`) of the first batch's
                 lattices (at most `diagnostics_rollouts` of them); absent without a lattice
@@ -47,7 +52,7 @@ from lace_jax.tokenizer import (THREAD_INSTRUCTION, Tokenizer, instruction_templ
                                 thread_prompts)
 
 METRICS = ("lace_acc", "maj_acc", "mean_acc", "pass@1", "pass@W", "format_rate", "diversity",
-           "tokens_per_query", "seconds_per_query")
+           "tokens_per_query", "critical_path_tokens", "seconds_per_query")
 # the diagnostics' means over layers shown in the table (when a variant has a lattice)
 DIAGNOSTICS = (("lattice/cross_thread", "cross_thread"), ("lattice/entropy", "lattice_entropy"),
                ("lattice/gate", "gate"))
@@ -135,21 +140,54 @@ def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[
       if start + rows[i] >= len(problems):  # a copy padding the last batch
         continue
       v = verdicts[i * (2 + w):(i + 1) * (2 + w)]
-      correct = int(sum(v[2:]))
       batch_records.append({
           "id": prob.id, "gold": prob.answer, "best": p.best, "answer": p.answer,
           "answers": p.answers, "tags": p.tags, "format_error": p.format_error,
-          "lace_acc": float(v[0]), "maj_acc": float(v[1]), "mean_acc": correct / w,
-          "pass@1": grading.pass_at_k(w, correct, 1), "pass@W": grading.pass_at_k(w, correct, w),
-          "format_rate": float(p.format_ok), "diversity": float(div[i]),
-          "tokens_per_query": int(out.lengths[i].sum()), "seconds_per_query": seconds / len(chunk),
+          **problem_metrics(p, v, out.lengths[i]),
+          "diversity": float(div[i]), "seconds_per_query": seconds / len(chunk),
           "threads": texts[i]})
     records += (batch_records if share is None
                 else sharding.gather_blocks(batch_records, share.index))
-  metrics = {k: float(np.mean([r[k] for r in records])) for k in METRICS}
-  metrics["problems"] = len(records)
+  metrics = aggregate(records, w)
   metrics.update(diagnostics)
   return metrics, records
+
+
+def problem_metrics(p: grading.LatticeAnswer, verdicts, lengths) -> dict:
+  """One problem's numbers from its parsed lattice `p`, its `verdicts` (the [[best]] answer's,
+  the W-thread vote's, then each thread's: 2 + W bools) and its threads' generated `lengths`
+  [W]: accuracies, pass@k and maj@k for k = 1..W (lists), and the token budget: total
+  generated tokens and the critical path (the longest thread: a lockstep lattice's latency in
+  decode steps)."""
+  w = len(lengths)
+  correct = int(sum(verdicts[2:]))
+  norm = [_norm(a) for a in p.answers]
+  right = {}  # each distinct answer's verdict (its first thread's)
+  for a, ok in zip(norm, verdicts[2:]):
+    if a is not None:
+      right.setdefault(a, bool(ok))
+  return {
+      "lace_acc": float(verdicts[0]), "maj_acc": float(verdicts[1]), "mean_acc": correct / w,
+      "pass@1": grading.pass_at_k(w, correct, 1), "pass@W": grading.pass_at_k(w, correct, w),
+      "pass@k": [grading.pass_at_k(w, correct, k) for k in range(1, w + 1)],
+      "maj@k": [grading.maj_at_k(norm, right.__getitem__, k) for k in range(1, w + 1)],
+      "format_rate": float(p.format_ok),
+      "tokens_per_query": int(np.sum(lengths)), "critical_path_tokens": int(np.max(lengths))}
+
+
+def aggregate(records: list[dict], w: int) -> dict:
+  """Means over problems of the `METRICS` and of each pass@k / maj@k (as "pass@<k>" and
+  "maj@<k>"), the critical path, and tokens per correct answer (all generated tokens over
+  the problems LACE's [[best]] answer got right; None if it got none)."""
+  metrics = {k: float(np.mean([r[k] for r in records])) for k in METRICS}
+  for name in ("pass", "maj"):
+    for k in range(1, w + 1):
+      metrics[f"{name}@{k}"] = float(np.mean([r[f"{name}@k"][k - 1] for r in records]))
+  solved = sum(r["lace_acc"] for r in records)
+  metrics["tokens_per_correct"] = (sum(r["tokens_per_query"] for r in records) / solved
+                                   if solved else None)
+  metrics["problems"] = len(records)
+  return metrics
 
 
 def markdown_table(results: dict[str, dict[str, dict]]) -> str:
@@ -157,14 +195,15 @@ def markdown_table(results: dict[str, dict[str, dict]]) -> str:
   diagnostics' columns when some variant has them ("-" for one without a lattice)."""
   diag = [(k, name) for k, name in DIAGNOSTICS
           if any(k in m for per in results.values() for m in per.values())]
-  head = ("| variant | dataset | n | " + " | ".join(METRICS + tuple(n for _, n in diag))
-          + " |")
-  lines = [head, "|" + "---|" * (len(METRICS) + len(diag) + 3)]
+  head = ("| variant | dataset | n | " + " | ".join(METRICS + ("tokens_per_correct",)
+                                                     + tuple(n for _, n in diag)) + " |")
+  lines = [head, "|" + "---|" * (len(METRICS) + len(diag) + 4)]
   for variant, per in results.items():
     for ds, m in per.items():
       cells = [f"{100 * m[k]:.1f}" if k.endswith(("acc", "rate")) or k.startswith("pass")
                else f"{m[k]:.3f}" if k in ("diversity", "seconds_per_query")
                else f"{m[k]:.1f}" for k in METRICS]
+      cells.append("-" if m.get("tokens_per_correct") is None else f"{m['tokens_per_correct']:.1f}")
       cells += [f"{m[k]:.3f}" if k in m else "-" for k, _ in diag]
       lines.append(f"| {variant} | {ds} | {m['problems']} | " + " | ".join(cells) + " |")
   return "\n".join(lines)

@@ -5,6 +5,7 @@ threads running in the parent."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -16,8 +17,8 @@ import time
 import pytest
 
 from lace_jax.grading import (BENCHMARKS, Grader, LatticeAnswer, Problem, extract_boxed,
-                              extract_tag, is_equivalent, load_benchmark, majority_vote,
-                              parse_lattice, pass_at_k, read_problems)
+                              extract_tag, is_equivalent, load_benchmark, maj_at_k,
+                              majority_vote, parse_lattice, pass_at_k, read_problems)
 from lace_jax.tokenizer import TAGS
 from tests import grading_hooks
 
@@ -489,3 +490,66 @@ def test_grading_modules_import_no_heavy_stack():
           "if m in sys.modules))\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# ----- budget metrics (issue 29): pass@k and maj@k for every k, against brute-force enumeration
+
+def _subsets(n, k):
+  return list(itertools.combinations(range(n), k))
+
+
+@pytest.mark.parametrize("answers,gold", [
+    (["4", "5", "4", None, "5", "5"], "4"),  # a 2-2 tie inside many subsets: the earlier wins
+    (["1", "2", "3", "4"], "3"),
+    ([None, None, "7"], "7"),
+    (["a", "b", "a", "b", "c", "a", "b", "c", "c"], "c"),
+    ([None] * 4, "1"),
+])
+def test_maj_at_k_equals_majority_vote_over_every_subset(answers, gold):
+  n = len(answers)
+  for k in range(1, n + 1):
+    votes = [majority_vote([answers[t] for t in s]) for s in _subsets(n, k)]
+    brute = sum(v == gold for v in votes) / len(votes)
+    assert maj_at_k(answers, lambda a: a == gold, k) == pytest.approx(brute, abs=1e-15), k
+  assert maj_at_k(answers, lambda a: a == gold, n) == float(majority_vote(answers) == gold)
+
+
+@pytest.mark.parametrize("n,c", [(1, 0), (1, 1), (4, 0), (4, 1), (4, 3), (6, 2), (8, 8)])
+def test_pass_at_k_equals_the_share_of_subsets_with_a_correct_thread(n, c):
+  right = [True] * c + [False] * (n - c)
+  for k in range(1, n + 1):
+    subsets = _subsets(n, k)
+    brute = sum(any(right[t] for t in s) for s in subsets) / len(subsets)
+    assert pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-15)
+
+
+def test_eval_budget_metrics_on_a_hand_made_batch():
+  """Two problems of W = 4 threads with known lengths and answers: every metric by hand."""
+  from lace_jax import evaluate
+  p1 = LatticeAnswer(answers=["4", "4", "5", None], tags=[None] * 4, best=2, answer="5",
+                     format_ok=True, format_error=None)
+  p2 = LatticeAnswer(answers=["7", "8", "8", "7"], tags=[None] * 4, best=0, answer="7",
+                     format_ok=True, format_error=None)
+  # verdicts: [[best]] answer, the W-thread vote, then each thread (gold 4, then gold 7)
+  r1 = evaluate.problem_metrics(p1, [False, True, True, True, False, False], [10, 30, 20, 5])
+  r2 = evaluate.problem_metrics(p2, [True, True, True, False, False, True], [8, 8, 8, 8])
+  assert (r1["tokens_per_query"], r1["critical_path_tokens"]) == (65, 30)
+  assert (r2["tokens_per_query"], r2["critical_path_tokens"]) == (32, 8)
+  assert r1["mean_acc"] == 0.5 and r1["lace_acc"] == 0.0 and r2["lace_acc"] == 1.0
+  # pass@k with 2 of 4 right: 1 - C(2, k) / C(4, k)
+  assert r1["pass@k"] == [0.5, 1 - 1 / 6, 1.0, 1.0] == r2["pass@k"]
+  # maj@k by hand. Problem 1 (4, 4, 5, None; gold 4): k=1 -> 2/4; k=2: of the 6 pairs, {0,1}
+  # {0,3} {1,3} vote 4, {0,2} {1,2} vote 4 (the tie goes to the earlier thread), {2,3} votes 5:
+  # 5/6; k=3: {0,1,2} {0,1,3} {0,2,3} {1,2,3} -> 4, 4, 4 (tie, earlier), 4: 1; k=4: 1.
+  assert r1["maj@k"] == pytest.approx([0.5, 5 / 6, 1.0, 1.0])
+  # problem 2 (7, 8, 8, 7; gold 7): k=1 1/2; k=2: {0,1} 7 (tie) {0,2} 7 {0,3} 7 {1,2} 8 {1,3} 8
+  # {2,3} 8 -> 1/2; k=3: {0,1,2} 8, {0,1,3} 7, {0,2,3} 7, {1,2,3} 8 -> 1/2; k=4: tie, 7 first: 1
+  assert r2["maj@k"] == pytest.approx([0.5, 0.5, 0.5, 1.0])
+  m = evaluate.aggregate([{**r1, "diversity": 0.0, "seconds_per_query": 1.0},
+                          {**r2, "diversity": 0.0, "seconds_per_query": 3.0}], 4)
+  assert m["tokens_per_query"] == 48.5 and m["critical_path_tokens"] == 19.0
+  assert m["tokens_per_correct"] == 97 / 1  # 97 tokens, one problem right by [[best]]
+  assert m["maj@2"] == pytest.approx((5 / 6 + 0.5) / 2) and m["pass@4"] == 1.0
+  assert m["seconds_per_query"] == 2.0 and m["problems"] == 2
+  none = evaluate.aggregate([{**r1, "diversity": 0.0, "seconds_per_query": 1.0}], 4)
+  assert none["tokens_per_correct"] is None

@@ -60,7 +60,14 @@ def test_eval_runlocal_produces_the_full_table(tmp_path):
     for m in variant.values():
       assert m["problems"] == 4
       assert set(m) >= {"lace_acc", "maj_acc", "mean_acc", "pass@1", "pass@W", "format_rate",
-                        "diversity", "tokens_per_query", "seconds_per_query"}
+                        "diversity", "tokens_per_query", "seconds_per_query",
+                        "critical_path_tokens", "tokens_per_correct"}
+      w = 4  # the runlocal lattice's threads: pass@k and maj@k for every k
+      assert {f"{n}@{k}" for n in ("pass", "maj") for k in range(1, w + 1)} <= set(m)
+      assert m["pass@4"] == m["pass@W"] and m["pass@1"] == pytest.approx(m["mean_acc"])
+      assert m["maj@1"] == pytest.approx(m["mean_acc"])
+      assert all(m[f"pass@{k}"] <= m[f"pass@{k + 1}"] for k in range(1, w))
+      assert m["tokens_per_query"] / w <= m["critical_path_tokens"] <= m["tokens_per_query"]
   for m in results["model"].values():
     _check_diagnostics(m, 4)
   assert not any(k.startswith("lattice/") for m in results["lattice_off"].values() for k in m)

@@ -9,6 +9,7 @@ A LACE thread ends with its answer in `\\boxed{...}` followed by one self-assess
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -181,3 +182,35 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0
   total = math.comb(n, k)
   return (total - math.comb(n - c, k)) / total
+
+
+def maj_at_k(answers: Sequence[str | None], correct: Callable[[str], bool], k: int) -> float:
+  """maj@k: the expected correctness of `majority_vote` over a uniformly random k of the n
+  threads' answers (kept in thread order, so ties go to the earlier thread's answer, as in
+  maj@n). `correct(answer)` grades one distinct answer; a subset with no answer is wrong.
+
+  Exact: every one of the C(n, k) subsets is counted (n is the lattice's W, at most a few
+  dozen; C(16, 8) = 12,870 subsets). maj@n is `majority_vote` of all n; maj@1 is the mean
+  correctness of the threads.
+  """
+  n = len(answers)
+  if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+    raise ValueError(f"maj_at_k: k={k!r}; expected an int in 1..n={n}")
+  ids: dict[str, int] = {}
+  cluster = [None if a is None else ids.setdefault(a, len(ids)) for a in answers]
+  right = [False] * len(ids)
+  for a, i in ids.items():
+    right[i] = bool(correct(a))
+  wins = 0
+  for subset in itertools.combinations(range(n), k):
+    counts: dict[int, int] = {}
+    first: dict[int, int] = {}  # cluster -> its first position in the subset
+    for pos, t in enumerate(subset):
+      c = cluster[t]
+      if c is not None:
+        counts[c] = counts.get(c, 0) + 1
+        first.setdefault(c, pos)
+    if counts:
+      winner = max(counts, key=lambda c: (counts[c], -first[c]))
+      wins += right[winner]
+  return wins / math.comb(n, k)
