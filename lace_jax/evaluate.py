@@ -209,6 +209,21 @@ def markdown_table(results: dict[str, dict[str, dict]]) -> str:
   return "\n".join(lines)
 
 
+def write_tensorboard(results: dict[str, dict[str, dict]], logdir: str, w: int) -> None:
+  """Every metric as a TensorBoard scalar `eval/<variant>/<dataset>/<metric>` (step 0), and the
+  pass@k / maj@k curves as `.../pass_at_k` and `.../maj_at_k` with k as the step."""
+  from tensorboardX import SummaryWriter  # noqa: PLC0415 (only when writing)
+  with SummaryWriter(logdir) as tb:
+    for variant, per in results.items():
+      for ds, m in per.items():
+        for k, v in m.items():
+          if isinstance(v, (int, float)) and not k.startswith(("pass@", "maj@")):
+            tb.add_scalar(f"eval/{variant}/{ds}/{k}", v, 0)
+        for name in ("pass", "maj"):
+          for k in range(1, w + 1):
+            tb.add_scalar(f"eval/{variant}/{ds}/{name}_at_k", m[f"{name}@{k}"], k)
+
+
 def dataset(name_or_path: str) -> tuple[str, list[grading.Problem]]:
   """(label, problems) of an `eval.datasets` entry: a bundled benchmark name, or a JSONL file of
   problems (`grading.read_problems`' formats), labelled by its file name without `.jsonl`."""
@@ -270,6 +285,8 @@ def run(cfg, workdir: str | None) -> dict:
   table = markdown_table(results)
   if jax.process_index() == 0:
     print(table, flush=True)
+  if workdir and jax.process_index() == 0:
+    write_tensorboard(results, os.path.join(workdir, "tensorboard"), e.num_threads)
   if workdir and jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)

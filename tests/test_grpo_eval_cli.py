@@ -1,6 +1,7 @@
 """GRPO and eval as users run them (`:runlocal`, subprocesses)."""
 
 import json
+import struct
 import math
 import os
 import subprocess
@@ -50,6 +51,22 @@ def test_grpo_runlocal_logs_every_field(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
 
 
+def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+  """The scalars of every TensorBoard event file under `logdir` (TFRecords of Event protos)."""
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for path in sorted(logdir.glob("events.out.tfevents*")):
+    data = path.read_bytes()
+    at = 0
+    while at < len(data):
+      (length,) = struct.unpack("<Q", data[at:at + 8])
+      event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+      at += 12 + length + 4  # length, its crc, the record, its crc
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
+
+
 def test_eval_runlocal_produces_the_full_table(tmp_path):
   r = _run("experiments/eval_4b.py:runlocal", tmp_path)
   results = json.load(open(tmp_path / "results.json"))
@@ -76,6 +93,13 @@ def test_eval_runlocal_produces_the_full_table(tmp_path):
   assert "| cross_thread | lattice_entropy | gate |" in table
   assert table.splitlines()[-1].endswith("| - | - | - |")  # lattice_off has no lattice
   assert "| lattice_off | gsm8k_test | 4 |" in r.stdout
+  scalars = _scalars(tmp_path / "tensorboard")  # tag -> [(step, value)]
+  assert "eval/model/math500/lace_acc" in scalars
+  assert "eval/lattice_off/aime24/maj_at_k" in scalars
+  curve = scalars["eval/model/math500/pass_at_k"]
+  assert [step for step, _ in curve] == [1, 2, 3, 4]
+  assert [v for _, v in curve] == pytest.approx(
+      [results["model"]["math500"][f"pass@{k}"] for k in range(1, 5)])
   preds = [json.loads(l) for l in open(tmp_path / "predictions_model_aime24.jsonl")]
   assert len(preds) == 4 and all(len(p["threads"]) == 4 for p in preds)
 
