@@ -37,7 +37,8 @@ def server(tmp_path_factory):
   port = _free_port()
   log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
   proc = subprocess.Popen([sys.executable, "-m", "lace_jax.serve", "--checkpoint", str(ckpt),
-                           "--host", "127.0.0.1", "--port", str(port), "--model-name", "tiny"],
+                           "--host", "127.0.0.1", "--port", str(port), "--model-name", "tiny",
+                           "--no-precompile"],  # (the warm-up has a test in test_serve.py)
                           env=_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
   base = f"http://127.0.0.1:{port}"
   deadline = time.time() + 180
