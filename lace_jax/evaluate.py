@@ -166,10 +166,10 @@ def problem_metrics(p: grading.LatticeAnswer, verdicts, lengths) -> dict:
   for a, ok in zip(norm, verdicts[2:]):
     if a is not None:
       right.setdefault(a, bool(ok))
+  pass_k = [grading.pass_at_k(w, correct, k) for k in range(1, w + 1)]
   return {
       "lace_acc": float(verdicts[0]), "maj_acc": float(verdicts[1]), "mean_acc": correct / w,
-      "pass@1": grading.pass_at_k(w, correct, 1), "pass@W": grading.pass_at_k(w, correct, w),
-      "pass@k": [grading.pass_at_k(w, correct, k) for k in range(1, w + 1)],
+      "pass@1": pass_k[0], "pass@W": pass_k[-1], "pass@k": pass_k,
       "maj@k": [grading.maj_at_k(norm, right.__getitem__, k) for k in range(1, w + 1)],
       "format_rate": float(p.format_ok),
       "tokens_per_query": int(np.sum(lengths)), "critical_path_tokens": int(np.max(lengths))}

@@ -576,17 +576,14 @@ class Scheduler:
     """Compiles every engine program of each n in `warm_threads` (`Engine.warmup`) before the
     first request is served: requests that come meanwhile wait in the queue."""
     try:
-      cases = {}
+      start, done, total = time.perf_counter(), 0, 0
       for n in self.warm_threads:
         engine = self._engine(n)
-        cases[n] = len(engine.warmup_cases())
-      total, done = sum(cases.values()), 0
-      self.warm_progress = (0, total)
-      start = time.perf_counter()
-      for n in self.warm_threads:
-        engine = self._engine(n)  # an engine dropped for room (--max-engines) is made again
+        per_n = len(engine.warmup_cases())  # the same for every n (slots, prompt widths)
+        total = total or per_n * len(self.warm_threads)
+        self.warm_progress = (done, total)
         engine.warmup(lambda i, _, base=done: setattr(self, "warm_progress", (base + i, total)))
-        done += cases[n]
+        done += per_n
         log.info("warm-up: compiled for n=%d threads (%d/%d cases, %.1f s)", n, done, total,
                  time.perf_counter() - start)
       log.info("ready: every program compiled for n in %s (%.1f s)", list(self.warm_threads),
