@@ -24,7 +24,9 @@ def get_config(arg=None):
       "temperature": 0.6, "top_p": 0.95, "top_k": 20,  # Qwen3's thinking-mode sampling
       "batch_size": 8,  # problems per lockstep batch (each W threads)
       "limit": 0,  # problems per dataset; 0 = all
-      "variants": ("model", "lattice_off"),  # lattice_off: same weights, no side path
+      # lattice_off: same weights, no side path; add "budget" for Independent + Voting at
+      # the "model" variant's total tokens (eval.budget)
+      "variants": ("model", "lattice_off"),
       "checkpoints": (),  # more HF directories to compare side by side
       "instruction": "default",  # format note appended to each prompt; "" for none
       "thinking": True,
@@ -32,10 +34,16 @@ def get_config(arg=None):
       # lattices of each dataset's first batch measured for the thread-level diagnostics
       # (lattice/cross_thread, lattice/entropy, lattice/gate; lace_jax.diagnostics); 0 = none
       "diagnostics_rollouts": 8,
+      # the "budget" variant: `samples` independent samples per problem (enough to pass the
+      # matched budget: 2-4 x num_threads) from `checkpoint` (a base model's HF directory; ""
+      # = these weights without the lattice), read at the total tokens of variant `match`
+      "budget": {"samples": 16, "checkpoint": "", "match": "model"},
   })
   # the accelerators this recipe is made to fit: --config.plan.target=default plans them
   cfg.plan = experiment.plan_section("cuda:h100x8", "tpu:v5p:2x2x2", "cuda:rtx6000pro")
   if arg == "runlocal":
     experiment.runlocal(cfg)
-    cfg.eval.update(max_new_tokens=32, limit=4, batch_size=4, grader_workers=2)
+    cfg.eval.update(max_new_tokens=32, limit=4, batch_size=4, grader_workers=2,
+                    variants=("model", "lattice_off", "budget"))
+    cfg.eval.budget.samples = 8
   return cfg

@@ -18,7 +18,11 @@ For every problem, W threads are generated together and graded:
                 lattices (at most `diagnostics_rollouts` of them); absent without a lattice
 Variants compare configurations side by side on the same problems: "model" (as configured),
 "lattice_off" (the same weights without the side path: the Isolated Parallel ablation), and
-any extra checkpoints in `eval.checkpoints`.
+any extra checkpoints in `eval.checkpoints`. "budget" is Independent + Voting at equal compute:
+`eval.budget.samples` = n independent samples per problem (from `eval.budget.checkpoint`, or
+the evaluated weights without the lattice), maj@k for every k = 1..n against k's expected
+total tokens (`budget_curve`), and that curve read at the token budget of the variant
+`eval.budget.match` (`matched_acc`, at `matched_samples` samples).
 
 The `eval` mode runs on the mesh of `sharding.mesh`, and on several processes (hosts) as one
 SPMD program: each batch of `eval.batch_size` problems (the last one padded with copies of
@@ -170,7 +174,7 @@ def problem_metrics(p: grading.LatticeAnswer, verdicts, lengths) -> dict:
   return {
       "lace_acc": float(verdicts[0]), "maj_acc": float(verdicts[1]), "mean_acc": correct / w,
       "pass@1": pass_k[0], "pass@W": pass_k[-1], "pass@k": pass_k,
-      "maj@k": [grading.maj_at_k(norm, right.__getitem__, k) for k in range(1, w + 1)],
+      "maj@k": grading.maj_curve(norm, right.__getitem__),
       "format_rate": float(p.format_ok),
       "tokens_per_query": int(np.sum(lengths)), "critical_path_tokens": int(np.max(lengths))}
 
@@ -188,6 +192,60 @@ def aggregate(records: list[dict], w: int) -> dict:
                                    if solved else None)
   metrics["problems"] = len(records)
   return metrics
+
+
+def budget_curve(metrics: dict, n: int) -> list[tuple[float, float]]:
+  """Independent + Voting's accuracy against its budget, from the metrics of an evaluation that
+  drew n independent samples per problem: (expected total generated tokens of k samples,
+  maj@k) for k = 1..n. A random k of the n samples cost k/n of the problem's tokens on
+  average, so the first coordinate is k x the mean tokens per sample."""
+  per_sample = metrics["tokens_per_query"] / n
+  return [(k * per_sample, metrics[f"maj@{k}"]) for k in range(1, n + 1)]
+
+
+def at_budget(curve: list[tuple[float, float]], tokens: float) -> dict:
+  """The curve read at `tokens` total generated tokens per problem: `samples` k* = tokens / the
+  mean tokens per sample (fractional), `acc` maj@k interpolated linearly between the curve's
+  points at floor(k*) and ceil(k*), and `covered` False when k* lies outside 1..n (the end
+  point is read then: draw more samples)."""
+  per_sample = curve[0][0]
+  k = tokens / per_sample if per_sample > 0 else float(len(curve))
+  x = min(max(k, 1.0), float(len(curve)))
+  lo = int(np.floor(x))
+  hi = min(lo + 1, len(curve))
+  acc = curve[lo - 1][1] + (x - lo) * (curve[hi - 1][1] - curve[lo - 1][1])
+  return {"tokens": float(tokens), "samples": float(k), "acc": float(acc),
+          "covered": bool(1.0 <= k <= len(curve))}
+
+
+def budget_metrics(metrics: dict, n: int, tokens: float) -> dict:
+  """The matched-budget numbers added to an n-sample evaluation's metrics: its curve, and its
+  accuracy at `tokens` (the matched system's total generated tokens per problem)."""
+  curve = budget_curve(metrics, n)
+  hit = at_budget(curve, tokens)
+  return {"samples": n, "tokens_per_sample": curve[0][0], "budget_curve": curve,
+          "budget_tokens": hit["tokens"], "matched_samples": hit["samples"],
+          "matched_acc": hit["acc"], "budget_covered": hit["covered"]}
+
+
+def budget_table(results: dict[str, dict[str, dict]]) -> str:
+  """The matched-budget rows (variants with a `budget_curve`): the budget matched, the samples
+  it buys, maj@k there, and the curve's ends; "" when no variant has one."""
+  lines = []
+  for variant, per in results.items():
+    for ds, m in per.items():
+      if "budget_curve" not in m:
+        continue
+      n = m["samples"]
+      lines.append(f"| {variant} | {ds} | {m['budget_tokens']:.1f} | {m['tokens_per_sample']:.1f} | "
+                   f"{m['matched_samples']:.2f}{'' if m['budget_covered'] else ' (outside 1..n)'} | "
+                   f"{100 * m['matched_acc']:.1f} | {100 * m['maj@1']:.1f} | {n} | "
+                   f"{100 * m[f'maj@{n}']:.1f} |")
+  if not lines:
+    return ""
+  head = ["| variant | dataset | budget (tokens/query) | tokens/sample | samples at budget | "
+          "maj at budget | maj@1 | n | maj@n |", "|---|---|---|---|---|---|---|---|---|"]
+  return "\n".join(head + lines)
 
 
 def markdown_table(results: dict[str, dict[str, dict]]) -> str:
@@ -209,19 +267,26 @@ def markdown_table(results: dict[str, dict[str, dict]]) -> str:
   return "\n".join(lines)
 
 
-def write_tensorboard(results: dict[str, dict[str, dict]], logdir: str, w: int) -> None:
-  """Every metric as a TensorBoard scalar `eval/<variant>/<dataset>/<metric>` (step 0), and the
-  pass@k / maj@k curves as `.../pass_at_k` and `.../maj_at_k` with k as the step."""
+def write_tensorboard(results: dict[str, dict[str, dict]], logdir: str) -> None:
+  """Every metric as a TensorBoard scalar `eval/<variant>/<dataset>/<metric>` (step 0), the
+  pass@k / maj@k curves as `.../pass_at_k` and `.../maj_at_k` with k as the step, and a
+  matched-budget variant's accuracy against its budget as `.../maj_at_tokens` (step: total
+  generated tokens per problem, rounded)."""
   from tensorboardX import SummaryWriter  # noqa: PLC0415 (only when writing)
   with SummaryWriter(logdir) as tb:
     for variant, per in results.items():
       for ds, m in per.items():
         for k, v in m.items():
-          if isinstance(v, (int, float)) and not k.startswith(("pass@", "maj@")):
+          if (isinstance(v, (int, float)) and not isinstance(v, bool)
+              and not k.startswith(("pass@", "maj@"))):
             tb.add_scalar(f"eval/{variant}/{ds}/{k}", v, 0)
         for name in ("pass", "maj"):
-          for k in range(1, w + 1):
+          ks = sorted(int(k.split("@")[1]) for k in m
+                      if k.startswith(name + "@") and k.split("@")[1].isdigit())
+          for k in ks:
             tb.add_scalar(f"eval/{variant}/{ds}/{name}_at_k", m[f"{name}@{k}"], k)
+        for tokens, acc in m.get("budget_curve", ()):
+          tb.add_scalar(f"eval/{variant}/{ds}/maj_at_tokens", acc, int(round(tokens)))
 
 
 def dataset(name_or_path: str) -> tuple[str, list[grading.Problem]]:
@@ -257,11 +322,30 @@ def run(cfg, workdir: str | None) -> dict:
       variants[name] = model, params
     elif name == "lattice_off":
       variants[name] = model.replace(lattice=None), without_lattice(params)
-    else:
-      raise ConfigError(f"eval.variants entry {name!r}; expected 'model' or 'lattice_off'")
+    elif name != "budget":
+      raise ConfigError(f"eval.variants entry {name!r}; expected 'model', 'lattice_off' or "
+                        "'budget'")
   for path in e.checkpoints:
     m, p = load_pretrained(path, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype)
     variants[os.path.basename(os.path.normpath(path))] = m, on_mesh(m, p)
+  budget = None
+  if "budget" in e.variants:  # Independent + Voting at the matched variant's token budget
+    b = e.get("budget")
+    if b is None or b.samples < 1:
+      raise ConfigError("eval.variants has 'budget' but eval.budget.samples is not set; set "
+                        "--config.eval.budget.samples=N (independent samples per problem, "
+                        "e.g. 4 x eval.num_threads)")
+    if b.match not in variants:
+      raise ConfigError(f"eval.budget.match={b.match!r} is not an evaluated variant "
+                        f"({', '.join(variants)}): the budget is that variant's tokens")
+    if b.checkpoint:
+      m, p = load_pretrained(b.checkpoint, dtype=model_cfg.param_dtype,
+                             compute_dtype=model_cfg.dtype)
+      if m.lattice is not None:  # its samples must be independent
+        m, p = m.replace(lattice=None), without_lattice(p)
+      budget = m, on_mesh(m, p)
+    else:  # the evaluated weights without the side path: W threads that do not read each other
+      budget = model.replace(lattice=None), without_lattice(params)
   template = instruction_template(e.instruction)
   results: dict[str, dict[str, dict]] = {}
   os.makedirs(workdir or ".", exist_ok=True)
@@ -282,11 +366,37 @@ def run(cfg, workdir: str | None) -> dict:
         if workdir and jax.process_index() == 0:
           with open(os.path.join(workdir, f"predictions_{vname}_{ds}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
+    if budget is not None:
+      # n independent samples per problem, drawn as one grid of n threads without a lattice;
+      # the vote over k of them read for every k, and the curve read at the matched tokens
+      b = e.budget
+      results["budget"] = {}
+      for ds_arg in e.datasets:
+        ds, problems = dataset(ds_arg)
+        if e.limit:
+          problems = problems[:e.limit]
+        metrics, records = evaluate(
+            *budget, tokenizer, problems, grader, num_threads=b.samples,
+            max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
+            top_k=e.top_k, batch_size=e.batch_size, seed=cfg.seed, instruction=template,
+            thinking=e.thinking, desc=f"budget/{ds}", diagnostics_rollouts=0, mesh=mesh,
+            rules=rules)
+        metrics.update(budget_metrics(metrics, b.samples,
+                                      results[b.match][ds]["tokens_per_query"]))
+        results["budget"][ds] = metrics
+        if workdir and jax.process_index() == 0:
+          with open(os.path.join(workdir, f"predictions_budget_{ds}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
   table = markdown_table(results)
+  matched = budget_table(results)
+  if matched:
+    table += ("\n\nIndependent + Voting at the token budget of variant "
+              f"{e.budget.match!r} (maj over k of {e.budget.samples} independent samples, "
+              "read at its tokens per query):\n\n" + matched)
   if jax.process_index() == 0:
     print(table, flush=True)
   if workdir and jax.process_index() == 0:
-    write_tensorboard(results, os.path.join(workdir, "tensorboard"), e.num_threads)
+    write_tensorboard(results, os.path.join(workdir, "tensorboard"))
   if workdir and jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)

@@ -110,9 +110,65 @@ def _no_such_file(argv: list[str]) -> None:
                             f"({os.path.abspath(path)})")
 
 
+HELP = """usage: python -m lace_jax.main [--config=EXPERIMENT.py[:ARG]] [--workdir=DIR]
+                             [--config.KEY=VALUE ...] [--sweep=NAME [--jobs=N]]
+
+Runs one LACE job, chosen by the experiment file's `mode`. Without --config: the quickstart
+(a few CPU minutes). --config.plan.target=TARGET (tpu:v5p:2x2x2, cuda:h100x8, default, ...)
+compiles the experiment for that accelerator instead of running it. TPU pods: the same
+command on every host. `--helpfull` lists every flag.
+
+modes:
+{modes}
+
+experiment files ({where}):
+{files}
+
+flags:
+  --config=FILE[:ARG]   experiment file; ARG picks a variant (runlocal: tiny model, CPU)
+  --config.KEY=VALUE    override any field, e.g. --config.train.steps=100
+  --workdir=DIR         outputs, checkpoints, logs; rerunning resumes
+  --sweep=NAME[,NAME]   run the file's sweep_NAME() points (--jobs, --sweep_print, ...)
+"""
+
+
+def _experiment_files() -> tuple[str, list[tuple[str, str]]]:
+  """(folder, [(file, first line of its docstring)]) of the experiments folder: ./experiments,
+  else the one beside the lace_jax package (a source checkout)."""
+  import ast  # noqa: PLC0415 (only for --help)
+  import glob  # noqa: PLC0415
+  here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+  folder = next((d for d in ("experiments", here) if os.path.isdir(d)), None)
+  if folder is None:
+    return "none found", []
+  out = []
+  for path in sorted(glob.glob(os.path.join(folder, "*.py"))):
+    try:
+      with open(path) as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    except (OSError, SyntaxError):
+      doc = ""
+    line = " ".join(doc.split("\n\n")[0].split()).split(". ")[0].rstrip(".:")  # 1st sentence
+    out.append((os.path.join("experiments", os.path.basename(path)),
+                line if len(line) <= 78 else line[:75].rsplit(" ", 1)[0] + " ..."))
+  return folder, out
+
+
+def usage() -> str:
+  """The --help text: the command, every mode and every experiment file, one line each."""
+  folder, files = _experiment_files()
+  width = max((len(f) for f, _ in files), default=0)
+  return HELP.format(
+      modes="\n".join(f"  {name:<11} {line}" for name, line in modes.SUMMARY.items()),
+      where=folder, files="\n".join(f"  {f:<{width}}  {line}" for f, line in files))
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with any error (an unknown flag or config key, a value of the wrong
-  type) as one `error:` line and exit code 2."""
+  type) as one `error:` line and exit code 2; `--help` prints `usage()` and exits 0."""
+  if any(a in ("-h", "-help", "--help", "--helpshort", "-?") for a in argv[1:]):
+    print(usage(), end="")
+    sys.exit(0)
   try:
     rest = flags.FLAGS(argv)
     _no_such_file(argv)  # a missing file fails only when the config is first read
@@ -171,9 +227,56 @@ def run_sweep(workdir: str | None) -> None:
     sys.exit(1)
 
 
+# device files of accelerators JAX can use: NVIDIA, TPU v4 (accel), TPU v5+ (vfio groups), AMD
+_ACCELERATORS = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/kfd")
+
+
+def _cpu_without_accelerators() -> bool:
+  """JAX on the CPU alone when this machine has no accelerator and JAX_PLATFORMS is unset:
+  otherwise the CUDA and TPU plugins that the test extras install (`jax[cuda12]`, libtpu)
+  each probe for their device at start and print a traceback (`cuInit(0) failed ... 303`) or
+  libtpu errors before the run goes on on the CPU. True if it chose the CPU."""
+  import glob  # noqa: PLC0415
+  if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+    return False
+  if any(glob.glob(pattern) for pattern in _ACCELERATORS):
+    return False
+  jax.config.update("jax_platforms", "cpu")  # before anything starts a backend
+  return True
+
+
+# modes that load a model's weights: a real preset cannot start from random ones
+_WEIGHTS = ("pretrain", "sft", "grpo", "eval")
+
+
+def _preflight(cfg, config_arg: str) -> None:
+  """ConfigError naming every input a real-size recipe lacks (its weights, its data file),
+  with the override that sets it, before anything starts."""
+  model = cfg.get("model")
+  if cfg.get("mode") not in _WEIGHTS or model is None or model.get("preset") == "tiny":
+    return
+  from lace_jax.grading import BENCHMARKS  # noqa: PLC0415 (light: no jax)
+  need = []
+  if not model.get("checkpoint"):
+    need.append("--config.model.checkpoint=DIR (a Hugging Face Qwen3 directory: config.json, "
+                "*.safetensors, tokenizer.json)")
+  path = cfg.get("data", {}).get("path") if "data" in cfg else None
+  if path and path not in BENCHMARKS and not any(c in path for c in "*?[") and \
+      not os.path.exists(path):
+    need.append(f"--config.data.path=FILE.jsonl (data.path={path!r} does not exist)")
+  if need:
+    file = config_arg.split(":", 1)[0]
+    raise ConfigError(f"--config={config_arg} is a {model.get('preset')} recipe and needs "
+                      + " and ".join(need) + f"; for a CPU smoke test: --config={file}:runlocal")
+
+
 def _log0(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
+
+
+# modes that take the workdir lock per part of the workdir (lace_jax.toy.comparison)
+SUBDIR_LOCKS = ("relay", "toy_search")
 
 
 def _write_result(workdir: str | None, result) -> None:
@@ -194,7 +297,7 @@ def _write_result(workdir: str | None, result) -> None:
     return str(x)
 
   os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, "result.json.tmp")
+  tmp = os.path.join(workdir, f"result.json.{os.getpid()}.tmp")
   with open(tmp, "w") as f:
     json.dump(plain(result), f, indent=2)
   os.replace(tmp, os.path.join(workdir, "result.json"))
@@ -231,6 +334,12 @@ def main(argv: list[str]) -> None:
       print(f"error: {e}", file=sys.stderr, flush=True)
       sys.exit(2 if isinstance(e, ConfigError) else 1)
     return
+  try:
+    _preflight(cfg, _config_argument(sys.argv))
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  _cpu_without_accelerators()  # after planning: plans compile for the plugins' targets
   if "distributed" in cfg:
     try:
       distributed.maybe_initialize(cfg.distributed)
@@ -240,9 +349,10 @@ def main(argv: list[str]) -> None:
   print(f"lace_jax: mode {cfg.mode}, workdir {workdir}", flush=True)
   logging.info("config:\n%s", cfg)
   try:
-    # one run per workdir, on every process (lace_jax.workdir)
-    with (workdir_lock.lock(workdir, jax.process_index(), log=_log0) if workdir
-          else contextlib.nullcontext()):
+    # one run per workdir, on every process (lace_jax.workdir); the toy comparisons lock each
+    # seed and system's directory instead, so that they can run as parallel processes
+    with (workdir_lock.lock(workdir, jax.process_index(), log=_log0)
+          if workdir and cfg.mode not in SUBDIR_LOCKS else contextlib.nullcontext()):
       result = run(cfg, workdir)
   except Exception as e:
     distributed.report_lost_peer()  # a lost process, if one is, is the error to report

@@ -68,6 +68,21 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict, str | None], dict]] = {
 }
 
 
+# one line per mode for `python -m lace_jax.main --help`
+SUMMARY = {
+    "pretrain": "continued pre-training: next-token loss on every token of multi-thread data",
+    "sft": "supervised fine-tuning on multi-thread traces (loss on the generated tokens)",
+    "grpo": "Lattice GRPO: W-thread rollouts, verified rewards + diversity, policy update",
+    "eval": "benchmarks: LACE accuracy, maj@k / pass@k, tokens, the matched-budget baseline",
+    "datagen": "multi-thread training data from a teacher model behind an HTTP server",
+    "overhead": "the lattice's parameters, FLOPs, memory and step time against the base model",
+    "relay": "toy check: threads must pass each other a digit (lattice vs isolated threads)",
+    "toy_search": "toy study: LACE vs Isolated Parallel vs Independent + Voting, pair search",
+    "selection": "toy diagnostic: can the lattice learn to select one key among many",
+    "quickstart": "the default without --config: the selection and relay checks, CPU minutes",
+}
+
+
 def get_mode(name: str) -> Callable[[ml_collections.ConfigDict, str | None], dict]:
   if name not in MODES:
     raise ConfigError(f"unknown mode {name!r}; available: {sorted(MODES)}")

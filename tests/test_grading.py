@@ -6,8 +6,10 @@ threads running in the parent."""
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import time
 import pytest
 
 from lace_jax.grading import (BENCHMARKS, Grader, LatticeAnswer, Problem, extract_boxed,
-                              extract_tag, is_equivalent, load_benchmark, maj_at_k,
+                              extract_tag, is_equivalent, load_benchmark, maj_at_k, maj_curve,
                               majority_vote, parse_lattice, pass_at_k, read_problems)
 from lace_jax.tokenizer import TAGS
 from tests import grading_hooks
@@ -553,3 +555,54 @@ def test_eval_budget_metrics_on_a_hand_made_batch():
   assert m["seconds_per_query"] == 2.0 and m["problems"] == 2
   none = evaluate.aggregate([{**r1, "diversity": 0.0, "seconds_per_query": 1.0}], 4)
   assert none["tokens_per_correct"] is None
+
+
+def test_maj_curve_equals_maj_at_k_for_every_k_on_random_votes():
+  """The generating-function count of maj@1..n against the subset enumeration, bit for bit,
+  on 400 random vote patterns (ties, unanswered threads, several correct clusters)."""
+  rng = random.Random(0)
+  for _ in range(400):
+    n = rng.randint(1, 10)
+    pool = [None] + [str(i) for i in range(rng.randint(1, 5))]
+    answers = [rng.choice(pool) for _ in range(n)]
+    good = {a: rng.random() < 0.5 for a in pool if a is not None}
+    assert maj_curve(answers, good.__getitem__) == [
+        maj_at_k(answers, good.__getitem__, k) for k in range(1, n + 1)], (answers, good)
+
+
+def test_maj_curve_is_fast_and_exact_for_many_samples():
+  n = 64  # 2^64 subsets: no enumeration could count them
+  curve = maj_curve(["1"] * 40 + ["2"] * 24, lambda a: a == "1")
+  assert len(curve) == n and curve[0] == 40 / 64 and curve[-1] == 1.0
+  assert all(0.0 <= a <= 1.0 for a in curve)
+  assert curve[31] < curve[63]  # more samples, closer to the majority's answer
+  # every answer different: the vote is the subset's first thread (every count ties at 1),
+  # right when that thread is one of the first 16: 1 - C(48, k) / C(64, k)
+  distinct = maj_curve([str(i) for i in range(n)], lambda a: int(a) < 16)
+  assert distinct == pytest.approx([1 - math.comb(48, k) / math.comb(64, k)
+                                    for k in range(1, n + 1)], abs=1e-15)
+  assert maj_curve([None] * 5, lambda a: True) == [0.0] * 5
+
+
+def test_budget_curve_and_the_matched_reading():
+  """Independent + Voting's curve from an n-sample evaluation, read at a token budget."""
+  from lace_jax import evaluate
+  # 4 samples per problem, 40 tokens per problem on average: 10 per sample
+  m = {"tokens_per_query": 40.0, "maj@1": 0.3, "maj@2": 0.4, "maj@3": 0.6, "maj@4": 0.7}
+  curve = evaluate.budget_curve(m, 4)
+  assert curve == [(10.0, 0.3), (20.0, 0.4), (30.0, 0.6), (40.0, 0.7)]
+  hit = evaluate.at_budget(curve, 25.0)  # 2.5 samples: halfway between maj@2 and maj@3
+  assert hit == {"tokens": 25.0, "samples": 2.5, "acc": pytest.approx(0.5), "covered": True}
+  assert evaluate.at_budget(curve, 30.0)["acc"] == 0.6
+  assert evaluate.at_budget(curve, 40.0) == {"tokens": 40.0, "samples": 4.0, "acc": 0.7,
+                                              "covered": True}
+  over = evaluate.at_budget(curve, 55.0)  # more than 4 samples buy: the end, marked
+  assert over["acc"] == 0.7 and over["samples"] == 5.5 and not over["covered"]
+  under = evaluate.at_budget(curve, 5.0)
+  assert under["acc"] == 0.3 and not under["covered"]
+  b = evaluate.budget_metrics(m, 4, 25.0)
+  assert b["matched_acc"] == pytest.approx(0.5) and b["matched_samples"] == 2.5
+  assert b["tokens_per_sample"] == 10.0 and b["budget_curve"] == curve and b["samples"] == 4
+  rows = evaluate.budget_table({"budget": {"toy": {**m, **b}}}).splitlines()
+  assert rows[-1] == "| budget | toy | 25.0 | 10.0 | 2.50 | 50.0 | 30.0 | 4 | 70.0 |"
+  assert evaluate.budget_table({"model": {"toy": m}}) == ""

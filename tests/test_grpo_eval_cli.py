@@ -71,7 +71,17 @@ def test_eval_runlocal_produces_the_full_table(tmp_path):
   r = _run("experiments/eval_4b.py:runlocal", tmp_path)
   results = json.load(open(tmp_path / "results.json"))
   datasets = ["aime24", "aime25", "amc2023", "math500", "gsm8k_test"]
-  assert sorted(results) == ["lattice_off", "model"]
+  assert sorted(results) == ["budget", "lattice_off", "model"]
+  budget = results.pop("budget")  # Independent + Voting at the model's tokens: 8 samples
+  for ds in datasets:
+    b, m = budget[ds], results["model"][ds]
+    assert b["samples"] == 8 and len(b["budget_curve"]) == 8
+    assert b["budget_tokens"] == m["tokens_per_query"]
+    assert b["tokens_per_sample"] == pytest.approx(b["tokens_per_query"] / 8)
+    assert b["matched_samples"] == pytest.approx(m["tokens_per_query"] / b["tokens_per_sample"])
+    assert [a for _, a in b["budget_curve"]] == [b[f"maj@{k}"] for k in range(1, 9)]
+    assert min(b[f"maj@{k}"] for k in range(1, 9)) <= b["matched_acc"] <= max(
+        b[f"maj@{k}"] for k in range(1, 9))
   for variant in results.values():
     assert sorted(variant) == sorted(datasets)
     for m in variant.values():
@@ -89,13 +99,19 @@ def test_eval_runlocal_produces_the_full_table(tmp_path):
     _check_diagnostics(m, 4)
   assert not any(k.startswith("lattice/") for m in results["lattice_off"].values() for k in m)
   table = open(tmp_path / "results.md").read()
-  assert table.count("\n") == 2 + 10 and "| model | math500 | 4 |" in table
+  table, matched = table.split("\n\nIndependent + Voting at the token budget")
+  assert table.count("\n") == 1 + 15 and "| model | math500 | 4 |" in table
+  assert matched.count("\n| budget | ") == 5
   assert "| cross_thread | lattice_entropy | gate |" in table
-  assert table.splitlines()[-1].endswith("| - | - | - |")  # lattice_off has no lattice
+  assert table.splitlines()[-1].endswith("| - | - | - |")  # budget has no lattice
+  assert all(line.endswith("| - | - | - |") for line in table.splitlines()
+             if line.startswith("| lattice_off |"))
   assert "| lattice_off | gsm8k_test | 4 |" in r.stdout
   scalars = _scalars(tmp_path / "tensorboard")  # tag -> [(step, value)]
   assert "eval/model/math500/lace_acc" in scalars
   assert "eval/lattice_off/aime24/maj_at_k" in scalars
+  assert [s for s, _ in scalars["eval/budget/aime24/maj_at_k"]] == list(range(1, 9))
+  assert len(scalars["eval/budget/aime24/maj_at_tokens"]) == 8
   curve = scalars["eval/model/math500/pass_at_k"]
   assert [step for step, _ in curve] == [1, 2, 3, 4]
   assert [v for _, v in curve] == pytest.approx(

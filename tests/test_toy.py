@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from lace_jax.toy import tasks as toydata
 from tests.test_train_cli import _env
@@ -122,9 +123,29 @@ def test_toy_search_runlocal_pipeline_and_plots(tmp_path):
   assert {"reward", "accuracy", "diversity"} <= set(grpo_rows[-1])
   done = json.load(open(tmp_path / "seed0" / "lace" / "eval" / "done.json"))
   assert set(done["attention_to_other_threads"]) == {"layers_1", "layers_3"}
+  # the budget stage: only Independent + Voting's, 8 samples per problem, its curve read at
+  # LACE's tokens of the same seed
+  assert not (tmp_path / "seed0" / "lace" / "budget").exists()
+  budget = json.load(open(tmp_path / "seed0" / "independent" / "budget" / "done.json"))
+  curve = budget["budget_curve"]
+  assert len(curve) == 8 and [k for k, _ in curve] == sorted(k for k, _ in curve)
+  assert curve[-1][0] == budget["metrics"]["tokens_per_query"]  # 8 samples: all the tokens
+  assert [a for _, a in curve] == [budget["metrics"][f"maj@{k}"] for k in range(1, 9)]
+  ind = result["table"]["independent"]
+  lace_tokens = result["table"]["lace"]["tokens_per_query"]["mean"]
+  k = lace_tokens / curve[0][0]  # the samples LACE's tokens buy, read on the curve
+  lo = min(max(int(k), 1), 8)
+  hi = min(lo + 1, 8)
+  frac = min(max(k, 1.0), 8.0) - lo
+  assert ind["matched_acc"]["mean"] == pytest.approx(curve[lo - 1][1] + frac * (
+      curve[hi - 1][1] - curve[lo - 1][1]))
+  assert ind["matched_samples"]["mean"] == pytest.approx(k)
+  assert "matched_acc" not in result["table"]["lace"]
+  assert "| at LACE's tokens |" in out.stdout.replace("| accuracy (metric) ", "")
   from lace_jax.toy import plots
   written = plots.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'figs'}"])
   assert {os.path.basename(p) for p in written} == {
-      "training_curves.png", "attention_to_other_threads.png", "accuracy.png"}
+      "training_curves.png", "attention_to_other_threads.png", "accuracy.png",
+      "accuracy_vs_tokens.png"}
   for p in written:
     assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(p) > 10_000

@@ -7,10 +7,10 @@ Grader workers import them by name, and light tools can use them without the mod
 """
 
 from lace_jax.grading.answers import (BEST, LatticeAnswer, extract_boxed, extract_tag,
-                                      maj_at_k, majority_vote, parse_lattice, pass_at_k)
+                                      maj_at_k, maj_curve, majority_vote, parse_lattice, pass_at_k)
 from lace_jax.grading.problems import BENCHMARKS, Problem, load_benchmark, read_problems
 from lace_jax.grading.verify import Grader, is_equivalent
 
 __all__ = ["BENCHMARKS", "BEST", "Grader", "LatticeAnswer", "Problem", "extract_boxed",
-           "extract_tag", "is_equivalent", "load_benchmark", "maj_at_k", "majority_vote",
+           "extract_tag", "is_equivalent", "load_benchmark", "maj_at_k", "maj_curve", "majority_vote",
            "parse_lattice", "pass_at_k", "read_problems"]

@@ -214,3 +214,53 @@ def maj_at_k(answers: Sequence[str | None], correct: Callable[[str], bool], k: i
       winner = max(counts, key=lambda c: (counts[c], -first[c]))
       wins += right[winner]
   return wins / math.comb(n, k)
+
+
+def maj_curve(answers: Sequence[str | None], correct: Callable[[str], bool]) -> list[float]:
+  """[maj@1, ..., maj@n] of the n answers: `maj_at_k` for every k at once, exactly, without
+  enumerating subsets (n = 64 samples has 2^64 of them), so a budget curve over many
+  independent samples can be read off one draw.
+
+  Counted with generating functions: a k-subset's vote goes to cluster c, first chosen at
+  thread p, with j of its members, when every other cluster has fewer than j members in the
+  subset, or j all after p (the tie goes to the earlier first occurrence, as in
+  `majority_vote`). For each correct (c, p, j) the product over the other clusters of
+  sum_m (ways to choose m of them) x^m, times the unanswered threads' (1 + x)^u, counts the
+  subsets by size. Integer arithmetic, one division per k: equal to `maj_at_k` to the last
+  bit.
+  """
+  n = len(answers)
+  members: dict[str, list[int]] = {}
+  for i, a in enumerate(answers):
+    if a is not None:
+      members.setdefault(a, []).append(i)
+  unanswered = n - sum(len(m) for m in members.values())
+  wins = [0] * (n + 1)
+  for a, own in members.items():
+    if not correct(a):
+      continue
+    others = [m for b, m in members.items() if b != a]
+    for first, p in enumerate(own):
+      after = len(own) - first - 1  # c's members after p: the other j - 1 come from these
+      for j in range(1, after + 2):
+        poly = [math.comb(unanswered, m) for m in range(unanswered + 1)]
+        for m_d in others:
+          later = sum(q > p for q in m_d)
+          g = [math.comb(len(m_d), m) for m in range(min(j, len(m_d) + 1))]
+          if later >= j:  # a tie at j members, all after p: c still wins
+            g += [math.comb(later, j)]
+          poly = _poly_mul(poly, g)
+        ways = math.comb(after, j - 1)
+        for r, coef in enumerate(poly):
+          if j + r <= n:
+            wins[j + r] += ways * coef
+  return [wins[k] / math.comb(n, k) for k in range(1, n + 1)]
+
+
+def _poly_mul(a: list[int], b: list[int]) -> list[int]:
+  out = [0] * (len(a) + len(b) - 1)
+  for i, x in enumerate(a):
+    if x:
+      for j, y in enumerate(b):
+        out[i + j] += x * y
+  return out

@@ -11,7 +11,9 @@ Variants (spec section 8's baselines), all trained on the same problems and toke
 
 Every stage writes into WORKDIR/seed<k>/<variant>/<stage>/ and a `done.json` when it finishes;
 a rerun of the same command skips finished stages and resumes an interrupted one from its
-checkpoint, so nothing is lost on interruption.
+checkpoint, so nothing is lost on interruption. Each seed and variant can run as its own
+process into the same workdir (`--config.toy.seeds='(3,)' --config.toy.variants='("lace",)'`):
+the run lock (`lace_jax.workdir`) is taken on WORKDIR/seed<k>/<variant>, not on the workdir.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from lace_jax import diagnostics, experiment, grading
+from lace_jax import workdir as workdir_lock
 from lace_jax import evaluate as eval_lib
 from lace_jax.hf_io import load_pretrained
 from lace_jax.rl import stage as rl_stage
@@ -43,7 +46,7 @@ VARIANTS = ("lace", "isolated", "independent")
 
 
 def _write_jsonl(path: str, records) -> None:
-  tmp = path + ".tmp"
+  tmp = f"{path}.{os.getpid()}.tmp"  # processes writing the same data do not share a file
   with open(tmp, "w") as f:
     for r in records:
       f.write(json.dumps(r) + "\n")
@@ -206,9 +209,38 @@ def _evaluate_stage(cfg, paths: dict, checkpoint: str, seed: int,
 
 def _run_variant(cfg, workdir: str, variant: str, seed: int, paths: dict, stages) -> dict:
   vdir = os.path.join(workdir, f"seed{seed}", variant)
+  os.makedirs(vdir, exist_ok=True)
+  with workdir_lock.lock(vdir, jax.process_index()):  # one process per seed and variant
+    return _run_stages(cfg, vdir, variant, seed, paths, stages)
+
+
+def _budget_stage(cfg, paths: dict, checkpoint: str, seed: int, stage_dir: str,
+                  desc: str) -> dict:
+  """Independent + Voting against its budget: `eval.budget_samples` = n independent samples per
+  test problem from the single-thread model (one grid of n threads, no lattice), maj@k for
+  every k = 1..n and k's expected total tokens (`evaluate.budget_curve`)."""
+  e, t = cfg.eval, cfg.toy
+  n = e.budget_samples
+  model, params = load_pretrained(checkpoint, dtype=cfg.model.param_dtype,
+                                  compute_dtype=cfg.model.dtype)
+  tokenizer = Tokenizer.from_file(paths["tokenizer"])
+  with grading.Grader(num_workers=e.grader_workers, timeout_s=e.grader_timeout_s) as grader:
+    metrics, records = eval_lib.evaluate(
+        model, params, tokenizer, _problems(paths["test"]), grader, num_threads=n,
+        max_new_tokens=t.max_new_tokens, temperature=e.temperature, top_p=1.0, top_k=0,
+        batch_size=e.batch_size, seed=seed, instruction="", desc=desc, diagnostics_rollouts=0)
+  with open(os.path.join(stage_dir, "predictions.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  return {"metrics": metrics, "budget_curve": eval_lib.budget_curve(metrics, n),
+          "checkpoint": checkpoint}
+
+
+def _run_stages(cfg, vdir: str, variant: str, seed: int, paths: dict, stages) -> dict:
   checkpoint = ""
   out = {}
   for stage in stages:
+    if stage == "budget" and variant != "independent":
+      continue  # the budget curve is Independent + Voting's
     label = f"seed {seed} {variant} {stage}"
     print(f"== {label}", flush=True)
     if stage in ("pretrain", "sft", "grpo"):
@@ -218,8 +250,12 @@ def _run_variant(cfg, workdir: str, variant: str, seed: int, paths: dict, stages
     elif stage == "eval":
       s = _stage(vdir, stage, lambda d, ck=checkpoint: _evaluate_stage(
           cfg, paths, ck, seed, d, desc=label))
+    elif stage == "budget":
+      s = _stage(vdir, stage, lambda d, ck=checkpoint: _budget_stage(
+          cfg, paths, ck, seed, d, desc=label))
     else:
-      raise ValueError(f"unknown toy stage {stage!r}; expected pretrain, sft, grpo or eval")
+      raise ValueError(f"unknown toy stage {stage!r}; expected pretrain, sft, grpo, eval or "
+                       "budget")
     if "export" in s:
       checkpoint = s["export"]
     out[stage] = s
@@ -236,10 +272,11 @@ def _summarise(per_seed: dict[int, dict[str, dict]], headline: dict[str, str]) -
   table = {}
   for v in variants:
     ms = [per_seed[s][v] for s in per_seed]
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)
     table[v] = {k: {"mean": float(np.mean([m[k] for m in ms])),
                     "std": float(np.std([m[k] for m in ms])),
                     "per_seed": [float(m[k]) for m in ms]}
-                for k in ms[0] if isinstance(ms[0][k], (int, float))}
+                for k in ms[0] if all(number(m.get(k)) for m in ms)}
     table[v]["accuracy"] = dict(table[v][headline[v]], metric=headline[v])
   return table
 
@@ -248,17 +285,41 @@ NAMES = {"lace": "LACE (lattice)", "isolated": "Isolated Parallel (lattice=None)
          "independent": "Independent + Voting (maj@W)"}
 
 
-def markdown(table: dict, seeds: list[int]) -> str:
-  lines = ["| system | accuracy (metric) | mean@W | format | diversity | tokens/query |",
-           "|---|---|---|---|---|---|"]
+def markdown(table: dict, seeds: list[int], *, tagged: bool = True) -> str:
+  """The comparison table. `tagged`: the task's answers carry the [[best]] tag, so the format
+  rate is a column (the relay's threads each answer: no tag, no column). "At LACE's tokens"
+  appears when a budget stage ran."""
+  matched = any("matched_acc" in m for m in table.values())
+  cols = (["system", "accuracy (metric)"] + (["at LACE's tokens"] if matched else [])
+          + ["mean@W"] + (["format"] if tagged else [])
+          + ["diversity", "tokens/query", "critical path"])
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for v, m in table.items():
-    pct = lambda k: f"{100 * m[k]['mean']:.1f} ± {100 * m[k]['std']:.1f}"
-    lines.append(f"| {NAMES.get(v, v)} | {pct('accuracy')} ({m['accuracy']['metric']}) | "
-                 f"{pct('mean_acc')} | {pct('format_rate')} | "
-                 f"{m['diversity']['mean']:.3f} ± {m['diversity']['std']:.3f} | "
-                 f"{m['tokens_per_query']['mean']:.1f} |")
+    pct = lambda k: (f"{100 * m[k]['mean']:.1f} ± {100 * m[k]['std']:.1f}" if k in m else "-")
+    cells = ([NAMES.get(v, v), f"{pct('accuracy')} ({m['accuracy']['metric']})"]
+             + ([pct("matched_acc")] if matched else []) + [pct("mean_acc")]
+             + ([pct("format_rate")] if tagged else [])
+             + [f"{m['diversity']['mean']:.3f} ± {m['diversity']['std']:.3f}",
+                f"{m['tokens_per_query']['mean']:.1f}", f"{m['critical_path_tokens']['mean']:.1f}"])
+    lines.append("| " + " | ".join(cells) + " |")
   lines.append(f"\nmean ± std over seeds {list(seeds)}.")
+  if matched:
+    lines.append("At LACE's tokens: Independent + Voting's majority vote over as many independent "
+                 "samples as LACE's total generated tokens per problem buy, on the same seed (the "
+                 "budget stage's curve, interpolated).")
   return "\n".join(lines)
+
+
+def matched_budget(per_seed: dict[int, dict[str, dict]], runs: dict) -> None:
+  """Adds `matched_acc` and `matched_samples` to Independent + Voting's metrics of every seed
+  whose budget curve and LACE evaluation are both there: its curve read at LACE's tokens."""
+  for seed, per in per_seed.items():
+    budget = runs.get((seed, "independent"), {}).get("budget")
+    if budget is None or "lace" not in per:
+      continue
+    hit = eval_lib.at_budget(budget["budget_curve"], per["lace"]["tokens_per_query"])
+    per["independent"] = dict(per["independent"], matched_acc=hit["acc"],
+                              matched_samples=hit["samples"])
 
 
 def _write(workdir: str, name: str, text: str) -> None:
@@ -287,9 +348,14 @@ def run_comparison(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
     per_seed[seed] = {}
     for variant in t.variants:
       runs[(seed, variant)] = _run_variant(cfg, workdir, variant, seed, paths, t.stages)
-      per_seed[seed][variant] = runs[(seed, variant)]["eval"]["metrics"]
+      if "eval" in runs[(seed, variant)]:
+        per_seed[seed][variant] = runs[(seed, variant)]["eval"]["metrics"]
+  if "eval" not in t.stages:
+    print(f"toy.stages={tuple(t.stages)} has no eval: no table", flush=True)
+    return {"task": t.task, "seconds": time.perf_counter() - t0}
+  matched_budget(per_seed, runs)
   table = _summarise(per_seed, headline)
-  md = markdown(table, list(t.seeds))
+  md = markdown(table, list(t.seeds), tagged=t.task != "relay")
   result = {"task": t.task, "table": table, "markdown": md,
             "seconds": time.perf_counter() - t0}
   if cfg.mode == "relay":

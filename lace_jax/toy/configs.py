@@ -67,8 +67,11 @@ def toy_config(task: str, *, num_threads: int, seeds: tuple[int, ...], variants:
   cfg.grpo = ml_collections.ConfigDict({
       "train": experiment.train_section(steps=15, save_every=5, log_every=1),
       "optim": experiment.optim_section(lr=1e-4, warmup_steps=5, **no_decay), "grpo": rl})
+  # budget_samples: the `budget` stage's independent samples per problem (Independent +
+  # Voting's accuracy against its token budget)
   cfg.eval = ml_collections.ConfigDict({"temperature": 1.0, "batch_size": 50,
-                                        "grader_workers": 2, "grader_timeout_s": 10.0})
+                                        "grader_workers": 2, "grader_timeout_s": 10.0,
+                                        "budget_samples": 4 * num_threads})
   return cfg
 
 

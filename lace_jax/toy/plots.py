@@ -3,8 +3,9 @@
   python -m lace_jax.toy.plots --workdir=runs/toy_search --out=docs/figures
 
 Reads WORKDIR/seed*/<variant>/<stage>/metrics.jsonl (training curves), the eval stages'
-done.json (the attention picture) and WORKDIR/results.json (the accuracy table); writes
-training_curves.png, attention_to_other_threads.png and accuracy.png to --out.
+done.json (the attention picture), the budget stage's curves and WORKDIR/results.json (the
+accuracy table); writes training_curves.png, attention_to_other_threads.png, accuracy.png and
+accuracy_vs_tokens.png to --out.
 """
 
 from __future__ import annotations
@@ -150,6 +151,43 @@ def accuracy_chart(workdir: str, out: str) -> str | None:
   return path
 
 
+def budget_chart(runs, workdir: str, out: str) -> str | None:
+  """Accuracy against total generated tokens per problem: Independent + Voting's curve (maj@k of
+  k independent samples, k = 1..n; mean over seeds, band: std) and each system's evaluated
+  point (mean ± std over seeds)."""
+  dirs = runs.get("independent", {}).get("budget", {})
+  curves = []
+  for d in dirs.values():
+    path = os.path.join(d, "done.json")
+    if os.path.isfile(path):
+      with open(path) as f:
+        curves.append(np.array(json.load(f)["budget_curve"]))  # [n, 2]: tokens, accuracy
+  results = os.path.join(workdir, "results.json")
+  if not curves or not os.path.isfile(results):
+    return None
+  with open(results) as f:
+    table = json.load(f)["table"]
+  c = np.stack([x[:min(len(y) for y in curves)] for x in curves])  # [seeds, n, 2]
+  tokens, acc, std = c[..., 0].mean(0), 100 * c[..., 1].mean(0), 100 * c[..., 1].std(0)
+  fig, ax = plt.subplots(figsize=(6, 3.8))
+  ax.plot(tokens, acc, "-o", ms=3, color=COLORS["independent"],
+          label=f"Independent + Voting, k = 1..{len(tokens)} samples")
+  ax.fill_between(tokens, acc - std, acc + std, color=COLORS["independent"], alpha=0.2)
+  for v, m in table.items():
+    ax.errorbar(m["tokens_per_query"]["mean"], 100 * m["accuracy"]["mean"],
+                yerr=100 * m["accuracy"]["std"], fmt="s", ms=7, capsize=4,
+                color=COLORS.get(v, "k"), label=f"{NAMES.get(v, v)} (W threads)")
+  ax.set_xlabel("total generated tokens per problem")
+  ax.set_ylabel("accuracy (%)")
+  ax.set_title(f"accuracy against tokens ({len(curves)} seeds)")
+  ax.legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  path = os.path.join(out, "accuracy_vs_tokens.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def main(argv: list[str] | None = None) -> list[str]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True)
@@ -162,7 +200,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     raise SystemExit(f"error: no seed*/<variant>/<stage> runs under {args.workdir}")
   os.makedirs(args.out, exist_ok=True)
   written = [p for p in (training_curves(runs, args.out), attention_picture(runs, args.out),
-                         accuracy_chart(args.workdir, args.out)) if p]
+                         accuracy_chart(args.workdir, args.out),
+                         budget_chart(runs, args.workdir, args.out)) if p]
   for p in written:
     print(f"wrote {p}")
   return written

@@ -106,7 +106,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
     os.makedirs(workdir, exist_ok=True)
   log = open(os.path.join(workdir, "metrics.jsonl"), "w") if workdir else None
   t0 = time.time()
-  bar = tqdm(range(1, s.steps + 1), desc="selection", unit="step", mininterval=2)
+  # with stop_at_target the run ends at the first evaluation at the target: the bar counts to
+  # the most steps it may take, and shows no ETA to them
+  bar = tqdm(range(1, s.steps + 1), unit="step", mininterval=2,
+             desc=(f"selection (stops at {s.target:.0%} accuracy, checked every {s.eval_every} "
+                   "steps)" if s.stop_at_target else "selection"),
+             bar_format=("{desc}: {n_fmt} of at most {total_fmt} steps [{elapsed}, {rate_fmt}"
+                         "{postfix}]" if s.stop_at_target else None))
   for i in bar:
     params, state, loss, acc = step(params, state, *problems(rng, s.batch_size, **kw))
     if i % s.eval_every == 0 or i == s.steps:
@@ -121,6 +127,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
         log.write(json.dumps(row) + "\n")
         log.flush()
       if first_at_target is not None and s.stop_at_target:
+        bar.close()
+        print(f"selection: {eval_acc:.1%} >= {s.target:.0%} at step {i}: stopped "
+              "(selection.stop_at_target)", flush=True)
         break
   if log:
     log.close()
