@@ -79,3 +79,18 @@ def test_a_cpu_run_starts_clean_with_the_accelerator_plugins_installed(tmp_path)
   noise = [line for line in out.stderr.splitlines() if any(n in line for n in PLUGIN_NOISE)]
   assert not noise, out.stderr[-3000:]
   assert "accuracy" in out.stdout
+
+
+def test_datagen_without_its_server_is_one_error_line(tmp_path):
+  """Not every problem failing after its retries (26 hours for GSM8K): one line naming the key."""
+  import socket
+  with socket.socket() as s:  # a port nothing listens on
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  out = _cli("--config=experiments/datagen_gsm8k.py", f"--workdir={tmp_path}",
+             f"--config.datagen.endpoint=http://127.0.0.1:{port}/v1", env=_env_without_platforms())
+  assert out.returncode == 2, out.stderr[-2000:]
+  errors = out.stderr.strip().splitlines()
+  assert len(errors) == 1 and errors[0].startswith(
+      f"error: datagen.endpoint=http://127.0.0.1:{port}/v1: nothing answers there"), out.stderr
+  assert "--config.datagen.endpoint=URL" in errors[0]

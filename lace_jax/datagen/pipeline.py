@@ -42,6 +42,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from lace_jax import grading, sharding
+from lace_jax.errors import ConfigError
 from lace_jax.engine import Engine, Request, as_sample_output
 from lace_jax.sampling import bucket
 from lace_jax.tokenizer import TAGS, chat_prompt
@@ -169,6 +170,21 @@ class HTTPGenerator(Generator):
     self.tokens_used = 0
     self._deadline: float | None = None
     self._budget_s = 0.0
+
+  def check_reachable(self, timeout_s: float = 10.0) -> None:
+    """ConfigError if nothing answers at the endpoint's address (a server not started, a wrong
+    host or port): one request to `<base>/models`; any HTTP answer, an error status included,
+    means a server is there. Called once before the first problem, so that a missing server is
+    one error line and not every problem failing after its retries."""
+    import httpx
+    base = self.url.removesuffix("/chat/completions")
+    try:
+      self._client.get(base + "/models", timeout=timeout_s)
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol) as e:
+      raise ConfigError(
+          f"datagen.endpoint={base}: nothing answers there ({type(e).__name__}: {e}); start "
+          "the teacher's OpenAI-compatible server (vLLM, SGLang, `python -m lace_jax.serve`) "
+          "or point --config.datagen.endpoint=URL at one") from None
 
   def set_deadline(self, deadline: float | None, budget_s: float = 0.0) -> None:
     self._deadline, self._budget_s = deadline, budget_s
@@ -554,6 +570,7 @@ def run(cfg, workdir: str | None) -> dict:
                                    api_key=os.environ.get(g.api_key_env, "") if g.api_key_env
                                    else "", concurrency=g.concurrency, retries=g.retries,
                                    timeout_s=g.timeout_s, request_budget=g.request_budget)
+    gen.check_reachable()
   elif g.generator == "in_process":
     model_cfg, lattice = model_configs(cfg)
     tokenizer, _ = resolve_tokenizer(cfg)
