@@ -72,15 +72,18 @@ def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[
              thinking: bool = True, desc: str = "eval",
              on_batch: Callable[[SampleOutput], None] | None = None,
              diagnostics_rollouts: int = 8, mesh: jax.sharding.Mesh | None = None,
-             rules=None) -> tuple[dict, list[dict]]:
+             rules=None, prompt_threads: int | None = None) -> tuple[dict, list[dict]]:
   """Returns (metrics averaged over problems, one record per problem). `on_batch`, if given,
   sees every batch's SampleOutput (this process's rows; e.g. to analyse the samples without
   drawing them again). The lattice diagnostics are measured on the first batch's first
   `diagnostics_rollouts` lattices (0: not measured). With a `mesh` (the params sharded on it;
   `rules`: the sharding rules, default `sharding.DEFAULT_RULES`) every batch is padded to
   `batch_size` problems, which must divide over the mesh's data-parallel ways, and every
-  process calls `evaluate` together (module docstring); each gets every record."""
+  process calls `evaluate` together (module docstring); each gets every record.
+  `prompt_threads`: the prompts of that many threads, repeated over the `num_threads` (n
+  independent samples of a W-thread prompt: the matched-budget baseline)."""
   w = num_threads
+  pw = prompt_threads or w
   records = []
   diagnostics = {}
   share = None
@@ -91,8 +94,10 @@ def evaluate(model: Model, params: Params, tokenizer: Tokenizer, problems: list[
       raise ConfigError(f"eval.batch_size={batch_size} does not divide over the "
                        f"{share.ways} data-parallel ways of mesh {dict(mesh.shape)}; make it "
                        f"a multiple of {share.ways}")
-  prompt_of = lambda p: tokenizer.encode_batch(thread_prompts(p.problem, w, thinking=thinking,
-                                                                instruction=instruction))
+  def prompt_of(p: grading.Problem) -> list[list[int]]:
+    prompts = thread_prompts(p.problem, pw, thinking=thinking, instruction=instruction)
+    return tokenizer.encode_batch([prompts[i % pw] for i in range(w)])
+
   # one engine for every batch (its compiled shapes reused), batch_size slots, as wide as the
   # longest prompt
   lengths = [max(map(len, prompt_of(p))) for p in problems]  # each problem's longest prompt
@@ -380,7 +385,7 @@ def run(cfg, workdir: str | None) -> dict:
             max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p,
             top_k=e.top_k, batch_size=e.batch_size, seed=cfg.seed, instruction=template,
             thinking=e.thinking, desc=f"budget/{ds}", diagnostics_rollouts=0, mesh=mesh,
-            rules=rules)
+            rules=rules, prompt_threads=e.num_threads)
         metrics.update(budget_metrics(metrics, b.samples,
                                       results[b.match][ds]["tokens_per_query"]))
         results["budget"][ds] = metrics

@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lace_jax import distributed, modes, runtime, sweep
+from lace_jax import distributed, grading, modes, runtime, sweep
 from lace_jax import workdir as workdir_lock
 from lace_jax.errors import ConfigError, RunError
 
@@ -255,13 +255,12 @@ def _preflight(cfg, config_arg: str) -> None:
   model = cfg.get("model")
   if cfg.get("mode") not in _WEIGHTS or model is None or model.get("preset") == "tiny":
     return
-  from lace_jax.grading import BENCHMARKS  # noqa: PLC0415 (light: no jax)
   need = []
   if not model.get("checkpoint"):
     need.append("--config.model.checkpoint=DIR (a Hugging Face Qwen3 directory: config.json, "
                 "*.safetensors, tokenizer.json)")
   path = cfg.get("data", {}).get("path") if "data" in cfg else None
-  if path and path not in BENCHMARKS and not any(c in path for c in "*?[") and \
+  if path and path not in grading.BENCHMARKS and not any(c in path for c in "*?[") and \
       not os.path.exists(path):
     need.append(f"--config.data.path=FILE.jsonl (data.path={path!r} does not exist)")
   if need:
