@@ -24,7 +24,7 @@ from lace_jax.toy import configs
 
 
 def get_config(arg=None):
-  cfg = configs.toy_config("pair_search", num_threads=4, seeds=(0, 1, 2),
+  cfg = configs.toy_config("pair_search", num_threads=4, seeds=(0, 1, 2, 3, 4),
                            variants=("lace", "isolated", "independent"),
                            stages=("pretrain", "sft", "grpo", "eval", "budget"))
   cfg.sft.train.steps = 3000  # every seed learns the in-thread skills (see above)
