@@ -16,7 +16,7 @@ fresh clone with the install, docs/results.md):
 
 Without cross-thread communication neither can beat chance (10%). It prints one table and
 writes it to WORKDIR/quickstart.md; a rerun skips the finished parts. The full comparison
-with the baselines (exploration by pair search, 3 systems x 3 seeds, about an hour) is
+with the baselines (exploration by pair search, 3 systems x 5 seeds, hours on 2 cores) is
 `--config=experiments/toy_search.py` (docs/results.md).
 """
 
@@ -114,7 +114,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   md = table(on, off, relay, cfg.toy.num_threads, cfg.selection.distract)
   note = ("Without the lattice the threads cannot see each other: chance is the best they can "
           "do.\nThe exploration comparison with the baselines (pair search, LACE vs Isolated "
-          "Parallel vs\nIndependent + Voting, 3 seeds, about an hour on 2 cores): "
+          "Parallel vs\nIndependent + Voting, 5 seeds, SFT 3000 steps: hours on 2 cores): "
           "python -m lace_jax.main --config=experiments/toy_search.py --workdir=runs/toy_search"
           "\n(docs/results.md).")
   with open(os.path.join(workdir, "quickstart.md"), "w") as f:
