@@ -127,7 +127,7 @@ def data_section(*, path: str, num_threads: int, max_len: int, loss_on: str,
                  shuffle_threads: bool) -> ml_collections.ConfigDict:
   """The multi-thread training data of pretrain / sft."""
   return ml_collections.ConfigDict({
-      "path": path,  # JSONL of multi-thread records (see README: data format)
+      "path": path,  # JSONL of multi-thread records (see docs/training.md: data format)
       "num_threads": num_threads,  # W
       "max_len": max_len,  # T: the grid width, tokens per thread, prompt included
       "loss_on": loss_on,  # generated (SFT) | all (continued pre-training)

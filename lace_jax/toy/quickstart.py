@@ -3,8 +3,8 @@
   python -m lace_jax.main --workdir=runs/quickstart
 
 Two checks of the mechanism, each trained from scratch here with the lattice and without it
-(`lattice=None`), on the same data and budget, about 2 minutes on 2 CPU cores (171 s on a
-fresh clone with the install, docs/results.md):
+(`lattice=None`), on the same data and budget, in a few minutes on 2 CPU cores (measured in
+docs/benchmarks.md, "The README's times"):
 
   selection  the selection diagnostic (`lace_jax.toy.selection`, experiments/toy_selection.py):
              each of W = 2 threads must answer the other thread's marked digit, hidden among 12
@@ -16,7 +16,7 @@ fresh clone with the install, docs/results.md):
 
 Without cross-thread communication neither can beat chance (10%). It prints one table and
 writes it to WORKDIR/quickstart.md; a rerun skips the finished parts. The full comparison
-with the baselines (exploration by pair search, 3 systems x 5 seeds, hours on 2 cores) is
+with the baselines (exploration by pair search, 3 systems x 5 seeds, about 5 hours on 2 cores) is
 `--config=experiments/toy_search.py` (docs/results.md).
 """
 
@@ -114,7 +114,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | None) -> dict:
   md = table(on, off, relay, cfg.toy.num_threads, cfg.selection.distract)
   note = ("Without the lattice the threads cannot see each other: chance is the best they can "
           "do.\nThe exploration comparison with the baselines (pair search, LACE vs Isolated "
-          "Parallel vs\nIndependent + Voting, 5 seeds, SFT 3000 steps: hours on 2 cores): "
+          "Parallel vs\nIndependent + Voting, 5 seeds, SFT 3000 steps: about 5 hours on 2 cores): "
           "python -m lace_jax.main --config=experiments/toy_search.py --workdir=runs/toy_search"
           "\n(docs/results.md).")
   with open(os.path.join(workdir, "quickstart.md"), "w") as f:
