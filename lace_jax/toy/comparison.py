@@ -179,25 +179,36 @@ def _stage(workdir: str, name: str, fn) -> dict:
   return summary
 
 
+def _sample_and_grade(cfg, paths: dict, checkpoint: str, seed: int, stage_dir: str,
+                      desc: str, num_threads: int, **evaluate_kwargs):
+  """Loads `checkpoint`, samples every test problem with `num_threads` threads and grades it;
+  writes stage_dir/predictions.jsonl. Returns (model, params, metrics)."""
+  e, t = cfg.eval, cfg.toy
+  model, params = load_pretrained(checkpoint, dtype=cfg.model.param_dtype,
+                                  compute_dtype=cfg.model.dtype)
+  tokenizer = Tokenizer.from_file(paths["tokenizer"])
+  with grading.Grader(num_workers=e.grader_workers, timeout_s=e.grader_timeout_s) as grader:
+    metrics, records = eval_lib.evaluate(
+        model, params, tokenizer, _problems(paths["test"]), grader, num_threads=num_threads,
+        max_new_tokens=t.max_new_tokens, temperature=e.temperature, top_p=1.0, top_k=0,
+        batch_size=e.batch_size, seed=seed, instruction="", desc=desc, **evaluate_kwargs)
+  with open(os.path.join(stage_dir, "predictions.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  return model, params, metrics
+
+
 def _evaluate_stage(cfg, paths: dict, checkpoint: str, seed: int,
                     stage_dir: str, desc: str) -> dict:
-  e, t = cfg.eval, cfg.toy
-  model, params = load_pretrained(checkpoint, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype)
-  tokenizer = Tokenizer.from_file(paths["tokenizer"])
-  problems = _problems(paths["test"])
+  """The variant's own accuracy: W = toy.num_threads threads per problem, plus (with the
+  lattice) how much the first batch's tokens attend to the other threads."""
   first = []  # the first batch's samples, kept for the attention picture
 
   def keep_first(out):
     if not first:
       first.append(out)
 
-  with grading.Grader(num_workers=e.grader_workers, timeout_s=e.grader_timeout_s) as grader:
-    metrics, records = eval_lib.evaluate(
-        model, params, tokenizer, problems, grader, num_threads=t.num_threads,
-        max_new_tokens=t.max_new_tokens, temperature=e.temperature, top_p=1.0, top_k=0,
-        batch_size=e.batch_size, seed=seed, instruction="", desc=desc, on_batch=keep_first)
-  with open(os.path.join(stage_dir, "predictions.jsonl"), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in records)
+  model, params, metrics = _sample_and_grade(cfg, paths, checkpoint, seed, stage_dir, desc,
+                                             cfg.toy.num_threads, on_batch=keep_first)
   summary = {"metrics": metrics, "checkpoint": checkpoint}
   if model.lattice is not None:  # the attention picture, on the first batch of these samples
     out = first[0]
@@ -219,18 +230,9 @@ def _budget_stage(cfg, paths: dict, checkpoint: str, seed: int, stage_dir: str,
   """Independent + Voting against its budget: `eval.budget_samples` = n independent samples per
   test problem from the single-thread model (one grid of n threads, no lattice), maj@k for
   every k = 1..n and k's expected total tokens (`evaluate.budget_curve`)."""
-  e, t = cfg.eval, cfg.toy
-  n = e.budget_samples
-  model, params = load_pretrained(checkpoint, dtype=cfg.model.param_dtype,
-                                  compute_dtype=cfg.model.dtype)
-  tokenizer = Tokenizer.from_file(paths["tokenizer"])
-  with grading.Grader(num_workers=e.grader_workers, timeout_s=e.grader_timeout_s) as grader:
-    metrics, records = eval_lib.evaluate(
-        model, params, tokenizer, _problems(paths["test"]), grader, num_threads=n,
-        max_new_tokens=t.max_new_tokens, temperature=e.temperature, top_p=1.0, top_k=0,
-        batch_size=e.batch_size, seed=seed, instruction="", desc=desc, diagnostics_rollouts=0)
-  with open(os.path.join(stage_dir, "predictions.jsonl"), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in records)
+  n = cfg.eval.budget_samples
+  _, _, metrics = _sample_and_grade(cfg, paths, checkpoint, seed, stage_dir, desc, n,
+                                    diagnostics_rollouts=0)
   return {"metrics": metrics, "budget_curve": eval_lib.budget_curve(metrics, n),
           "checkpoint": checkpoint}
 
