@@ -74,7 +74,7 @@ SUMMARY = {
     "sft": "supervised fine-tuning on multi-thread traces (loss on the generated tokens)",
     "grpo": "Lattice GRPO: W-thread rollouts, verified rewards + diversity, policy update",
     "eval": "benchmarks: LACE accuracy, maj@k / pass@k, tokens, the matched-budget baseline",
-    "datagen": "multi-thread training data from a teacher model (an HTTP server, or a checkpoint loaded in-process)",
+    "datagen": "multi-thread training data from a teacher (HTTP server or in-process checkpoint)",
     "overhead": "the lattice's parameters, FLOPs, memory and step time against the base model",
     "relay": "toy check: threads must pass each other a digit (lattice vs isolated threads)",
     "toy_search": "toy study: LACE vs Isolated Parallel vs Independent + Voting, pair search",
